@@ -1,0 +1,1 @@
+"""Utilities split by subject: boxes, nms, loss, datasets, augment, metrics, checkpoint, plots, loggers, distributed."""
