@@ -1,0 +1,216 @@
+"""Safe checkpoint loading (weights_only + allow-list), official-format atomic saving, stripping."""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import logging
+import os
+import pathlib
+import pickle
+import tempfile
+import zipfile
+from copy import deepcopy
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models import common, yolo
+from utils.errors import UserError
+
+LOGGER = logging.getLogger("yolov5kd")
+
+# Everything an official YOLOv5 (v5.0 … v7.0) or our own checkpoint may reference. Nothing else is
+# unpickled unless the user passes --trust-checkpoint.
+_TORCH_NN = [nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Hardswish,
+             nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.Mish, nn.GELU, nn.Identity, nn.MaxPool2d, nn.Upsample]
+_OURS = [yolo.DetectionModel, yolo.Detect, common.Conv, common.DWConv, common.Bottleneck,
+         common.BottleneckCSP, common.C3, common.SPP, common.SPPF, common.Focus, common.Concat]
+_NUMPY: list[Any] = [np.ndarray, np.dtype]
+for _mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+    for _fn in ("_reconstruct", "scalar"):
+        _obj = getattr(getattr(np, "_core", np.core).multiarray, _fn)
+        _NUMPY.append((_obj, f"{_mod}.{_fn}"))
+_NUMPY += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool")]
+_OTHER: list[Any] = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
+                     set, collections.OrderedDict, argparse.Namespace, (yolo.DetectionModel, "models.yolo.Model")]
+ALLOWED_GLOBALS: list[Any] = _TORCH_NN + _OURS + _NUMPY + _OTHER
+
+
+def _allowed_names() -> set[str]:
+    names = set()
+    for g in ALLOWED_GLOBALS:
+        if isinstance(g, tuple):
+            names.add(g[1])
+        else:
+            names.add(f"{g.__module__}.{g.__qualname__}")
+    return names
+
+
+def torch_load(path: str | Path, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
+    """Load a torch file; weights_only with the allow-list unless trust=True. Bad files raise UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file, not a checkpoint")
+    if trust:
+        LOGGER.warning(f"{path}: loading with full unpickling (--trust-checkpoint); only do this for files you trust")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e:
+            raise UserError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    # Name the offending class before anything is unpickled (this scan reads opcodes, runs nothing).
+    if zipfile.is_zipfile(path):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _allowed_names()
+        except Exception:
+            unsafe = set()
+        if unsafe:
+            raise UserError(f"{path}: refused: it references {', '.join(sorted(unsafe))}, which is not on the "
+                            f"checkpoint allow-list; pass --trust-checkpoint only if you trust this file")
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = _first_line(e)
+        if "Unsupported global" in str(e) or "not an allowed global" in str(e):
+            raise UserError(f"{path}: refused: {msg}; pass --trust-checkpoint only if you trust this file") from None
+        raise UserError(f"{path}: not a torch checkpoint ({msg})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{path}: truncated or not a torch checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def model_from_ckpt(ckpt: Any, path: str | Path, prefer_ema: bool = True) -> nn.Module:
+    """Pick the model object out of a loaded checkpoint dict (EMA first), as float32."""
+    if isinstance(ckpt, nn.Module):
+        model = ckpt
+    else:
+        if not isinstance(ckpt, dict):
+            raise UserError(f"{path}: not a YOLOv5 checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
+        model = (ckpt.get("ema") if prefer_ema else None) or ckpt.get("model")
+        if model is None:
+            raise UserError(f"{path}: checkpoint has no 'model' or 'ema' entry (keys: {', '.join(map(str, ckpt))})")
+        if not isinstance(model, nn.Module):
+            raise UserError(f"{path}: checkpoint 'model' is a {type(model).__name__}, not a YOLOv5 model")
+    if not isinstance(model, yolo.DetectionModel) and not hasattr(model, "model"):
+        raise UserError(f"{path}: checkpoint model is a {type(model).__name__}, not a YOLOv5 DetectionModel")
+    model = model.float()
+    update_legacy(model)
+    return model
+
+
+def update_legacy(model: nn.Module, inplace: bool = True) -> nn.Module:
+    """Bring models pickled by older YOLOv5 releases (and older torch) up to the current attributes."""
+    if not hasattr(model, "stride"):
+        model.stride = torch.tensor([32.0])
+    names = getattr(model, "names", None)
+    if isinstance(names, (list, tuple)):
+        model.names = dict(enumerate(names))
+    for m in model.modules():
+        t = type(m)
+        if t in (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU, yolo.Detect, yolo.DetectionModel):
+            m.inplace = inplace
+        if t is yolo.Detect and not isinstance(m.anchor_grid, list):
+            # v5.0 kept pixel anchor grids as a buffer; they are rebuilt from `anchors` on the next forward
+            delattr(m, "anchor_grid")
+            m.anchor_grid = [torch.zeros(1)] * m.nl
+        if t is yolo.Detect and not isinstance(getattr(m, "grid", None), list):
+            m.grid = [torch.zeros(1)] * m.nl
+        if t is nn.Upsample and not hasattr(m, "recompute_scale_factor"):
+            m.recompute_scale_factor = None
+    return model
+
+
+def attempt_load(weights: str | Path, device: str | torch.device = "cpu", inplace: bool = True, fuse: bool = True,
+                 trust: bool = False) -> nn.Module:
+    """Load a YOLOv5 checkpoint for inference: float32, EMA preferred, optionally fused, eval mode."""
+    ckpt = torch_load(weights, trust=trust)
+    model = model_from_ckpt(ckpt, weights).to(device)
+    update_legacy(model, inplace)
+    if fuse and hasattr(model, "fuse"):
+        model.eval().fuse()
+    return model.eval()
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The bare model inside a DataParallel / DistributedDataParallel wrapper."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+def plain_opt(opt: Any) -> dict:
+    """Options as a dict of plain Python values (paths → str) so the pickle stays allow-listable."""
+    d = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, (list, tuple)):
+            v = [str(x) if isinstance(x, Path) else x for x in v]
+        out[k] = v
+    return out
+
+
+def build_checkpoint(model: nn.Module, ema: nn.Module | None = None, updates: int | None = None,
+                     optimizer: torch.optim.Optimizer | None = None, epoch: int = -1,
+                     best_fitness: float | None = None, opt: Any = None, extra: dict | None = None) -> dict:
+    """The official checkpoint dict: fp16 pickled models plus training state."""
+    ckpt = {
+        "epoch": epoch,
+        "best_fitness": None if best_fitness is None else float(best_fitness),
+        "model": deepcopy(de_parallel(model)).half(),
+        "ema": deepcopy(ema).half() if ema is not None else None,
+        "updates": updates,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "opt": plain_opt(opt),
+        "git": {},
+        "date": datetime.now().isoformat(),
+    }
+    if extra:
+        ckpt.update(extra)
+    return ckpt
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """torch.save to a temp file in the same folder, then rename: an interrupted save never damages `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    return path
+
+
+def strip_optimizer(f: str | Path, s: str | Path | None = None) -> Path:
+    """Make a final, inference-only checkpoint: EMA as model, no optimizer, fp16, epoch -1."""
+    x = torch_load(f)
+    if x.get("ema"):
+        x["model"] = x["ema"]
+    for k in ("optimizer", "best_fitness", "ema", "updates"):
+        x[k] = None
+    x["epoch"] = -1
+    x["model"].half()
+    for p in x["model"].parameters():
+        p.requires_grad = False
+    out = save_checkpoint(x, s or f)
+    mb = os.path.getsize(out) / 1e6
+    LOGGER.info(f"Optimizer stripped from {f},{f' saved as {s},' if s else ''} {mb:.1f}MB")
+    return out
