@@ -272,8 +272,18 @@ def parse_model(d: dict, ch: list[int], source: str = "model yaml") -> tuple[nn.
     anchors, nc, gd, gw = d.get("anchors"), d["nc"], d["depth_multiple"], d["width_multiple"]
     ch_mul = d.get("channel_multiple", 8)
     act = d.get("activation")
+    previous_act = Conv.default_act
     if act:
+        # Conv reads its default at construction; restore it afterwards so other models are unaffected
         Conv.default_act = parse_activation(act, source)
+    try:
+        return _build_layers(d, ch, source, anchors, nc, gd, gw, ch_mul)
+    finally:
+        Conv.default_act = previous_act
+
+
+def _build_layers(d: dict, ch: list[int], source: str, anchors, nc: int, gd: float, gw: float,
+                  ch_mul: int) -> tuple[nn.Sequential, list[int]]:
     na = (len(anchors[0]) // 2) if isinstance(anchors, list) else anchors
     no = na * (nc + 5)
     names = {"nc": nc, "anchors": anchors, "None": None, "True": True, "False": False}
