@@ -1,0 +1,450 @@
+"""Dataset yaml loading, the YOLO-format Dataset (mosaic, rect batches) and the DataLoader factory."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shlex
+import subprocess
+import sys
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset, distributed
+
+from utils.augment import GRAY, augment_hsv, letterbox, mixup, random_perspective
+from utils.boxes import xywhn2xyxy, xyn2xy, xyxy2xywhn
+from utils.errors import UserError
+from utils.labels import (IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache,
+                          save_cache)
+
+__all__ = ["IMG_FORMATS", "img2label_paths", "check_dataset", "LoadImagesAndLabels", "create_dataloader",
+           "seed_worker"]
+
+LOGGER = logging.getLogger("yolov5kd")
+ROOT = Path(__file__).resolve().parents[1]  # repository root; relative dataset paths hang off it
+GENERATOR_SEED = 6148914691236517205
+
+
+# ----------------------------------------------------------------------------------------------- dataset yaml
+def _resolve_yaml(data: str | Path) -> Path:
+    p = Path(data)
+    if p.is_file():
+        return p
+    if not p.is_absolute():
+        for cand in (ROOT / p, ROOT / "data" / p, ROOT / "data" / p.with_suffix(".yaml")):
+            if cand.is_file():
+                return cand
+    raise UserError(f"dataset yaml not found: {data}")
+
+
+def _run_download(cmd: str, yaml_file: Path) -> None:
+    if cmd.startswith(("http://", "https://")):
+        raise UserError(f"{yaml_file}: dataset must be fetched manually from {cmd} (no network access at run time)")
+    if cmd.startswith("python "):
+        argv = [sys.executable] + shlex.split(cmd)[1:]
+    elif cmd.startswith("bash "):
+        argv = shlex.split(cmd)
+    elif cmd.endswith(".py") and " " not in cmd.strip():
+        argv = [sys.executable, cmd.strip()]
+    else:
+        # the reference would exec() this string; running yaml text as code is not something we do
+        raise UserError(f"{yaml_file}: refusing to run download entry {cmd!r} (only a shipped .py script, "
+                        f"'python ...' or 'bash ...' commands are run)")
+    LOGGER.info(f"Dataset not found, running {' '.join(argv)}")
+    r = subprocess.run(argv, cwd=ROOT)
+    if r.returncode != 0:
+        raise UserError(f"{yaml_file}: download command failed with exit code {r.returncode}: {cmd}")
+
+
+def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
+    """Load a dataset yaml (path or short name like 'shapes.yaml'), resolve its paths; fetch val if allowed."""
+    if isinstance(data, dict):
+        d, yaml_file = dict(data), Path("<dict>")
+    else:
+        yaml_file = _resolve_yaml(data)
+        try:
+            d = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"{yaml_file}: cannot read dataset yaml ({' '.join(str(e).split())})") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{yaml_file}: dataset yaml must be a mapping")
+    for k in ("train", "val", "names"):
+        if k not in d:
+            raise UserError(f"{yaml_file}: dataset yaml is missing the '{k}' key")
+    names = d["names"]
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict) or not names:
+        raise UserError(f"{yaml_file}: 'names' must be a non-empty list or mapping")
+    try:
+        d["names"] = {int(k): str(v) for k, v in names.items()}
+    except (TypeError, ValueError):
+        raise UserError(f"{yaml_file}: 'names' keys must be integers") from None
+    d["nc"] = len(d["names"])
+
+    path = Path(d.get("path") or "")
+    if not path.is_absolute():
+        path = (ROOT / path).resolve()
+    d["path"] = path
+    for k in ("train", "val", "test"):
+        v = d.get(k)
+        if not v:
+            continue
+        items = [v] if isinstance(v, (str, Path)) else list(v)
+        out = []
+        for item in items:
+            x = (path / str(item)).resolve()
+            if not x.exists() and str(item).startswith("../"):
+                x = (path / str(item)[3:]).resolve()
+            out.append(str(x))
+        d[k] = out[0] if isinstance(v, (str, Path)) else out
+
+    vals = d["val"] if isinstance(d["val"], list) else [d["val"]]
+    missing = [v for v in vals if not Path(v).exists()]
+    if missing:
+        dl = d.get("download")
+        if dl and autodownload:
+            _run_download(str(dl).strip(), yaml_file)
+            missing = [v for v in vals if not Path(v).exists()]
+        if missing:
+            raise UserError(f"{yaml_file}: dataset not found, missing {', '.join(missing)}")
+    return d
+
+
+# --------------------------------------------------------------------------------------------- image listing
+def list_images(path: str | Path | Sequence[str | Path], prefix: str = "") -> list[str]:
+    """Image files from folders (recursive), .txt lists, or single files; sorted, suffix-filtered."""
+    files: list[str] = []
+    for p in path if isinstance(path, (list, tuple)) else [path]:
+        p = Path(p)
+        if p.is_dir():
+            files += [str(f) for f in p.rglob("*.*")]
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            parent = str(p.parent) + os.sep
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"{prefix}{p}: cannot read image list ({' '.join(str(e).split())})") from None
+            files += [parent + x[2:] if x.startswith("./") else x for x in (ln.strip() for ln in lines) if x]
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise UserError(f"{prefix}{p} does not exist")
+    return sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in IMG_FORMATS)
+
+
+def _cache_path(path: Any, label_files: Sequence[str]) -> Path:
+    p = Path(path[-1] if isinstance(path, (list, tuple)) else path)
+    if p.is_file():
+        return p.with_suffix(".cache")
+    return Path(label_files[0]).parent.with_suffix(".cache")
+
+
+def _orphan_labels(im_files: Sequence[str], label_files: Sequence[str]) -> int:
+    """Label files in the scanned label folders that no image points at (cheap: one listdir per folder)."""
+    expected = set(label_files)
+    n = 0
+    for d in {os.path.dirname(f) for f in label_files}:
+        try:
+            n += sum(1 for e in os.scandir(d) if e.name.endswith(".txt") and os.path.join(d, e.name) not in expected)
+        except OSError:
+            pass
+    return n
+
+
+# --------------------------------------------------------------------------------------------------- dataset
+class LoadImagesAndLabels(Dataset):
+    """YOLO-format images and labels with YOLOv5 augmentation (mosaic, perspective, HSV, flips, mixup)."""
+
+    def __init__(self, path: str | Path | Sequence[str | Path], img_size: int = 640, batch_size: int = 16,
+                 augment: bool = False, hyp: dict | None = None, rect: bool = False,
+                 cache_images: str | bool | None = None, single_cls: bool = False, stride: int = 32,
+                 pad: float = 0.0, prefix: str = "", seed: int = 0, nc: int | None = None):
+        self.img_size = img_size
+        self.augment = augment
+        self.hyp = hyp or {}
+        self.rect = rect
+        self.mosaic = augment and not rect  # rect batches share one shape, a mosaic would break it
+        self.mosaic_border = [-img_size // 2, -img_size // 2]
+        self.stride = stride
+        self.path = path
+        self.prefix = prefix
+        self.seed = seed
+        self._canvas: np.ndarray | None = None
+
+        self.im_files = list_images(path, prefix)
+        if not self.im_files:
+            raise UserError(f"{prefix}no images found in {path}")
+        self.label_files = img2label_paths(self.im_files)
+        cache_file = _cache_path(path, self.label_files)
+        fhash = files_hash(self.label_files + self.im_files, extra=f"nc={nc}")
+        cache = load_cache(cache_file, fhash)
+        from_cache = cache is not None
+        if not from_cache:
+            cache = build_cache(self.im_files, self.label_files, nc, prefix, str(cache_file), fhash)
+            save_cache(cache_file, cache)
+        for m in cache["msgs"]:
+            LOGGER.warning(m)
+        nf, nm, ne, ncor, n_total = cache["results"]
+        orphans = _orphan_labels(self.im_files, self.label_files)
+        LOGGER.info(f"{prefix}Scanning {cache_file.with_suffix('')}... {n_total} images found, {nm} missing labels, "
+                    f"{ne} empty, {ncor} corrupt" + (f", {orphans} labels without image" if orphans else "")
+                    + (" (cached)" if from_cache else ""))
+
+        kept = [f for f in self.im_files if f in cache["labels"]]
+        if not kept:
+            raise UserError(f"{prefix}no usable images in {path} ({n_total} found, {ncor} corrupt)")
+        self.im_files = kept
+        self.label_files = img2label_paths(kept)
+        self.labels = [cache["labels"][f] for f in kept]
+        self.shapes = np.array([cache["shapes"][f] for f in kept], dtype=np.int64).reshape(-1, 2)
+        self.segments = [cache["segments"][f] for f in kept]
+        if single_cls:
+            for lb in self.labels:
+                lb[:, 0] = 0
+        n = len(kept)
+        self.n = n
+        self.batch = np.floor(np.arange(n) / batch_size).astype(int)
+        self.indices = np.arange(n)
+
+        if self.rect:
+            self._set_rect(batch_size, pad)
+
+        # image cache
+        self.ims: list[np.ndarray | None] = [None] * n
+        self.im_hw0: list[tuple[int, int] | None] = [None] * n
+        self.im_hw: list[tuple[int, int] | None] = [None] * n
+        self.npy_files = [str(Path(f).with_suffix(".npy")) for f in self.im_files]
+        if cache_images is True:
+            cache_images = "ram"
+        if cache_images not in (None, False, "ram", "disk"):
+            raise UserError(f"unknown image cache mode {cache_images!r} (use 'ram' or 'disk')")
+        if cache_images == "ram" and not self._ram_ok():
+            cache_images = None
+        if cache_images:
+            fn = self._cache_to_disk if cache_images == "disk" else self.load_image
+            with ThreadPool(NUM_THREADS) as pool:
+                for i, x in enumerate(pool.imap(fn, range(n))):
+                    if cache_images == "ram":
+                        self.ims[i], self.im_hw0[i], self.im_hw[i] = x
+
+    def _set_rect(self, batch_size: int, pad: float) -> None:
+        ar = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
+        order = ar.argsort(kind="stable")
+        self.im_files = [self.im_files[i] for i in order]
+        self.label_files = [self.label_files[i] for i in order]
+        self.labels = [self.labels[i] for i in order]
+        self.segments = [self.segments[i] for i in order]
+        self.shapes = self.shapes[order]
+        ar = ar[order]
+        nb = int(self.batch[-1]) + 1
+        shapes = np.ones((nb, 2))
+        for b in range(nb):
+            a = ar[self.batch == b]
+            lo, hi = a.min(), a.max()
+            if hi < 1:
+                shapes[b] = [hi, 1]
+            elif lo > 1:
+                shapes[b] = [1, 1 / lo]
+        self.batch_shapes = (np.ceil(shapes * self.img_size / self.stride + pad).astype(int) * self.stride)
+
+    def _ram_ok(self) -> bool:
+        sample = min(self.n, 30)
+        need = 0.0
+        for i in range(sample):
+            w0, h0 = self.shapes[i]
+            r = self.img_size / max(w0, h0)
+            need += math.ceil(w0 * r) * math.ceil(h0 * r) * 3
+        need *= self.n / max(sample, 1)
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return True
+        if need * 1.2 > avail:
+            LOGGER.warning(f"{self.prefix}WARNING image RAM cache needs {need / 2**30:.1f} GB, only "
+                           f"{avail / 2**30:.1f} GB free: not caching images")
+            return False
+        return True
+
+    def _cache_to_disk(self, i: int) -> None:
+        f = Path(self.npy_files[i])
+        if not f.exists():
+            im = cv2.imread(self.im_files[i])
+            if im is not None:
+                np.save(f, im)
+
+    def __len__(self) -> int:
+        return len(self.im_files)
+
+    def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """Image i as BGR uint8 resized so its long side is img_size; returns (im, (h0, w0), (h, w))."""
+        im = self.ims[i]
+        if im is not None:
+            return im, self.im_hw0[i], self.im_hw[i]
+        f, fn = self.im_files[i], self.npy_files[i]
+        im = None
+        if os.path.exists(fn):
+            try:
+                im = np.load(fn, allow_pickle=False)
+            except Exception:
+                im = None  # damaged .npy: fall back to the image itself
+        if im is None:
+            im = cv2.imread(f)
+            if im is None:
+                raise UserError(f"{self.prefix}cannot read image {f}")
+        h0, w0 = im.shape[:2]
+        r = self.img_size / max(h0, w0)
+        if r != 1:
+            interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
+            im = cv2.resize(im, (math.ceil(w0 * r), math.ceil(h0 * r)), interpolation=interp)
+        return im, (h0, w0), im.shape[:2]
+
+    def __getitem__(self, index: int):
+        index = int(self.indices[index])
+        hyp = self.hyp
+        if self.mosaic and random.random() < hyp.get("mosaic", 1.0):
+            img, labels = self.load_mosaic(index)
+            shapes = None
+            if random.random() < hyp.get("mixup", 0.0):
+                img, labels = mixup(img, labels, *self.load_mosaic(random.choice(self.indices)))
+        else:
+            img, (h0, w0), (h, w) = self.load_image(index)
+            shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
+            img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
+            shapes = (h0, w0), ((h / h0, w / w0), pad)
+            labels = self.labels[index].copy()
+            if labels.size:
+                labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, padw=pad[0], padh=pad[1])
+            if self.augment:
+                img, labels, _ = random_perspective(img, labels, degrees=hyp.get("degrees", 0.0),
+                                                    translate=hyp.get("translate", 0.0),
+                                                    scale=hyp.get("scale", 0.0), shear=hyp.get("shear", 0.0),
+                                                    perspective=hyp.get("perspective", 0.0))
+        nl = len(labels)
+        if nl:
+            labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
+
+        if self.augment:
+            augment_hsv(img, hgain=hyp.get("hsv_h", 0.0), sgain=hyp.get("hsv_s", 0.0), vgain=hyp.get("hsv_v", 0.0))
+            # the draws happen even at probability 0 so the RNG sequence matches the reference
+            if random.random() < hyp.get("flipud", 0.0):
+                img = img[::-1]
+                if nl:
+                    labels[:, 2] = 1 - labels[:, 2]
+            if random.random() < hyp.get("fliplr", 0.0):
+                img = img[:, ::-1]
+                if nl:
+                    labels[:, 1] = 1 - labels[:, 1]
+
+        labels_out = torch.zeros((nl, 6))
+        if nl:
+            labels_out[:, 1:] = torch.from_numpy(labels)
+        # HWC BGR -> CHW RGB in one copy
+        img = np.ascontiguousarray(img.transpose(2, 0, 1)[::-1])
+        return torch.from_numpy(img), labels_out, self.im_files[index], shapes
+
+    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """4-image mosaic around a random centre, then a random warp back to img_size."""
+        s = self.img_size
+        yc, xc = (int(random.uniform(-x, 2 * s + x)) for x in self.mosaic_border)
+        indices = [index] + random.choices(self.indices, k=3)
+        random.shuffle(indices)
+        # reuse one canvas per worker: allocating 4*s*s*3 bytes per sample costs page faults every time
+        if self._canvas is None or self._canvas.shape[0] != 2 * s:
+            self._canvas = np.empty((2 * s, 2 * s, 3), np.uint8)
+        img4 = self._canvas
+        img4.fill(GRAY)
+        labels4, segments4 = [], []
+        for i, idx in enumerate(indices):
+            img, _, (h, w) = self.load_image(int(idx))
+            if i == 0:  # top-left tile: its bottom-right corner sits on the centre
+                x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
+                x1b, y1b = w - (x2a - x1a), h - (y2a - y1a)
+            elif i == 1:  # top-right
+                x1a, y1a, x2a, y2a = xc, max(yc - h, 0), min(xc + w, 2 * s), yc
+                x1b, y1b = 0, h - (y2a - y1a)
+            elif i == 2:  # bottom-left
+                x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(2 * s, yc + h)
+                x1b, y1b = w - (x2a - x1a), 0
+            else:  # bottom-right
+                x1a, y1a, x2a, y2a = xc, yc, min(xc + w, 2 * s), min(2 * s, yc + h)
+                x1b, y1b = 0, 0
+            img4[y1a:y2a, x1a:x2a] = img[y1b:y1b + (y2a - y1a), x1b:x1b + (x2a - x1a)]
+            padw, padh = x1a - x1b, y1a - y1b
+            labels = self.labels[idx].copy()
+            if labels.size:
+                labels[:, 1:] = xywhn2xyxy(labels[:, 1:], w, h, padw, padh)
+            labels4.append(labels)
+            segs = self.segments[idx]
+            if segs:
+                segments4.extend(xyn2xy(sg, w, h, padw, padh) for sg in segs)
+            else:
+                segments4.extend([np.zeros((0, 2), np.float32)] * len(labels))
+
+        labels4 = np.concatenate(labels4, 0)
+        np.clip(labels4[:, 1:], 0, 2 * s, out=labels4[:, 1:])
+        for sg in segments4:
+            np.clip(sg, 0, 2 * s, out=sg)
+        # segment-aware box refit only when every label has a polygon (same rule as the reference)
+        segs_in = segments4 if segments4 and all(len(sg) for sg in segments4) else ()
+        hyp = self.hyp
+        img4, labels4, _ = random_perspective(img4, labels4, segs_in, degrees=hyp.get("degrees", 0.0),
+                                              translate=hyp.get("translate", 0.0), scale=hyp.get("scale", 0.0),
+                                              shear=hyp.get("shear", 0.0),
+                                              perspective=hyp.get("perspective", 0.0), border=self.mosaic_border)
+        return img4, labels4
+
+    @staticmethod
+    def collate_fn(batch):
+        """Stack images, concatenate labels with the in-batch image index in column 0."""
+        ims, labels, paths, shapes = zip(*batch)
+        for i, lb in enumerate(labels):
+            lb[:, 0] = i
+        out = None
+        if torch.utils.data.get_worker_info() is not None:
+            # build the batch straight into shared memory, saving a copy when it crosses to the main process
+            numel = sum(x.numel() for x in ims)
+            storage = ims[0].untyped_storage()._new_shared(numel, device=ims[0].device)
+            out = ims[0].new(storage).resize_(len(ims), *ims[0].shape)
+        return torch.stack(ims, 0, out=out), torch.cat(labels, 0), paths, shapes
+
+
+# ------------------------------------------------------------------------------------------------ dataloader
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy/random per worker from torch's per-worker seed; keep OpenCV single-threaded in workers."""
+    s = torch.initial_seed() % 2 ** 32
+    np.random.seed(s)
+    random.seed(s)
+    cv2.setNumThreads(0)
+
+
+def create_dataloader(path: str | Path | Sequence[str | Path], imgsz: int, batch_size: int, stride: int,
+                      single_cls: bool = False, hyp: dict | None = None, augment: bool = False,
+                      cache: str | None = None, pad: float = 0.0, rect: bool = False, rank: int = -1,
+                      world_size: int = 1, workers: int = 8, prefix: str = "", shuffle: bool = False,
+                      seed: int = 0, nc: int | None = None) -> tuple[DataLoader, LoadImagesAndLabels]:
+    """Build the dataset and its DataLoader (persistent workers, seeded generator, optional DDP sampler)."""
+    if rect and shuffle:
+        LOGGER.warning(f"{prefix}WARNING --rect is incompatible with DataLoader shuffle, setting shuffle=False")
+        shuffle = False
+    dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
+                                  cache_images=cache, single_cls=single_cls, stride=int(stride), pad=pad,
+                                  prefix=prefix, seed=seed, nc=nc)
+    batch_size = min(batch_size, len(dataset))
+    nd = torch.cuda.device_count()
+    nw = min(os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers)
+    sampler = None if rank == -1 else distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    generator = torch.Generator()
+    generator.manual_seed(GENERATOR_SEED + seed + max(rank, 0))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
+                        sampler=sampler, pin_memory=torch.cuda.is_available(),
+                        collate_fn=LoadImagesAndLabels.collate_fn, worker_init_fn=seed_worker,
+                        generator=generator, persistent_workers=nw > 0)
+    return loader, dataset
