@@ -1,0 +1,191 @@
+"""Per-run logging on rank 0: results.csv rows, TensorBoard scalars, first training-batch mosaics, final plots."""
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from utils import plots
+from utils.plots import load_results_csv
+
+LOGGER = logging.getLogger(__name__)
+
+RESULTS_KEYS = [
+    'epoch',
+    'train/box_loss', 'train/obj_loss', 'train/cls_loss',
+    'metrics/precision', 'metrics/recall', 'metrics/mAP_0.5', 'metrics/mAP_0.5:0.95',
+    'val/box_loss', 'val/obj_loss', 'val/cls_loss',
+    'x/lr0', 'x/lr1', 'x/lr2',
+]
+KD_KEYS = ['train/dbox_loss', 'train/dobj_loss', 'train/dcls_loss']
+
+__all__ = ['RESULTS_KEYS', 'KD_KEYS', 'RunLogger', 'read_results_csv', 'format_header', 'format_row']
+
+
+def read_results_csv(path: Path | str) -> dict[str, list[float]]:
+    """Columns of a results.csv keyed by stripped header name; {} if the file is missing or empty."""
+    return load_results_csv(path)
+
+
+def format_header(keys: Sequence[str]) -> str:
+    """The results.csv header line (no newline): each name right-aligned to width 20, comma-separated."""
+    return ','.join('%20s' % k for k in keys)
+
+
+def format_row(values: Sequence[float]) -> str:
+    """One results.csv data line (no newline): each value as %20.5g, comma-separated."""
+    return ','.join('%20.5g' % float(v) for v in values)
+
+
+def _scalar(v: Any) -> float:
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _snapshot(x: Any) -> Any:
+    # the training loop reuses/mutates its batch tensors, so the plotting thread gets its own copy
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().clone()
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    return x
+
+
+class RunLogger:
+    """Rank-0 logger writing results.csv, TensorBoard scalars and train_batch mosaics into save_dir."""
+
+    def __init__(self, save_dir: Path | str, hyp: Mapping[str, Any] | None = None,
+                 opt: Mapping[str, Any] | None = None, kd: bool = False,
+                 tensorboard: bool = True, plots: bool = True) -> None:
+        """Prepare the run folder; results.csv is created on the first log_epoch (or appended to on resume)."""
+        self.save_dir = Path(save_dir)
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        self.hyp = dict(hyp) if hyp else {}
+        self.opt = dict(vars(opt)) if opt is not None and not isinstance(opt, Mapping) else dict(opt or {})
+        self.kd = bool(kd)
+        self.plots = bool(plots)
+        self.keys = RESULTS_KEYS + (KD_KEYS if self.kd else [])
+        self.csv = self.save_dir / 'results.csv'
+        self._use_tb = bool(tensorboard)
+        self._tb: Any = None
+        self._tb_failed = False
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._check_existing_header()
+
+    # ------------------------------------------------------------------------------------------------ results.csv
+    def _check_existing_header(self) -> None:
+        if not self.csv.is_file() or self.csv.stat().st_size == 0:
+            return
+        with open(self.csv) as f:
+            first = f.readline()
+        found = [k.strip() for k in first.split(',')]
+        if found != self.keys:
+            # appending rows of a different width would silently misalign every later column
+            LOGGER.warning('WARNING: %s has columns %s but this run logs %s; rows may not line up',
+                           self.csv, found, self.keys)
+
+    @property
+    def epochs_logged(self) -> int:
+        """Number of data rows already in results.csv."""
+        return len(read_results_csv(self.csv).get('epoch', []))
+
+    def log_epoch(self, epoch: int, train_losses: Sequence[float], results: Sequence[float],
+                  lrs: Sequence[float]) -> None:
+        """Append one results.csv row (and TensorBoard scalars) for this epoch."""
+        tl = [_scalar(v) for v in train_losses]
+        res = [_scalar(v) for v in results]
+        lr = [_scalar(v) for v in lrs]
+        if len(tl) not in (3, 6):
+            raise ValueError(f'train_losses needs 3 or 6 values (box, obj, cls[, dbox, dobj, dcls]), got {len(tl)}')
+        if len(res) != 7:
+            raise ValueError(f'results needs 7 values (P, R, mAP50, mAP50-95, val box, obj, cls), got {len(res)}')
+        if len(lr) != 3:
+            raise ValueError(f'lrs needs 3 values, got {len(lr)}')
+        values = [float(epoch)] + tl[:3] + res + lr
+        if self.kd:
+            if len(tl) == 6:
+                values += tl[3:]
+            else:
+                # a KD run whose epoch carried no distillation term still needs a full-width row
+                values += [0.0, 0.0, 0.0]
+        new = not self.csv.is_file() or self.csv.stat().st_size == 0
+        with open(self.csv, 'a') as f:
+            if new:
+                f.write(format_header(self.keys) + '\n')
+            f.write(format_row(values) + '\n')
+        self._tb_scalars(dict(zip(self.keys[1:], values[1:])), int(epoch))
+
+    # ------------------------------------------------------------------------------------------------ TensorBoard
+    def _writer(self) -> Any:
+        if not self._use_tb or self._tb_failed:
+            return None
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.save_dir))
+            except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+                self._tb_failed = True
+                warnings.warn(f'TensorBoard unavailable ({type(e).__name__}: {e}); continuing without it')
+                return None
+            try:
+                if self.hyp:
+                    self._tb.add_text('hyp', '\n'.join(f'{k}: {v}' for k, v in self.hyp.items()), 0)
+                if self.opt:
+                    self._tb.add_text('opt', '\n'.join(f'{k}: {v}' for k, v in self.opt.items()), 0)
+            except Exception as e:  # noqa: BLE001
+                LOGGER.warning('WARNING: TensorBoard text logging failed: %s', e)
+        return self._tb
+
+    def _tb_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        tb = self._writer()
+        if tb is None:
+            return
+        for k, v in scalars.items():
+            tb.add_scalar(k, v, step)
+        tb.flush()  # so a crashed run still has its curves on disk
+
+    # -------------------------------------------------------------------------------------------------- images
+    def log_batch_images(self, ni: int, images: Any, targets: Any, paths: Sequence[str] | None = None,
+                         names: Mapping[int, str] | Sequence[str] | None = None) -> None:
+        """Write train_batch{ni}.jpg for the first three batches, off the training thread."""
+        if not self.plots or ni >= 3 or self._closed:
+            return
+        args = (_snapshot(images), _snapshot(targets), list(paths) if paths is not None else None,
+                self.save_dir / f'train_batch{ni}.jpg', names)
+        th = threading.Thread(target=plots.plot_images, args=args, name=f'plot_train_batch{ni}', daemon=True)
+        th.start()
+        self._threads.append(th)
+
+    def _join(self) -> None:
+        for th in self._threads:
+            th.join()
+        self._threads.clear()
+
+    # ---------------------------------------------------------------------------------------------------- end
+    def on_train_end(self) -> None:
+        """Finish image threads, draw results.png and close TensorBoard."""
+        self._join()
+        if self.plots and self.csv.is_file():
+            plots.plot_results(self.csv)
+        self.close()
+
+    def close(self) -> None:
+        """Join pending image threads and close TensorBoard; safe to call twice."""
+        self._join()
+        if self._tb is not None:
+            try:
+                self._tb.close()
+            finally:
+                self._tb = None
+        self._closed = True
+
+    def __enter__(self) -> 'RunLogger':
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
