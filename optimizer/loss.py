@@ -1,0 +1,152 @@
+"""Output (logit) knowledge distillation: the student's raw Detect maps are pulled towards the teacher's."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from utils.checkpoint import de_parallel
+from utils.errors import UserError
+
+LOGGER = logging.getLogger("yolov5kd")
+
+DIST_LOSSES = ("l2", "kl", "bce")
+# Anchors that differ only by fp16 rounding (checkpoints store fp16) still count as the same anchors.
+ANCHOR_RTOL = 1e-3
+
+
+def _detect_anchors(model: Any) -> torch.Tensor:
+    """The student's Detect anchors (nl, na, 2) in grid units."""
+    m = de_parallel(model)
+    try:
+        return m.model[-1].anchors
+    except (AttributeError, IndexError, TypeError):
+        raise UserError(f"{type(m).__name__}: has no Detect head with anchors (model.model[-1].anchors)") from None
+
+
+def anchors_differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two anchor tensors (nl, na, 2) differ by more than fp16 rounding."""
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return a.shape != b.shape or not torch.allclose(a, b, rtol=ANCHOR_RTOL, atol=0.0)
+
+
+class OutputDistillationLoss:
+    """Distillation loss between student and teacher raw maps; call(p, t) -> (total (1,), parts)."""
+
+    def __init__(self, model: Any, dist_loss: str = "l2", T: float = 5.0, distill_ratio: float = 0.5,
+                 hyp: dict | None = None, teacher_anchors: torch.Tensor | None = None,
+                 reg_norm: Sequence[torch.Tensor] | None = None):
+        """Read nc and the (already train-time rescaled) hyp from the student; pick the box-term form."""
+        m = de_parallel(model)
+        if dist_loss not in DIST_LOSSES:
+            raise UserError(f"--dist_loss {dist_loss!r}: must be one of {', '.join(DIST_LOSSES)}")
+        if not T > 0:
+            raise UserError(f"temperature {T}: must be > 0")
+        if not distill_ratio >= 0:
+            raise UserError(f"distill_ratio {distill_ratio}: must be >= 0")
+        hyp = hyp if hyp is not None else getattr(m, "hyp", None)
+        if not isinstance(hyp, dict):
+            raise UserError("student model has no .hyp dict; attach the rescaled hyperparameters before building "
+                            "the distillation loss")
+        missing = [k for k in ("box", "obj", "cls") if k not in hyp]
+        if missing:
+            raise UserError(f"hyp lacks {', '.join(missing)}, needed by the distillation loss")
+        nc = getattr(m, "nc", None)
+        if nc is None:
+            nc = m.model[-1].nc
+        self.nc = int(nc)
+        self.dist_loss = dist_loss
+        self.T = float(T)
+        self.distill_ratio = float(distill_ratio)
+        self.gains = {"dbox": float(hyp["box"]), "dobj": float(hyp["obj"]), "dcls": float(hyp["cls"])}
+        self.reg_norm = None if reg_norm is None else [r.detach().float() for r in reg_norm]
+        # Raw xywh logits only mean the same box when both heads decode them with the same anchors.
+        self.student_anchors = self.teacher_anchors = None
+        if teacher_anchors is not None:
+            student_anchors = _detect_anchors(m)
+            if anchors_differ(student_anchors, teacher_anchors):
+                if student_anchors.shape != teacher_anchors.shape:
+                    raise UserError(f"anchor shapes differ: teacher {tuple(teacher_anchors.shape)}, student "
+                                    f"{tuple(student_anchors.shape)}")
+                self.student_anchors = student_anchors.detach().float().clone()
+                self.teacher_anchors = teacher_anchors.detach().float().clone()
+        self.decoded_box = self.teacher_anchors is not None
+        self._anchor_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _anchors_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._anchor_cache:
+            self._anchor_cache[device] = (self.student_anchors.to(device), self.teacher_anchors.to(device))
+        return self._anchor_cache[device]
+
+    def _box_term(self, i: int, p: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Weighted mean squared box difference for level i; w is (bs, na, ny, nx, 1)."""
+        if self.reg_norm is not None:  # the seed's optional normalised form, kept for its callers
+            rn = self.reg_norm[i].to(p.device).view(1, -1, 1, 1, 2)
+            ps, ts = p.sigmoid(), t.sigmoid()
+            return (((ps[..., :2] - ts[..., :2]).square() * w).mean()
+                    + ((ps[..., 2:] - ts[..., 2:] * rn).square() * w).mean())
+        if self.decoded_box:
+            a_s, a_t = self._anchors_on(p.device)
+            return ((self._decode(p, a_s[i]) - self._decode(t, a_t[i])).square() * w).mean()
+        return ((p - t).square() * w).mean()
+
+    @staticmethod
+    def _decode(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """Box logits -> (cell-relative centre offset, width/height in grid units), as Detect decodes them."""
+        s = x.sigmoid()
+        xy = s[..., :2] * 2 - 0.5
+        wh = (s[..., 2:] * 2).square() * anchors.view(1, -1, 1, 1, 2)
+        return torch.cat((xy, wh), -1)
+
+    def _cls_term(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise class divergence D(p, t), same shape as p."""
+        if self.dist_loss == "l2":
+            return (p - t).square()
+        T = self.T
+        if self.dist_loss == "kl":
+            # log_softmax on both sides keeps ±1e4 logits finite (a softmax would underflow to log(0))
+            log_q = F.log_softmax(t / T, dim=-1)
+            log_p = F.log_softmax(p / T, dim=-1)
+            return log_q.exp() * (log_q - log_p) * (T * T)
+        # targets are probabilities: the teacher's logits go through the sigmoid first (the seed fed raw logits)
+        return F.binary_cross_entropy_with_logits(p / T, torch.sigmoid(t / T), reduction="none") * (T * T)
+
+    def __call__(self, p: Sequence[torch.Tensor], t: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total distillation loss (1,) already × gains × ratio × batch size, plus detached parts."""
+        if len(p) != len(t):
+            raise UserError(f"distillation: teacher gives {len(t)} output levels, student {len(p)}")
+        device = p[0].device
+        # AMP would run these squares/softmaxes in fp16, where ±1e4 logits overflow; keep the loss in fp32
+        with torch.autocast(device_type=device.type, enabled=False):
+            lbox = torch.zeros((), device=device)
+            lobj = torch.zeros((), device=device)
+            lcls = torch.zeros((), device=device)
+            for i, (pi, ti) in enumerate(zip(p, t)):
+                if pi.shape != ti.shape:
+                    raise UserError(f"distillation level {i}: teacher map {tuple(ti.shape)} does not match "
+                                    f"student map {tuple(pi.shape)}")
+                pi = pi.float()
+                ti = ti.detach().float()
+                w = ti[..., 4].sigmoid()
+                wb = w.unsqueeze(-1)  # broadcasts over the box/class axis without materialising copies
+                lbox = lbox + self._box_term(i, pi[..., :4], ti[..., :4], wb)
+                lobj = lobj + ((pi[..., 4] - ti[..., 4]).square() * w).mean()
+                if self.nc > 1:  # a single class has no distribution to match
+                    lcls = lcls + (self._cls_term(pi[..., 5:], ti[..., 5:]) * wb).mean()
+            k = self.distill_ratio * p[0].shape[0]
+            parts = {"dbox": lbox * (self.gains["dbox"] * k), "dobj": lobj * (self.gains["dobj"] * k),
+                     "dcls": lcls * (self.gains["dcls"] * k)}
+            total = (parts["dbox"] + parts["dobj"] + parts["dcls"]).reshape(1)
+        return total, {k_: v.detach() for k_, v in parts.items()}
+
+
+def compute_distillation_output_loss(p: Sequence[torch.Tensor], t_p: Sequence[torch.Tensor], model: Any,
+                                     dist_loss: str = "l2", T: float = 20, reg_norm: Sequence[torch.Tensor] | None = None,
+                                     distill_ratio: float = 0.5) -> torch.Tensor:
+    """Seed-compatible entry point: the total distillation loss (shape (1,)) from model.hyp and model.nc."""
+    return OutputDistillationLoss(model, dist_loss=dist_loss, T=T, distill_ratio=distill_ratio,
+                                  reg_norm=reg_norm)(p, t_p)[0]
