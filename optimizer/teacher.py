@@ -1,0 +1,181 @@
+"""The distillation teacher: loading, frozen inference, pre-flight compatibility checks, KD options."""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from optimizer.loss import DIST_LOSSES, anchors_differ
+from utils.checkpoint import attempt_load, de_parallel
+from utils.errors import UserError
+
+LOGGER = logging.getLogger("yolov5kd")
+
+KD_DEFAULTS: dict[str, Any] = {"t_weights": None, "dist_loss": "l2", "temperature": 5.0, "distill_ratio": 0.5}
+KD_HYP_KEYS = ("temperature", "distill_ratio")  # the KD settings a hyp yaml may carry
+
+
+class Teacher:
+    """A frozen, fused, eval-mode detection model; calling it on images gives fp32 raw maps."""
+
+    # Deliberately not an nn.Module: it can then never become a submodule of the student, so it is never
+    # wrapped in DDP, moved by student.to()/half(), switched by student.train(), or pickled into its checkpoint.
+
+    def __init__(self, model: nn.Module, path: str | Path = "", half: bool = False):
+        """Wrap an already loaded model; freezes it and puts it in eval mode."""
+        self.model = model.eval().requires_grad_(False)
+        self.path = str(path)
+        self.half = bool(half)
+        if self.half:
+            self.model.half()
+
+    @property
+    def detect(self) -> nn.Module:
+        """The teacher's Detect head."""
+        return self.model.model[-1]
+
+    @property
+    def nc(self) -> int:
+        """Number of classes the teacher predicts."""
+        return int(self.detect.nc)
+
+    @property
+    def names(self) -> Any:
+        """Class names as stored in the teacher checkpoint."""
+        return getattr(self.model, "names", None)
+
+    @property
+    def anchors(self) -> torch.Tensor:
+        """Anchors (nl, na, 2) in grid units, fp32."""
+        return self.detect.anchors.float()
+
+    @property
+    def stride(self) -> torch.Tensor:
+        """Per-level strides in pixels."""
+        return self.detect.stride
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw maps (bs, na, ny, nx, 5+nc) in fp32 for images in [0, 1] already on the teacher's device."""
+        if self.model.training:  # someone called .train() on it; BN stats (if unfused) must not move
+            self.model.eval()
+        x = images.half() if self.half else images.float()
+        with torch.inference_mode():
+            out = self.model(x)
+        raw = out[1] if isinstance(out, tuple) else out
+        # Inference tensors cannot be saved for backward; a copy made outside inference mode is an ordinary
+        # constant tensor, so autograd through the student's side of the loss works with any op.
+        return [r.to(dtype=torch.float32, copy=True) for r in raw]
+
+
+def load_teacher(path: str | Path, device: str | torch.device = "cpu", trust: bool = False,
+                 half: bool | None = None) -> Teacher:
+    """Load a teacher checkpoint with the safe loader: fused, eval, frozen, fp16 on CUDA by default."""
+    model = attempt_load(path, device=device, fuse=True, trust=trust)
+    if half is None:
+        half = torch.device(device).type == "cuda"
+    teacher = Teacher(model, path=path, half=half)
+    n = sum(p.numel() for p in model.parameters())
+    LOGGER.info(f"Teacher {path}: {n} parameters, nc={teacher.nc}, strides {_floats(teacher.stride)}, "
+                f"{'fp16' if half else 'fp32'}")
+    return teacher
+
+
+def resume_teacher(saved_path: str | Path | None, device: str | torch.device = "cpu", trust: bool = False,
+                   half: bool | None = None) -> Teacher | None:
+    """Rebuild the teacher recorded in a run being resumed (None when the run had no teacher)."""
+    if not saved_path:
+        return None
+    if not Path(saved_path).is_file():
+        raise UserError(f"--resume: the teacher checkpoint recorded in this run ({saved_path}) no longer exists; "
+                        f"restore it there or start a new run with --t_weights")
+    return load_teacher(saved_path, device=device, trust=trust, half=half)
+
+
+def _floats(x: Any) -> list[float]:
+    return [float(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]
+
+
+def _names_list(names: Any) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names)]
+    return [str(n) for n in names]
+
+
+def preflight(teacher: Teacher | nn.Module, student: nn.Module, imgsz: int | Sequence[int]) -> dict[str, Any]:
+    """Check the teacher can distil into the student at imgsz; raises UserError naming both values."""
+    t_model = teacher.model if isinstance(teacher, Teacher) else de_parallel(teacher)
+    s_model = de_parallel(student)
+    td, sd = t_model.model[-1], s_model.model[-1]
+
+    if td.nc != sd.nc:
+        raise UserError(f"teacher has nc={td.nc} classes but student has nc={sd.nc}; distillation needs the same "
+                        f"classes")
+    if td.nl != sd.nl:
+        raise UserError(f"teacher has {td.nl} detection levels but student has {sd.nl}")
+    if td.na != sd.na:
+        raise UserError(f"teacher has {td.na} anchors per level but student has {sd.na}")
+    t_stride, s_stride = _floats(td.stride), _floats(sd.stride)
+    if t_stride != s_stride:
+        raise UserError(f"teacher strides {t_stride} differ from student strides {s_stride}; their output maps "
+                        f"would not align")
+    t_max, s_max = int(max(t_stride)), int(max(s_stride))
+    sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
+    for s in sizes:
+        if s % t_max or s % s_max:
+            raise UserError(f"--imgsz {s} is not a multiple of the largest stride of the teacher ({t_max}) and of "
+                            f"the student ({s_max})")
+
+    t_names, s_names = _names_list(getattr(t_model, "names", None)), _names_list(getattr(s_model, "names", None))
+    if t_names is not None and s_names is not None and t_names != s_names:
+        LOGGER.warning(f"WARNING: teacher class names {t_names} differ from student names {s_names} (both nc="
+                       f"{sd.nc}); classes are distilled by index")
+
+    decoded = anchors_differ(td.anchors, sd.anchors)
+    if decoded:
+        LOGGER.info("Distillation: teacher and student anchors differ, so boxes are compared in decoded space "
+                    "(centre offsets and grid-unit width/height)")
+    return {"decoded_box": decoded, "teacher_anchors": td.anchors.detach().float().clone()}
+
+
+def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --t_weights, --dist_loss, --temperature, --distill_ratio with their defaults."""
+    parser.add_argument("--t_weights", type=str, default=KD_DEFAULTS["t_weights"],
+                        help="teacher checkpoint; enables output distillation")
+    parser.add_argument("--dist_loss", type=str, choices=DIST_LOSSES, default=KD_DEFAULTS["dist_loss"],
+                        help="class-term divergence")
+    parser.add_argument("--temperature", type=float, default=KD_DEFAULTS["temperature"],
+                        help="softening temperature for kl/bce (overrides hyp 'temperature')")
+    parser.add_argument("--distill_ratio", type=float, default=KD_DEFAULTS["distill_ratio"],
+                        help="weight of the distillation loss (overrides hyp 'distill_ratio')")
+    return parser
+
+
+def resolve_kd_options(opt_values: dict[str, Any], hyp: dict[str, Any], cli_given: Iterable[str]) -> dict[str, Any]:
+    """The KD settings in effect: a flag given on the command line, else the hyp yaml, else the default."""
+    given = set(cli_given)
+    out: dict[str, Any] = {}
+    for key, default in KD_DEFAULTS.items():
+        if key in given:
+            out[key] = opt_values.get(key, default)
+        elif key in KD_HYP_KEYS and key in hyp:
+            out[key] = hyp[key]
+        else:
+            out[key] = opt_values.get(key, default)
+    if out["dist_loss"] not in DIST_LOSSES:
+        raise UserError(f"--dist_loss {out['dist_loss']!r}: must be one of {', '.join(DIST_LOSSES)}")
+    for key, ok, need in (("temperature", lambda v: v > 0, "> 0"), ("distill_ratio", lambda v: v >= 0, ">= 0")):
+        try:
+            out[key] = float(out[key])
+        except (TypeError, ValueError):
+            raise UserError(f"{key} {out[key]!r}: must be a number") from None
+        if not ok(out[key]):
+            src = "--" + key if key in given else ("hyp " + key if key in hyp else key)
+            raise UserError(f"{src} {out[key]}: must be {need}")
+    return out
