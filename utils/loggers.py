@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from utils import plots
+from utils import plots as _plots
 from utils.plots import load_results_csv
 
 LOGGER = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class RunLogger:
             return
         args = (_snapshot(images), _snapshot(targets), list(paths) if paths is not None else None,
                 self.save_dir / f'train_batch{ni}.jpg', names)
-        th = threading.Thread(target=plots.plot_images, args=args, name=f'plot_train_batch{ni}', daemon=True)
+        th = threading.Thread(target=_plots.plot_images, args=args, name=f'plot_train_batch{ni}', daemon=True)
         th.start()
         self._threads.append(th)
 
@@ -171,7 +171,7 @@ class RunLogger:
         """Finish image threads, draw results.png and close TensorBoard."""
         self._join()
         if self.plots and self.csv.is_file():
-            plots.plot_results(self.csv)
+            _plots.plot_results(self.csv)
         self.close()
 
     def close(self) -> None:
