@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Training-loader throughput (images/s) on the shapes demo data: mosaic on, hyp.scratch-low, batch 16.
+
+    python benchmarks/bench_loader.py [--imgsz 320 640] [--workers 2] [--batch 16]
+
+Generates the demo dataset first if it is missing. Each size gets a short warm-up (worker start-up,
+page cache), then one full timed epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from utils.datasets import check_dataset, create_dataloader  # noqa: E402
+
+
+def _ensure_dataset() -> dict:
+    spec = importlib.util.spec_from_file_location("generate_shapes", ROOT / "data" / "scripts" / "generate_shapes.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    gen.generate(ROOT / "datasets" / "shapes", 1000, 200, seed=0)  # no-op when already complete
+    return check_dataset(ROOT / "data" / "shapes.yaml", autodownload=False)
+
+
+def bench(train: str, imgsz: int, batch: int, workers: int, hyp: dict, warmup: int = 5) -> float:
+    """Images per second over one full epoch of the augmenting training loader."""
+    loader, dataset = create_dataloader(train, imgsz, batch, 32, hyp=hyp, augment=True, workers=workers,
+                                        shuffle=True)
+    for i, _ in enumerate(loader):
+        if i + 1 >= warmup:
+            break
+    n = 0
+    t0 = time.perf_counter()
+    for ims, *_ in loader:
+        n += ims.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--imgsz", type=int, nargs="+", default=[320, 640])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    a = ap.parse_args()
+    data = _ensure_dataset()
+    hyp = yaml.safe_load((ROOT / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
+    for s in a.imgsz:
+        ips = bench(data["train"], s, a.batch, a.workers, hyp)
+        print(f"imgsz {s}: {ips:.0f} images/s (batch {a.batch}, {a.workers} workers, mosaic on)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
