@@ -44,6 +44,14 @@ def make_divisible(x: float, divisor) -> int:
     return math.ceil(x / divisor) * divisor
 
 
+def check_img_size(imgsz: int, s: int = 32, floor: int = 0) -> int:
+    """Round an image size up to a multiple of the stride s (with a warning when it changes)."""
+    new = max(make_divisible(int(imgsz), int(s)), floor)
+    if new != imgsz:
+        LOGGER.warning(f"--imgsz {imgsz} must be a multiple of max stride {s}, updating to {new}")
+    return new
+
+
 class Detect(nn.Module):
     """Per-level 1x1 conv head; raw maps in training, (decoded boxes, raw maps) in eval."""
 

@@ -206,6 +206,7 @@ def strip_optimizer(f: str | Path, s: str | Path | None = None) -> Path:
         x["model"] = x["ema"]
     for k in ("optimizer", "best_fitness", "ema", "updates"):
         x[k] = None
+    x.pop("resume_state", None)  # fp32 copies kept only so an interrupted run can resume exactly
     x["epoch"] = -1
     x["model"].half()
     for p in x["model"].parameters():

@@ -1,0 +1,460 @@
+"""Train a YOLOv5 detector, optionally distilling from a frozen teacher's outputs.
+
+    python train.py --data shapes.yaml --cfg yolov5n.yaml --weights '' --imgsz 320 --epochs 30
+    python train.py --data coco.yaml --weights student.pt --t_weights teacher.pt --epochs 100
+    torchrun --nproc_per_node 2 train.py ...            # DDP (gloo on CPU, nccl on GPU)
+
+This file parses flags and wires the pieces; the loop itself is utils.engine.train_one_epoch and val.run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import val as validate  # noqa: E402
+from models.yolo import Model, check_img_size  # noqa: E402
+from optimizer.loss import OutputDistillationLoss  # noqa: E402
+from optimizer.teacher import add_kd_args, load_teacher, preflight, resolve_kd_options, resume_teacher  # noqa: E402
+from utils.anchors import check_anchors  # noqa: E402
+from utils.checkpoint import (build_checkpoint, de_parallel, model_from_ckpt, save_checkpoint, strip_optimizer,  # noqa: E402
+                              torch_load)
+from utils.datasets import check_dataset, create_dataloader  # noqa: E402
+from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, dist_info_from_env,  # noqa: E402
+                               init_distributed, main_process_first, select_device)
+from utils.engine import (EarlyStopping, LoopState, ModelEMA, build_optimizer, init_seeds, lr_lambda,  # noqa: E402
+                          train_one_epoch, weights_are_finite)
+from utils.errors import UserError  # noqa: E402
+from utils.log import get_latest_run, increment_path, setup_logging, yaml_save  # noqa: E402
+from utils.loggers import RunLogger  # noqa: E402
+from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
+from utils.metrics import fitness  # noqa: E402
+
+LOGGER = logging.getLogger("yolov5kd")
+DEFAULT_HYP = ROOT / "data/hyps/hyp.scratch-low.yaml"
+
+
+def load_hyp(hyp) -> dict:
+    """A hyp dict from a yaml path (short names resolve to data/hyps/) or a dict."""
+    if isinstance(hyp, dict):
+        return dict(hyp)
+    path = Path(hyp)
+    if not path.exists() and (ROOT / "data/hyps" / path.name).exists():
+        path = ROOT / "data/hyps" / path.name
+    if not path.is_file():
+        raise UserError(f"--hyp {hyp}: file not found")
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid yaml file ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a mapping of hyperparameters")
+    required = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
+                "box", "cls", "cls_pw", "obj", "obj_pw", "anchor_t", "fl_gamma")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise UserError(f"{path}: missing hyperparameters {', '.join(missing)}")
+    return d
+
+
+def build_student(opt, nc: int, hyp: dict, device: torch.device) -> tuple[nn.Module, dict | None]:
+    """Student from --weights (checkpoint) and/or --cfg; a pruned checkpoint is trained as it is."""
+    weights, cfg = str(opt.weights or ""), str(opt.cfg or "")
+    if weights.endswith(".pt"):
+        ckpt = torch_load(weights, trust=opt.trust_checkpoint)
+        loaded = model_from_ckpt(ckpt, weights, prefer_ema=False)
+        model = Model(cfg or loaded.yaml, ch=3, nc=nc, anchors=hyp.get("anchors"))
+        exclude = ["anchor"] if (cfg or hyp.get("anchors")) and not opt.resume else []
+        src = loaded.state_dict()
+        dst = model.state_dict()
+        csd = {k: v for k, v in src.items() if k in dst and v.shape == dst[k].shape and not any(x in k for x in exclude)}
+        shape_mismatch = [k for k, v in src.items() if k in dst and v.shape != dst[k].shape and "model.24" not in k
+                          and not k.startswith(f"model.{len(model.model) - 1}.")]
+        if shape_mismatch and not cfg:
+            # layer widths no longer match the yaml (a pruned or searched student): train the object as loaded
+            if int(loaded.model[-1].nc) != nc:
+                raise UserError(f"{weights}: this pruned model has nc={loaded.model[-1].nc} but the dataset has "
+                                f"nc={nc}; a pruned head cannot be rebuilt from its yaml")
+            LOGGER.info(f"{weights}: layer shapes differ from its yaml ({len(shape_mismatch)} tensors), "
+                        f"training the checkpoint's own architecture")
+            model = loaded
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            model.load_state_dict(csd, strict=False)
+            LOGGER.info(f"Transferred {len(csd)}/{len(dst)} items from {weights}")
+        exact = (ckpt.get("resume_state") or {}).get("model") if opt.resume and isinstance(ckpt, dict) else None
+        if exact is not None:
+            model.load_state_dict(exact)  # fp32 weights, so a resumed run continues bit-exactly
+        return model.to(device), ckpt
+    if weights:
+        raise UserError(f"--weights {weights}: expected a .pt checkpoint (or '' to train from --cfg)")
+    if not cfg:
+        raise UserError("give --weights student.pt, or --cfg yolov5n.yaml with --weights '' to train from scratch")
+    return Model(cfg, ch=3, nc=nc, anchors=hyp.get("anchors")).to(device), None
+
+
+def freeze_layers(model: nn.Module, freeze: list[int]) -> None:
+    """Stop gradients for layers listed (one number N means layers 0..N-1)."""
+    layers = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
+    for k, v in model.named_parameters():
+        v.requires_grad_(True)
+        if any(x in k for x in layers):
+            LOGGER.info(f"freezing {k}")
+            v.requires_grad_(False)
+
+
+def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo) -> tuple:
+    """Run the whole training; returns the final validation results tuple."""
+    save_dir = Path(opt.save_dir)
+    w = save_dir / "weights"
+    last, best = w / "last.pt", w / "best.pt"
+    main = info.is_main
+    if main:
+        w.mkdir(parents=True, exist_ok=True)
+        yaml_save(save_dir / "hyp.yaml", hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
+    plots = not opt.noplots
+    cuda = device.type == "cuda"
+
+    init_seeds(opt.seed + 1 + info.rank, deterministic=True)
+    with main_process_first(info):
+        data_dict = check_dataset(opt.data)
+    train_path, val_path = data_dict["train"], data_dict["val"]
+    nc = 1 if opt.single_cls else int(data_dict["nc"])
+    names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
+
+    model, ckpt = build_student(opt, nc, hyp, device)
+    amp = cuda
+    freeze_layers(model, opt.freeze)
+
+    gs = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
+    batch_size = opt.batch_size
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: AutoBatch is not supported, give a positive batch size")
+
+    nbs = 64
+    accumulate = max(round(nbs / batch_size), 1)
+    hyp["weight_decay"] *= batch_size * accumulate / nbs
+    optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+    lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+
+    best_fitness, start_epoch = 0.0, 0
+    if opt.resume and ckpt is not None:
+        best_fitness, start_epoch, epochs = resume_optimizer(ckpt, optimizer, opt.weights, opt.epochs)
+        opt.epochs = epochs
+        lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+
+    if opt.sync_bn and info.distributed and cuda:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+
+    with main_process_first(info):
+        train_loader, dataset = create_dataloader(
+            train_path, imgsz, batch_size // info.world_size, gs, opt.single_cls, hyp=hyp, augment=True,
+            cache=opt.cache, rect=opt.rect, rank=info.rank, world_size=info.world_size, workers=opt.workers,
+            prefix="train: ", shuffle=True, seed=opt.seed, nc=nc)
+    labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
+    if len(labels) and int(labels[:, 0].max()) >= nc:
+        raise UserError(f"{opt.data}: label class {int(labels[:, 0].max())} exceeds nc={nc}")
+    nb = len(train_loader)
+
+    val_loader = None
+    if main:
+        val_loader = create_dataloader(val_path, imgsz, batch_size // info.world_size * 2, gs, opt.single_cls,
+                                       hyp=hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
+                                       workers=opt.workers * 2, pad=0.5, prefix="val: ", nc=nc)[0]
+        if not opt.resume:
+            if not opt.noautoanchor:
+                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+            model.half().float()  # round weights to fp16 once, as the reference does, so saved = trained
+            if plots:
+                from utils.plots import plot_labels
+                plot_labels(labels, names, save_dir)
+    # the EMA starts from the model as trained: after AutoAnchor and the fp16 rounding
+    ema = ModelEMA(model) if main else None
+    if ema is not None and opt.resume and ckpt is not None:
+        restore_ema(ckpt, ema)
+    del ckpt
+    if info.distributed:
+        # DDP broadcasts rank 0's parameters and buffers (AutoAnchor's anchors included) to every rank
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if cuda else None,
+                                                    output_device=info.local_rank if cuda else None)
+
+    nl = de_parallel(model).model[-1].nl
+    base = de_parallel(model)
+    base.nc = nc
+    base.hyp = scale_hyp(hyp, nl, nc, imgsz, opt.label_smoothing)
+    base.names = names
+    base.class_weights = labels_to_class_weights(labels, nc).to(device) * nc
+    if ema is not None:
+        ema.update_attr(model)
+
+    teacher, distiller = setup_teacher(opt, base, imgsz, device, info, val_loader, data_dict)
+    compute_loss = ComputeLoss(base)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    stopper = EarlyStopping(patience=opt.patience)
+    stopper.best_fitness = best_fitness if opt.resume else -1.0
+    logger = RunLogger(save_dir, hyp=hyp, opt=vars(opt), kd=distiller is not None,
+                       tensorboard=True, plots=plots) if main else None
+    nw = max(round(hyp["warmup_epochs"] * nb), 100)
+    state = LoopState(last_opt_step=start_epoch * nb - 1)
+    scheduler.last_epoch = start_epoch - 1
+    results = (0, 0, 0, 0, 0, 0, 0)
+    t0 = time.time()
+    LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
+                f"Logging results to {save_dir}\nStarting training for {opt.epochs} epochs...")
+
+    def on_batch(ni, imgs, targets, paths):
+        if plots and logger is not None and ni < 3:
+            logger.log_batch_images(ni, imgs, targets, paths, names)
+
+    epoch = start_epoch
+    for epoch in range(start_epoch, opt.epochs):
+        # reseeding per epoch makes an epoch's augmentation independent of earlier epochs, so a resumed run
+        # (workers 0) replays exactly what an uninterrupted one would have done
+        init_seeds(opt.seed + 1 + info.rank + 1000 * epoch)
+        if getattr(train_loader, "generator", None) is not None:
+            train_loader.generator.manual_seed(6148914691236517205 + opt.seed + max(info.rank, 0) + epoch)
+        if info.distributed:
+            train_loader.sampler.set_epoch(epoch)
+        res = train_one_epoch(model, train_loader, optimizer, scaler, compute_loss, ema, epoch, epochs=opt.epochs,
+                              device=device, hyp=hyp, lf=lf, batch_size=batch_size, nw=nw, state=state,
+                              imgsz=imgsz, gs=gs, amp=amp, world_size=info.world_size,
+                              multi_scale=opt.multi_scale, distiller=distiller, teacher=teacher,
+                              show_progress=main, on_batch=on_batch if epoch == 0 else None)
+        scheduler.step()
+
+        stop = False
+        if main:
+            ema.update_attr(model)
+            final_epoch = epoch + 1 == opt.epochs or stopper.possible_stop
+            if not opt.noval or final_epoch:
+                results, _, _ = validate.run(data_dict, batch_size=batch_size // info.world_size * 2, imgsz=imgsz,
+                                             half=amp, model=validation_copy(ema.ema), single_cls=opt.single_cls,
+                                             dataloader=val_loader, save_dir=save_dir, plots=False,
+                                             compute_loss=compute_loss)
+            fi = float(fitness(np.array(results).reshape(1, -1))[0])
+            stop = stopper(epoch=epoch, fitness=fi)
+            if fi > best_fitness:
+                best_fitness = fi
+            logger.log_epoch(epoch, res.mloss.tolist(), results, res.lrs)
+            if not opt.nosave or final_epoch:
+                if not (weights_are_finite(model) and weights_are_finite(ema.ema)):
+                    raise UserError(f"epoch {epoch}: weights became non-finite; nothing saved, "
+                                    f"{last} keeps the last finite weights (lower lr0)")
+                exact = {"model": _fp32_state(model), "ema": _fp32_state(ema.ema)}
+                ckpt = build_checkpoint(model, ema=ema.ema, updates=ema.updates, optimizer=optimizer, epoch=epoch,
+                                        best_fitness=best_fitness, opt=opt, extra={"resume_state": exact})
+                save_checkpoint(ckpt, last)
+                if best_fitness == fi:
+                    save_checkpoint(ckpt, best)
+                if opt.save_period > 0 and epoch % opt.save_period == 0:
+                    save_checkpoint(ckpt, w / f"epoch{epoch}.pt")
+                del ckpt
+        if broadcast_flag(stop, info):
+            break
+
+    if main:
+        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        for f in (last, best):
+            if f.exists():
+                strip_optimizer(f)
+        if best.exists() and not opt.noval:
+            LOGGER.info(f"\nValidating {best}...")
+            results, _, _ = validate.run(data_dict, weights=best, batch_size=batch_size // info.world_size * 2,
+                                         imgsz=imgsz, model=validation_copy(_load_for_val(best, device)),
+                                         single_cls=opt.single_cls, dataloader=val_loader, save_dir=save_dir,
+                                         verbose=True, plots=plots, compute_loss=compute_loss)
+        logger.on_train_end()
+        logger.close()
+        LOGGER.info(f"Results saved to {save_dir}")
+    return results
+
+
+def _load_for_val(path: Path, device: torch.device) -> nn.Module:
+    return model_from_ckpt(torch_load(path), path).to(device)
+
+
+def validation_copy(model: nn.Module) -> nn.Module:
+    """What val.py will see when it loads the saved checkpoint: fp16-rounded weights, fused, eval."""
+    m = deepcopy(de_parallel(model)).half().float()
+    return m.eval().fuse()
+
+
+def labels_to_class_weights(labels: np.ndarray, nc: int = 80) -> torch.Tensor:
+    """Inverse class frequency, normalised to sum 1 (classes without labels count as 1)."""
+    if len(labels) == 0:
+        return torch.Tensor()
+    counts = np.bincount(labels[:, 0].astype(int), minlength=nc).astype(float)
+    counts[counts == 0] = 1
+    weights = 1 / counts
+    return torch.from_numpy(weights / weights.sum()).float()
+
+
+def _fp32_state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in de_parallel(model).state_dict().items()}
+
+
+def restore_ema(ckpt: dict, ema: ModelEMA) -> None:
+    """EMA weights (fp32 when the checkpoint carries them) and its update count."""
+    exact = (ckpt.get("resume_state") or {}).get("ema")
+    if exact is not None:
+        ema.ema.load_state_dict(exact)
+    elif ckpt.get("ema") is not None:
+        ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
+    ema.updates = int(ckpt.get("updates") or 0)
+
+
+def resume_optimizer(ckpt: dict, optimizer, weights, epochs: int) -> tuple[float, int, int]:
+    """Restore the optimizer and counters from a last.pt; returns (best_fitness, start_epoch, epochs)."""
+    best_fitness = float(ckpt.get("best_fitness") or 0.0)
+    if ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    start_epoch = int(ckpt["epoch"]) + 1
+    if start_epoch <= 0:
+        raise UserError(f"{weights}: training to {epochs} epochs is finished, nothing to resume "
+                        f"(start a new run with --weights {weights})")
+    LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
+    if epochs < start_epoch:
+        LOGGER.info(f"{weights} has been trained for {ckpt['epoch']} epochs. Fine-tuning for {epochs} more epochs.")
+        epochs += int(ckpt["epoch"])
+    return best_fitness, start_epoch, epochs
+
+
+def setup_teacher(opt, student: nn.Module, imgsz: int, device: torch.device, info: DistInfo, val_loader,
+                  data_dict: dict):
+    """Teacher and distillation loss (None, None without --t_weights); checks compatibility first."""
+    if not opt.t_weights:
+        return None, None
+    if opt.resume:
+        teacher = resume_teacher(opt.t_weights, device=device, trust=opt.trust_checkpoint)
+    else:
+        teacher = load_teacher(opt.t_weights, device=device, trust=opt.trust_checkpoint)
+    checks = preflight(teacher, student, imgsz)
+    distiller = OutputDistillationLoss(student, dist_loss=opt.dist_loss, T=opt.temperature,
+                                       distill_ratio=opt.distill_ratio,
+                                       teacher_anchors=checks["teacher_anchors"] if checks["decoded_box"] else None)
+    if info.is_main and not opt.noval and not opt.resume and val_loader is not None:
+        LOGGER.info(f"Teacher {opt.t_weights} on the validation set (the ceiling for the student):")
+        r, _, _ = validate.run(data_dict, imgsz=imgsz, model=deepcopy(teacher.model).float(), dataloader=val_loader,
+                               plots=False, single_cls=opt.single_cls, half=False)
+        LOGGER.info(f"Teacher mAP50 {r[2]:.4f}, mAP50-95 {r[3]:.4f}")
+    return teacher, distiller
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options: YOLOv5's names and defaults plus the distillation flags."""
+    p = argparse.ArgumentParser(description="Train a YOLOv5 detector, optionally with output distillation.")
+    p.add_argument("--weights", type=str, default="", help="initial weights path ('' = from scratch with --cfg)")
+    p.add_argument("--cfg", type=str, default="", help="model yaml (yolov5n.yaml … resolve to models/)")
+    p.add_argument("--data", type=str, default="shapes.yaml", help="dataset yaml (short names resolve to data/)")
+    p.add_argument("--hyp", type=str, default=str(DEFAULT_HYP), help="hyperparameters yaml")
+    p.add_argument("--epochs", type=int, default=100, help="total training epochs")
+    p.add_argument("--batch-size", type=int, default=16, help="total batch size for all GPUs/processes")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    p.add_argument("--rect", action="store_true", help="rectangular training")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training")
+    p.add_argument("--nosave", action="store_true", help="only save final checkpoint")
+    p.add_argument("--noval", action="store_true", help="only validate final epoch")
+    p.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
+    p.add_argument("--noplots", action="store_true", help="save no plot files")
+    p.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
+    p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    p.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW"], default="SGD", help="optimizer")
+    p.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
+    p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per RANK in DDP mode)")
+    p.add_argument("--project", default=str(ROOT / "runs/train"), help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    p.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
+    p.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
+    p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: backbone=10, first3=0 1 2")
+    p.add_argument("--save-period", type=int, default=-1, help="save checkpoint every x epochs (disabled if < 1)")
+    p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of checkpoints you trust (runs code stored in the file)")
+    add_kd_args(p)
+    opt = p.parse_args(argv)
+    opt.cli_given = sorted(_given_flags(argv if argv is not None else sys.argv[1:]))
+    return opt
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:
+    """Reload the options of the run being resumed; only --device/--workers style flags carry over."""
+    last = Path(opt.resume if isinstance(opt.resume, str) else get_latest_run(ROOT / "runs"))
+    if not str(last) or not last.is_file():
+        raise UserError(f"--resume: no last.pt found{f' at {last}' if str(last) not in ('', '.') else ''}")
+    opt_yaml = last.parent.parent / "opt.yaml"
+    if opt_yaml.is_file():
+        d = yaml.safe_load(opt_yaml.read_text())
+    else:
+        d = torch_load(last).get("opt") or {}
+    keep = {k: getattr(opt, k) for k in ("device", "workers", "trust_checkpoint")}
+    new = argparse.Namespace(**{**vars(opt), **d})
+    new.cfg, new.weights, new.resume = "", str(last), True
+    new.hyp = d.get("hyp", new.hyp)
+    for k, v in keep.items():
+        if k in opt.cli_given:
+            setattr(new, k, v)
+    return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: set up (DDP if launched by torchrun), train, and print user errors as one line."""
+    opt = parse_opt(argv)
+    info = dist_info_from_env()
+    setup_logging(info.rank)
+    try:
+        if opt.resume:
+            opt = prepare_resume(opt)
+            hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
+        else:
+            hyp = load_hyp(opt.hyp)
+            kd = resolve_kd_options(vars(opt), hyp, opt.cli_given)
+            for k, v in kd.items():
+                setattr(opt, k, v)
+            hyp["temperature"], hyp["distill_ratio"] = opt.temperature, opt.distill_ratio
+            opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+        opt.hyp = dict(hyp)
+        device = select_device(opt.device, opt.batch_size, info)
+        if info.distributed and opt.batch_size % info.world_size:
+            raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {info.world_size}")
+        init_distributed(info, device, opt.batch_size)
+        try:
+            train(hyp, opt, device, info)
+        finally:
+            cleanup_distributed(info)
+    except UserError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted; the last saved checkpoint is intact (use --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

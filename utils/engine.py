@@ -1,0 +1,250 @@
+"""The training loop pieces: seeds, optimizer groups, LR schedule, EMA, early stopping, train_one_epoch."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.checkpoint import de_parallel
+from utils.errors import UserError
+
+LOGGER = logging.getLogger("yolov5kd")
+NBS = 64  # nominal batch size: gradients are accumulated up to it
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed random, numpy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def build_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.001, momentum: float = 0.9,
+                    decay: float = 1e-5) -> torch.optim.Optimizer:
+    """Three groups in YOLOv5's order: biases (no decay), other weights (decay), norm weights (no decay)."""
+    biases, weights, norm_weights = [], [], []
+    norm_types = tuple(v for k, v in nn.__dict__.items() if "Norm" in k and isinstance(v, type))
+    for module in model.modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if p_name == "bias":
+                biases.append(p)
+            elif p_name == "weight" and isinstance(module, norm_types):
+                norm_weights.append(p)
+            else:
+                weights.append(p)
+    if name == "Adam":
+        opt = torch.optim.Adam(biases, lr=lr, betas=(momentum, 0.999))
+    elif name == "AdamW":
+        opt = torch.optim.AdamW(biases, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+    elif name == "SGD":
+        opt = torch.optim.SGD(biases, lr=lr, momentum=momentum, nesterov=True)
+    else:
+        raise UserError(f"--optimizer {name}: unknown (choose SGD, Adam or AdamW)")
+    opt.add_param_group({"params": weights, "weight_decay": decay})
+    opt.add_param_group({"params": norm_weights, "weight_decay": 0.0})
+    LOGGER.info(f"optimizer: {name}(lr={lr}) with parameter groups {len(norm_weights)} weight(decay=0.0), "
+                f"{len(weights)} weight(decay={decay}), {len(biases)} bias")
+    return opt
+
+
+def lr_lambda(epochs: int, lrf: float, cos_lr: bool = False) -> Callable[[int], float]:
+    """The per-epoch LR multiplier: linear from 1 to lrf, or a half cosine."""
+    if cos_lr:
+        return lambda x: ((1 - math.cos(x * math.pi / epochs)) / 2) * (lrf - 1) + 1
+    return lambda x: (1 - x / epochs) * (1.0 - lrf) + lrf
+
+
+class ModelEMA:
+    """Exponential moving average of the model's float state (parameters and buffers)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
+        self.ema = deepcopy(de_parallel(model)).eval()
+        self.updates = updates
+        self.decay_fn = lambda x: decay * (1 - math.exp(-x / tau))
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Blend the current model into the average (one optimizer step)."""
+        self.updates += 1
+        d = self.decay_fn(self.updates)
+        msd = de_parallel(model).state_dict()
+        for k, v in self.ema.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
+
+    def update_attr(self, model: nn.Module, include=("yaml", "nc", "hyp", "names", "stride", "class_weights")) -> None:
+        """Copy the plain attributes train.py attaches to the model."""
+        src = de_parallel(model)
+        for k in include:
+            if hasattr(src, k):
+                setattr(self.ema, k, getattr(src, k))
+
+
+class EarlyStopping:
+    """Stop when fitness has not improved for `patience` epochs (0 = never)."""
+
+    def __init__(self, patience: int = 30):
+        self.best_fitness = -1.0
+        self.best_epoch = 0
+        self.patience = patience or float("inf")
+        self.possible_stop = False
+
+    def __call__(self, epoch: int, fitness: float) -> bool:
+        if fitness > self.best_fitness:
+            self.best_epoch = epoch
+            self.best_fitness = fitness
+        delta = epoch - self.best_epoch
+        self.possible_stop = delta >= (self.patience - 1)
+        stop = delta >= self.patience
+        if stop:
+            LOGGER.info(f"Stopping training early as no improvement observed in last {self.patience} epochs. "
+                        f"Best results observed at epoch {self.best_epoch}.")
+        return stop
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from one batch (and epoch) to the next."""
+
+    last_opt_step: int = -1
+    nonfinite: int = 0  # consecutive batches whose loss was not finite
+    lrs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EpochResult:
+    """Epoch means of the loss parts, plus the LRs used in its last iteration."""
+
+    mloss: torch.Tensor
+    lrs: list[float]
+    kd: bool
+    skipped: int
+
+
+MAX_NONFINITE = 3  # consecutive non-finite losses tolerated (each skipped) before training stops
+
+
+def _warmup(optimizer, ni: int, nw: int, epoch: int, lf, hyp: dict, batch_size: int) -> int:
+    xi = [0, nw]
+    accumulate = max(1, round(float(np.interp(ni, xi, [1, NBS / batch_size]))))
+    for j, x in enumerate(optimizer.param_groups):
+        x["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0, x["initial_lr"] * lf(epoch)]))
+        if "momentum" in x:
+            x["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
+    return accumulate
+
+
+def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
+    sz = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
+    sf = sz / max(imgs.shape[2:])
+    if sf != 1:
+        ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
+        imgs = F.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
+    return imgs
+
+
+def _optimizer_step(model, optimizer, scaler, ema) -> None:
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(model)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scaler, compute_loss, ema,
+                    epoch: int, *, epochs: int, device: torch.device, hyp: dict, lf, batch_size: int, nw: int,
+                    state: LoopState, imgsz: int, gs: int, amp: bool, world_size: int = 1,
+                    multi_scale: bool = False, distiller=None, teacher=None, show_progress: bool = True,
+                    on_batch: Callable | None = None) -> EpochResult:
+    """Train for one epoch (warmup, accumulation to 64 images, clipping, EMA, optional distillation)."""
+    model.train()
+    nb = len(loader)
+    kd = distiller is not None
+    mloss = torch.zeros(6 if kd else 3, device=device)
+    skipped = 0
+    accumulate = max(round(NBS / batch_size), 1)
+    pbar = enumerate(loader)
+    if show_progress:
+        cols = ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss") + (("dbox", "dobj", "dcls") if kd else ()) \
+            + ("Instances", "Size")
+        LOGGER.info(("\n" + "%11s" * len(cols)) % cols)
+        pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
+    optimizer.zero_grad(set_to_none=True)
+    i = -1
+    for i, (imgs, targets, paths, _) in pbar:
+        ni = i + nb * epoch
+        imgs = imgs.to(device, non_blocking=True).float() / 255
+        if ni <= nw:
+            accumulate = _warmup(optimizer, ni, nw, epoch, lf, hyp, batch_size)
+        if multi_scale:
+            imgs = _multi_scale(imgs, imgsz, gs)
+
+        with torch.autocast(device_type=device.type, enabled=amp):
+            pred = model(imgs)
+            loss, loss_items = compute_loss(pred, targets.to(device))
+        if kd:
+            t_maps = teacher(imgs)
+            kd_loss, parts = distiller(pred, t_maps)  # fp32 inside, whatever the autocast state
+            loss = loss + kd_loss
+            loss_items = torch.cat((loss_items, torch.stack([parts["dbox"], parts["dobj"], parts["dcls"]])
+                                    .to(loss_items)))
+        if world_size > 1:
+            loss = loss * world_size  # DDP averages gradients across ranks
+
+        if not torch.isfinite(loss).all():
+            state.nonfinite += 1
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            LOGGER.warning(f"non-finite loss at epoch {epoch}, batch {i} ({loss_items.tolist()}); step skipped")
+            if state.nonfinite >= MAX_NONFINITE:
+                raise UserError(f"training diverged: non-finite loss at epoch {epoch}, batch {i} "
+                                f"({state.nonfinite} batches in a row); lower lr0 in the hyp file. "
+                                f"Checkpoints already written keep the last finite weights")
+            continue
+        state.nonfinite = 0
+        scaler.scale(loss).backward()
+
+        if ni - state.last_opt_step >= accumulate:
+            _optimizer_step(model, optimizer, scaler, ema)
+            state.last_opt_step = ni
+
+        mloss = (mloss * i + loss_items.detach()) / (i + 1)
+        if show_progress:
+            mem = f"{torch.cuda.memory_reserved(device) / 1e9 if device.type == 'cuda' else 0:.3g}G"
+            pbar.set_description(("%11s" * 2 + "%11.4g" * (len(mloss) + 2)) %
+                                 (f"{epoch}/{epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
+        if on_batch is not None:
+            on_batch(ni, imgs, targets, paths)
+
+    # Step what is left of the last accumulation now, so no gradient crosses the epoch's checkpoint.
+    last_ni = i + nb * epoch
+    if i >= 0 and state.last_opt_step < last_ni and any(p.grad is not None for p in model.parameters()):
+        _optimizer_step(model, optimizer, scaler, ema)
+        state.last_opt_step = last_ni
+    lrs = [x["lr"] for x in optimizer.param_groups]
+    return EpochResult(mloss=mloss.cpu(), lrs=lrs, kd=kd, skipped=skipped)
+
+
+def weights_are_finite(model: nn.Module) -> bool:
+    """True if every float parameter and buffer is finite (checked before any checkpoint is written)."""
+    return all(torch.isfinite(t).all() for t in de_parallel(model).state_dict().values() if t.is_floating_point())

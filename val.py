@@ -1,0 +1,296 @@
+"""Validate a YOLOv5 checkpoint (or an in-memory model during training) on a detection dataset.
+
+    python val.py --data shapes.yaml --weights runs/train/exp/weights/best.pt --imgsz 320
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
+from utils.checkpoint import attempt_load  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from models.yolo import check_img_size  # noqa: E402
+from utils.log import increment_path, setup_logging  # noqa: E402
+from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
+from utils.nms import non_max_suppression  # noqa: E402
+
+LOGGER = logging.getLogger("yolov5kd")
+COCO91 = ([*range(1, 12)] + [*range(13, 26)] + [27, 28] + [*range(31, 45)] + [*range(46, 66)] + [67, 70]
+          + [*range(72, 83)] + [*range(84, 91)])  # COCO's 80 training classes in its 91-id numbering
+
+
+class Profile:
+    """Accumulating wall-clock timer (synchronises CUDA so GPU time is counted)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.t = 0.0
+        self.cuda = device is not None and device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *args):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t += time.perf_counter() - self.start
+
+
+def save_one_txt(predn: torch.Tensor, save_conf: bool, shape: tuple, file: Path) -> None:
+    """Write one image's detections as YOLO label rows (normalised to the original image)."""
+    gn = torch.tensor(shape)[[1, 0, 1, 0]]
+    lines = []
+    for *xyxy, conf, cls in predn.tolist():
+        xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
+        row = (cls, *xywh, conf) if save_conf else (cls, *xywh)
+        lines.append(("%g " * len(row)).rstrip() % row)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def coco_records(predn: torch.Tensor, path: Path, class_map: list[int]) -> list[dict]:
+    """COCO-format detections of one image (bbox as x_min, y_min, w, h in original pixels)."""
+    image_id = int(path.stem) if path.stem.isnumeric() else path.stem
+    box = xyxy2xywh(predn[:, :4])
+    box[:, :2] -= box[:, 2:] / 2
+    return [{"image_id": image_id, "category_id": class_map[int(p[5])], "bbox": [round(x, 3) for x in b],
+             "score": round(p[4], 5)} for p, b in zip(predn.tolist(), box.tolist())]
+
+
+def _coco_eval(anno_json: Path, pred_json: Path, im_files: list[str]) -> tuple[float, float]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    anno = COCO(str(anno_json))
+    pred = anno.loadRes(str(pred_json))
+    ev = COCOeval(anno, pred, "bbox")
+    ev.params.imgIds = [int(Path(x).stem) for x in im_files if Path(x).stem.isnumeric()]
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return ev.stats[1], ev.stats[0]
+
+
+@torch.no_grad()
+def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: float = 0.001,
+        iou_thres: float = 0.6, max_det: int = 300, task: str = "val", device: str = "", workers: int = 8,
+        single_cls: bool = False, augment: bool = False, verbose: bool = False, save_txt: bool = False,
+        save_hybrid: bool = False, save_conf: bool = False, save_json: bool = False, project=ROOT / "runs/val",
+        name: str = "exp", exist_ok: bool = False, half: bool = True, dnn: bool = False, model=None,
+        dataloader=None, save_dir: Path = Path(""), plots: bool = True, callbacks=None, compute_loss=None,
+        trust_checkpoint: bool = False):
+    """Evaluate; returns ((P, R, mAP50, mAP50-95, box, obj, cls), per-class mAP50-95, (pre, inf, nms) ms)."""
+    from utils.datasets import check_dataset, create_dataloader
+    from utils.distributed import select_device
+    from utils.plots import output_to_target, plot_images
+
+    training = model is not None
+    if training:
+        device = next(model.parameters()).device
+        half &= device.type != "cpu"
+        model.half() if half else model.float()
+    else:
+        device = select_device(device, batch_size)
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+        w = weights[0] if isinstance(weights, (list, tuple)) else weights
+        if not w:
+            raise UserError("--weights: give a checkpoint to validate")
+        model = attempt_load(w, device=device, fuse=True, trust=trust_checkpoint)
+        half &= device.type != "cpu"
+        model.half() if half else model.float()
+        stride = int(model.stride.max())
+        imgsz = check_img_size(imgsz, s=stride)
+        data = check_dataset(data)
+    model.eval()
+    cuda = device.type != "cpu"
+    if isinstance(data, (str, Path)):
+        data = check_dataset(data)
+    nc = 1 if single_cls else int(data["nc"])
+    iouv = torch.linspace(0.5, 0.95, 10, device=device)
+    niou = iouv.numel()
+
+    if not training:
+        if getattr(model, "nc", nc) != nc and not single_cls:
+            raise UserError(f"{weights}: model has nc={model.nc} classes but the dataset has nc={nc}; "
+                            f"pass the matching --data")
+        task = task if task in ("train", "val", "test") else "val"
+        if not data.get(task):
+            raise UserError(f"dataset has no '{task}' split")
+        pad, rect = (0.0, False) if task == "speed" else (0.5, True)
+        dataloader = create_dataloader(data[task], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
+                                       workers=workers, prefix=f"{task}: ")[0]
+
+    seen = 0
+    confusion = ConfusionMatrix(nc=nc)
+    names = getattr(model, "names", None) or data["names"]
+    names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else names
+    class_map = COCO91 if data.get("is_coco") else list(range(1000))
+    header = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+    dt = Profile(device), Profile(device), Profile(device)
+    loss = torch.zeros(3, device=device)
+    jdict, stats = [], []
+    from tqdm import tqdm
+    pbar = tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}", disable=training and not verbose)
+    for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
+        with dt[0]:
+            im = im.to(device, non_blocking=True)
+            targets = targets.to(device)
+            im = im.half() if half else im.float()
+            im /= 255
+            nb, _, height, width = im.shape
+        with dt[1]:
+            preds, train_out = model(im)
+        if compute_loss is not None:
+            loss += compute_loss([x.float() for x in train_out], targets)[1][:3]
+
+        targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
+        lb = [targets[targets[:, 0] == i, 1:] for i in range(nb)] if save_hybrid else []
+        with dt[2]:
+            preds = non_max_suppression(preds, conf_thres, iou_thres, labels=lb, multi_label=True,
+                                        agnostic=single_cls, max_det=max_det)
+
+        for si, pred in enumerate(preds):
+            labels = targets[targets[:, 0] == si, 1:]
+            nl, npr = labels.shape[0], pred.shape[0]
+            path, shape = Path(paths[si]), shapes[si][0]
+            correct = torch.zeros(npr, niou, dtype=torch.bool, device=device)
+            seen += 1
+            if npr == 0:
+                if nl:
+                    stats.append((correct, *torch.zeros((2, 0), device=device), labels[:, 0]))
+                    if plots:
+                        confusion.process_batch(detections=None, labels=labels[:, 0])
+                continue
+            if single_cls:
+                pred[:, 5] = 0
+            predn = pred.clone()
+            scale_boxes(im[si].shape[1:], predn[:, :4], shape, shapes[si][1])
+            if nl:
+                tbox = xywh2xyxy(labels[:, 1:5])
+                scale_boxes(im[si].shape[1:], tbox, shape, shapes[si][1])
+                labelsn = torch.cat((labels[:, 0:1], tbox), 1)
+                correct = process_batch(predn, labelsn, iouv)
+                if plots:
+                    confusion.process_batch(predn, labelsn)
+            stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
+            if save_txt:
+                save_one_txt(predn, save_conf, shape, save_dir / "labels" / f"{path.stem}.txt")
+            if save_json:
+                jdict.extend(coco_records(predn, path, class_map))
+
+        if plots and batch_i < 3:
+            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
+            plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
+
+    stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
+    tp = fp = p = r = f1 = ap = ap_class = None
+    mp = mr = map50 = map_ = 0.0
+    if len(stats) and stats[0].any():
+        tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
+        ap50, ap = ap[:, 0], ap.mean(1)
+        mp, mr, map50, map_ = p.mean(), r.mean(), ap50.mean(), ap.mean()
+    nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
+
+    pf = "%22s" + "%11i" * 2 + "%11.3g" * 4
+    LOGGER.info(header)
+    LOGGER.info(pf % ("all", seen, nt.sum(), mp, mr, map50, map_))
+    if nt.sum() == 0:
+        LOGGER.warning(f"no labels found in {task} set, can not compute metrics without labels")
+    if (verbose or (nc < 50 and not training)) and nc > 1 and ap_class is not None:
+        for i, c in enumerate(ap_class):
+            LOGGER.info(pf % (names.get(int(c), str(c)), seen, nt[c], p[i], r[i], ap50[i], ap[i]))
+
+    t = tuple(x.t / max(seen, 1) * 1e3 for x in dt)
+    if not training:
+        shape = (batch_size, 3, imgsz, imgsz)
+        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % t)
+
+    if plots:
+        confusion.plot(save_dir=save_dir, names=list(names.values()))
+
+    if save_json and len(jdict):
+        w = Path(weights[0] if isinstance(weights, (list, tuple)) else weights or "model").stem
+        pred_json = save_dir / f"{w}_predictions.json"
+        pred_json.write_text(json.dumps(jdict))
+        LOGGER.info(f"Saved {len(jdict)} detections to {pred_json}")
+        anno_json = data.get("annotations")
+        if anno_json and Path(anno_json).exists():
+            try:
+                map50, map_ = _coco_eval(Path(anno_json), pred_json, dataloader.dataset.im_files)
+            except ImportError:
+                LOGGER.warning("pycocotools is not installed; COCO mAP skipped")
+            except Exception as e:  # a broken annotation file must not lose the metrics already computed
+                LOGGER.warning(f"{anno_json}: pycocotools evaluation failed: {e}")
+
+    model.float()
+    if not training and save_txt:
+        LOGGER.info(f"{len(list(save_dir.glob('labels/*.txt')))} labels saved to {save_dir / 'labels'}")
+    if not training:
+        LOGGER.info(f"Results saved to {save_dir}")
+    maps = np.zeros(nc) + map_
+    if ap_class is not None:
+        for i, c in enumerate(ap_class):
+            maps[c] = ap[i]
+    return (mp, mr, map50, map_, *(loss.cpu() / max(len(dataloader), 1)).tolist()), maps, t
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (YOLOv5's names and defaults)."""
+    p = argparse.ArgumentParser(description="Validate a YOLOv5 checkpoint on a dataset.")
+    p.add_argument("--data", type=str, default="shapes.yaml", help="dataset yaml (short names resolve to data/)")
+    p.add_argument("--weights", nargs="+", type=str, default="yolov5s.pt", help="checkpoint path")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
+    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    p.add_argument("--task", default="val", help="train, val, test or speed")
+    p.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
+    p.add_argument("--workers", type=int, default=8, help="max dataloader workers")
+    p.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
+    p.add_argument("--verbose", action="store_true", help="report mAP by class")
+    p.add_argument("--save-txt", action="store_true", help="save results to *.txt")
+    p.add_argument("--save-hybrid", action="store_true", help="save label+prediction hybrid results to *.txt")
+    p.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
+    p.add_argument("--save-json", action="store_true", help="save a COCO-JSON results file")
+    p.add_argument("--project", default=ROOT / "runs/val", help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    p.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of a checkpoint you trust (runs code stored in the file)")
+    opt = p.parse_args(argv)
+    opt.save_json |= str(opt.data).endswith("coco.yaml")
+    opt.save_txt |= opt.save_hybrid
+    return opt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: run validation, printing user errors as one line."""
+    setup_logging()
+    opt = parse_opt(argv)
+    try:
+        run(**{k: v for k, v in vars(opt).items()})
+    except UserError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
