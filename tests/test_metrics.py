@@ -88,6 +88,12 @@ def test_ap_false_positive_only_and_foreign_class():
         np.testing.assert_array_equal(a, b)
 
 
+def test_ap_per_class_no_labels():
+    out = ap_per_class(np.ones((2, 10), bool), np.array([0.9, 0.8]), np.zeros(2), np.zeros(0))
+    assert all(len(x) == 0 for x in out)
+    assert out[5].shape == (0, 10)
+
+
 def test_ap_per_class_calls_plots(monkeypatch, tmp_path):
     calls = []
     fake = types.ModuleType("utils.plots")

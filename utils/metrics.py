@@ -87,6 +87,9 @@ def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_
                 py.append(np.interp(px, mrec, mpre))
 
     f1_curve = 2 * p_curve * r_curve / (p_curve + r_curve + eps)
+    if n_cls == 0:  # no labels at all: nothing to pick a confidence for (and avoid a mean of nothing)
+        empty = np.zeros(0)
+        return empty, empty, empty, empty, empty, ap, classes.astype(int)
     if plot:
         plot_pr_curve, plot_mc_curve = _plot_fns()
         if plot_pr_curve is not None:
