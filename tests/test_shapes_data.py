@@ -1,0 +1,117 @@
+"""The shapes demo-data generator: deterministic bytes, offline, valid labels, shapes.yaml wiring."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+import utils.datasets as D
+from tests.data_helpers import ROOT, load_generator
+
+gen = load_generator()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_generator_is_byte_identical_across_runs(tmp_path):
+    a = gen.generate(tmp_path / "a", 6, 3, seed=7)
+    b = gen.generate(tmp_path / "b", 6, 3, seed=7)
+    fa, fb = _files(a), _files(b)
+    assert len([k for k in fa if k.endswith(".jpg")]) == 9
+    assert fa == fb
+    c = gen.generate(tmp_path / "c", 6, 3, seed=8)
+    assert _files(c) != fa
+
+
+def test_generator_skips_complete_output_and_redoes_incomplete(tmp_path):
+    out = gen.generate(tmp_path / "s", 4, 2)
+    img = out / "images" / "train" / "train_00000.jpg"
+    stamp = img.stat().st_mtime_ns
+    os.utime(img, ns=(1, 1))
+    gen.generate(out, 4, 2)
+    assert img.stat().st_mtime_ns == 1  # untouched: nothing was regenerated
+    (out / ".complete.json").unlink()
+    gen.generate(out, 4, 2)
+    assert img.stat().st_mtime_ns != 1 and stamp
+    gen.generate(out, 2, 1)  # other size: stale extra files are removed
+    assert len(list((out / "images" / "train").iterdir())) == 2
+
+
+def test_generator_never_uses_the_network(tmp_path):
+    code = f"""
+import socket, sys
+def refuse(*a, **k):
+    raise RuntimeError('network used')
+socket.socket = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+sys.path.insert(0, {str(ROOT)!r})
+from tests.data_helpers import load_generator
+load_generator().generate({str(tmp_path / 'n')!r}, 3, 1)
+bad = [m for m in ('requests', 'urllib.request', 'http.client', 'urllib3', 'ftplib') if m in sys.modules]
+assert not bad, bad
+print('ok')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert len(list((tmp_path / "n" / "images" / "train").glob("*.jpg"))) == 3
+
+
+def test_generated_labels_are_valid_and_varied(tmp_path, caplog):
+    out = gen.generate(tmp_path / "v", 40, 2, seed=0)
+    rows = []
+    for f in sorted((out / "labels" / "train").glob("*.txt")):
+        for ln in f.read_text().splitlines():
+            rows.append([float(v) for v in ln.split()])
+    lab = np.array(rows)
+    assert lab.shape[1] == 5 and len(lab) > 100
+    assert set(lab[:, 0].astype(int)) == set(range(len(gen.NAMES)))  # every class appears
+    assert (lab[:, 1:] >= 0).all() and (lab[:, 1:] <= 1).all()
+    side = lab[:, 3:5].max(1) * 320
+    assert side.min() < 16 and side.max() > 80  # small and large objects
+    caplog.set_level(logging.WARNING, logger="yolov5kd")
+    ds = D.LoadImagesAndLabels(out / "images" / "train", img_size=320, nc=len(gen.NAMES))
+    assert len(ds) == 40 and not caplog.records  # loads without a single warning
+    assert sum(len(x) for x in ds.labels) == len(lab)
+
+
+def test_make_image_contract():
+    rng = np.random.default_rng(0)
+    img, labels = gen.make_image(rng, 320)
+    assert img.shape == (320, 320, 3) and img.dtype == np.uint8
+    assert len(labels) <= 8
+
+
+def test_shapes_yaml_resolves_through_check_dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "ROOT", tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shapes.yaml").write_bytes((ROOT / "data" / "shapes.yaml").read_bytes())
+    spec = yaml.safe_load((ROOT / "data" / "shapes.yaml").read_text())
+    assert spec["download"] == "data/scripts/generate_shapes.py" and spec["path"] == "datasets/shapes"
+    gen.generate(tmp_path / "datasets" / "shapes", 3, 2)
+    d = D.check_dataset("shapes.yaml", autodownload=False)
+    assert d["nc"] == 8 and d["names"][7] == "cross" and d["names"] == dict(enumerate(gen.NAMES))
+    assert d["val"] == str(tmp_path / "datasets" / "shapes" / "images" / "val")
+    assert len(D.LoadImagesAndLabels(d["val"], img_size=64)) == 2
+
+
+def test_hyp_files():
+    keys = None
+    for name in ("low", "med", "high"):
+        h = yaml.safe_load((ROOT / "data" / "hyps" / f"hyp.scratch-{name}.yaml").read_text())
+        keys = keys or set(h)
+        assert set(h) == keys and len(h) == 30
+        assert h["distill_ratio"] == 0.5 and h["temperature"] == 5.0
+        assert h["lr0"] == 0.01 and h["momentum"] == 0.937 and h["anchor_t"] == 4.0 and h["fliplr"] == 0.5
+        if name == "low":
+            assert (h["lrf"], h["cls"], h["obj"], h["scale"], h["mixup"], h["copy_paste"]) == (0.01, 0.5, 1.0, 0.5, 0.0, 0.0)
+        else:
+            assert (h["lrf"], h["cls"], h["obj"], h["scale"], h["mixup"]) == (0.1, 0.3, 0.7, 0.9, 0.1)
+            assert h["copy_paste"] == (0.1 if name == "high" else 0.0)
