@@ -255,12 +255,14 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
                 best_fitness = fi
             logger.log_epoch(epoch, res.mloss.tolist(), results, res.lrs)
             if not opt.nosave or final_epoch:
-                if not (weights_are_finite(model) and weights_are_finite(ema.ema)):
-                    raise UserError(f"epoch {epoch}: weights became non-finite; nothing saved, "
-                                    f"{last} keeps the last finite weights (lower lr0)")
                 exact = {"model": _fp32_state(model), "ema": _fp32_state(ema.ema)}
                 ckpt = build_checkpoint(model, ema=ema.ema, updates=ema.updates, optimizer=optimizer, epoch=epoch,
                                         best_fitness=best_fitness, opt=opt, extra={"resume_state": exact})
+                # checked on the fp16 copies too: weights beyond fp16's range would be saved as inf
+                if not (weights_are_finite(ckpt["model"]) and weights_are_finite(ckpt["ema"])
+                        and weights_are_finite(model)):
+                    raise UserError(f"epoch {epoch}: weights became non-finite (or overflow fp16); nothing saved, "
+                                    f"{last} keeps the last finite weights (lower lr0)")
                 save_checkpoint(ckpt, last)
                 if best_fitness == fi:
                     save_checkpoint(ckpt, best)

@@ -200,7 +200,7 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
     tp = fp = p = r = f1 = ap = ap_class = None
     mp = mr = map50 = map_ = 0.0
-    if len(stats) and stats[0].any():
+    if len(stats) and len(stats[0]):  # with no true positive every figure is 0, but the curves still get drawn
         tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
         ap50, ap = ap[:, 0], ap.mean(1)
         mp, mr, map50, map_ = p.mean(), r.mean(), ap50.mean(), ap.mean()

@@ -22,3 +22,25 @@ def golden() -> dict:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A dataset yaml over a handful of 64-px demo images (8 train, 4 val), made once per session."""
+    from data.scripts.generate_shapes import generate
+
+    root = tmp_path_factory.mktemp("tiny")
+    generate(root / "shapes", n_train=8, n_val=4, seed=3, imgsz=64)
+    names = ["circle", "ellipse", "square", "rectangle", "diamond", "triangle", "plus", "cross"]
+    yml = root / "tiny.yaml"
+    yml.write_text(f"path: {root / 'shapes'}\ntrain: images/train\nval: images/val\nnames: {names}\n")
+    return yml
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env_extra: dict | None = None):
+    """Run a project CLI in a fresh process (single-threaded torch, so runs are reproducible)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

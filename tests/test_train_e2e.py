@@ -1,0 +1,97 @@
+"""Tiny end-to-end runs (imgsz 64, a handful of images): run folder, val reproduction, resume, divergence."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, run_cli
+from utils.checkpoint import torch_load
+from utils.loggers import read_results_csv
+
+TRAIN = str(ROOT / "train.py")
+VAL = str(ROOT / "val.py")
+COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor"]
+
+
+def _train(tiny_data, project, name, *extra, timeout=600):
+    r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(project), "--name", name, *extra],
+                cwd=project, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return project / name
+
+
+def test_two_epochs_run_folder_and_val_reproduces(tiny_data, tmp_path):
+    run = _train(tiny_data, tmp_path, "exp", "--epochs", "2")
+    for f in ("weights/last.pt", "weights/best.pt", "hyp.yaml", "opt.yaml", "results.csv", "results.png",
+              "labels.jpg", "train_batch0.jpg", "confusion_matrix.png", "PR_curve.png", "F1_curve.png",
+              "P_curve.png", "R_curve.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg"):
+        assert (run / f).is_file(), f
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    res = read_results_csv(run / "results.csv")
+    assert res["epoch"] == [0, 1]
+    assert "train/dbox_loss" not in res
+    hyp = yaml.safe_load((run / "hyp.yaml").read_text())
+    assert hyp["lr0"] == 0.01 and hyp["distill_ratio"] == 0.5
+    ck = torch_load(run / "weights/best.pt")
+    assert ck["epoch"] == -1 and ck["optimizer"] is None and "resume_state" not in ck
+    best_epoch = max(range(2), key=lambda i: 0.1 * res["metrics/mAP_0.5"][i] + 0.9 * res["metrics/mAP_0.5:0.95"][i])
+
+    sys.path.insert(0, str(ROOT))
+    import val
+    (p, r, map50, map_, *_), _, _ = val.run(str(tiny_data), weights=str(run / "weights/best.pt"), imgsz=64,
+                                            batch_size=8, project=tmp_path / "val", plots=False, workers=0)
+    for got, key in ((p, "metrics/precision"), (r, "metrics/recall"), (map50, "metrics/mAP_0.5"),
+                     (map_, "metrics/mAP_0.5:0.95")):
+        assert abs(got - res[key][best_epoch]) <= 1e-5 * max(1.0, abs(got)), key
+
+
+def _final_weights(path: Path) -> dict:
+    return {k: v for k, v in torch_load(path)["model"].state_dict().items()}
+
+
+def test_kill9_then_resume_matches_uninterrupted(tiny_data, tmp_path):
+    args = ["--epochs", "3", "--seed", "7", "--noplots"]
+    full = _train(tiny_data, tmp_path, "full", *args)
+
+    cmd = [sys.executable, TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "cut", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "cut" / "weights" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ck = torch_load(last)  # loadable after kill -9
+    assert ck["epoch"] in (0, 1) and ck["optimizer"] is not None
+
+    r = run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _final_weights(full / "weights/last.pt"), _final_weights(last)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert read_results_csv(tmp_path / "cut" / "results.csv")["epoch"] == [0, 1, 2]
+
+
+def test_non_finite_loss_stops_cleanly(tiny_data, tmp_path):
+    hyp = yaml.safe_load((ROOT / "data/hyps/hyp.scratch-low.yaml").read_text())
+    hyp.update(lr0=1e12, warmup_bias_lr=1e12, warmup_epochs=0.0)
+    hyp_file = tmp_path / "hyp.bad.yaml"
+    hyp_file.write_text(yaml.safe_dump(hyp))
+    r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "nan",
+                 "--epochs", "3", "--hyp", str(hyp_file), "--noplots"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(err) == 1 and "epoch" in err[0] and ("batch" in err[0] or "non-finite" in err[0])
+    for f in (tmp_path / "nan" / "weights").glob("*.pt"):
+        sd = torch_load(f)["model"].float().state_dict()
+        assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()), f
