@@ -69,16 +69,15 @@ def _resample_segments(segments: Sequence[np.ndarray], n: int = 1000) -> list[np
     return out
 
 
-def random_perspective(im: np.ndarray, targets: np.ndarray = (), segments: Sequence[np.ndarray] = (),
-                       degrees: float = 10, translate: float = 0.1, scale: float = 0.1, shear: float = 10,
-                       perspective: float = 0.0, border: Sequence[int] = (0, 0)):
-    """Random affine/perspective warp of an image and its [cls, x1, y1, x2, y2] pixel targets."""
-    height = im.shape[0] + border[0] * 2
-    width = im.shape[1] + border[1] * 2
+def random_affine_matrix(h: int, w: int, degrees: float = 10, translate: float = 0.1, scale: float = 0.1,
+                         shear: float = 10, perspective: float = 0.0, border: Sequence[int] = (0, 0)):
+    """Draw the 3x3 warp for an (h, w) input; returns (M, scale s, out_width, out_height)."""
+    height = h + border[0] * 2
+    width = w + border[1] * 2
 
     C = np.eye(3)
-    C[0, 2] = -im.shape[1] / 2
-    C[1, 2] = -im.shape[0] / 2
+    C[0, 2] = -w / 2
+    C[1, 2] = -h / 2
 
     P = np.eye(3)
     P[2, 0] = random.uniform(-perspective, perspective)
@@ -98,43 +97,64 @@ def random_perspective(im: np.ndarray, targets: np.ndarray = (), segments: Seque
     T[1, 2] = random.uniform(0.5 - translate, 0.5 + translate) * height
 
     M = T @ S @ R @ P @ C  # right to left: centre, perspective, rotate/scale, shear, translate
+    return M, s, width, height
+
+
+def warp_image(im: np.ndarray, M: np.ndarray, width: int, height: int, perspective: bool,
+               border: Sequence[int] = (0, 0)) -> np.ndarray:
+    """Apply M with the reference interpolation/border; skipped when it would be a no-op."""
     if (border[0] != 0) or (border[1] != 0) or (M != np.eye(3)).any():
         if perspective:
-            im = cv2.warpPerspective(im, M, dsize=(width, height), borderValue=(GRAY, GRAY, GRAY))
-        else:
-            im = cv2.warpAffine(im, M[:2], dsize=(width, height), borderValue=(GRAY, GRAY, GRAY))
+            return cv2.warpPerspective(im, M, dsize=(width, height), borderValue=(GRAY, GRAY, GRAY))
+        return cv2.warpAffine(im, M[:2], dsize=(width, height), borderValue=(GRAY, GRAY, GRAY))
+    return im
 
+
+def warp_targets(targets: np.ndarray, segments: Sequence[np.ndarray], M: np.ndarray, s: float, width: int,
+                 height: int, perspective: bool):
+    """Move [cls, x1, y1, x2, y2] targets through M, clip, and drop boxes that became degenerate."""
     targets = np.asarray(targets, dtype=np.float32).reshape(-1, 5) if len(targets) else np.zeros((0, 5), np.float32)
     n = len(targets)
-    if n:
-        use_segments = len(segments) == n and all(len(sg) for sg in segments)
-        if use_segments:
-            pts = np.concatenate(_resample_segments(segments), axis=0)  # (n*1000, 2)
-            xy = np.concatenate([pts, np.ones((len(pts), 1), np.float32)], axis=1) @ M.T
-            xy = xy[:, :2] / xy[:, 2:3] if perspective else xy[:, :2]
-            xy = xy.reshape(n, -1, 2)
-            inside = (xy[..., 0] >= 0) & (xy[..., 1] >= 0) & (xy[..., 0] <= width) & (xy[..., 1] <= height)
-            big = np.float64(1e9)
-            new = np.stack([np.where(inside, xy[..., 0], big).min(1), np.where(inside, xy[..., 1], big).min(1),
-                            np.where(inside, xy[..., 0], -big).max(1), np.where(inside, xy[..., 1], -big).max(1)], 1)
-            new[~inside.any(1)] = 0  # fully outside: zero box, removed by the candidate filter
-            segments = [s for s in xy.astype(np.float32)]
-        else:
-            # the 4 corners of every box at once: (n*4, 3) homogeneous points
-            corners = np.ones((n * 4, 3))
-            corners[:, :2] = targets[:, [1, 2, 3, 4, 1, 4, 3, 2]].reshape(n * 4, 2)
-            xy = corners @ M.T
-            xy = (xy[:, :2] / xy[:, 2:3] if perspective else xy[:, :2]).reshape(n, 8)
-            x, y = xy[:, [0, 2, 4, 6]], xy[:, [1, 3, 5, 7]]
-            new = np.stack([x.min(1), y.min(1), x.max(1), y.max(1)], 1)
-        new[:, [0, 2]] = new[:, [0, 2]].clip(0, width)
-        new[:, [1, 3]] = new[:, [1, 3]].clip(0, height)
+    if not n:
+        return targets, []
+    use_segments = len(segments) == n and all(len(sg) for sg in segments)
+    if use_segments:
+        pts = np.concatenate(_resample_segments(segments), axis=0)  # (n*1000, 2)
+        xy = np.concatenate([pts, np.ones((len(pts), 1), np.float32)], axis=1) @ M.T
+        xy = xy[:, :2] / xy[:, 2:3] if perspective else xy[:, :2]
+        xy = xy.reshape(n, -1, 2)
+        inside = (xy[..., 0] >= 0) & (xy[..., 1] >= 0) & (xy[..., 0] <= width) & (xy[..., 1] <= height)
+        big = np.float64(1e9)
+        new = np.stack([np.where(inside, xy[..., 0], big).min(1), np.where(inside, xy[..., 1], big).min(1),
+                        np.where(inside, xy[..., 0], -big).max(1), np.where(inside, xy[..., 1], -big).max(1)], 1)
+        new[~inside.any(1)] = 0  # fully outside: zero box, removed by the candidate filter
+        segments = [sg for sg in xy.astype(np.float32)]
+    else:
+        # the 4 corners of every box at once: (n*4, 3) homogeneous points
+        corners = np.ones((n * 4, 3))
+        corners[:, :2] = targets[:, [1, 2, 3, 4, 1, 4, 3, 2]].reshape(n * 4, 2)
+        xy = corners @ M.T
+        xy = (xy[:, :2] / xy[:, 2:3] if perspective else xy[:, :2]).reshape(n, 8)
+        x, y = xy[:, [0, 2, 4, 6]], xy[:, [1, 3, 5, 7]]
+        new = np.stack([x.min(1), y.min(1), x.max(1), y.max(1)], 1)
+    new[:, [0, 2]] = new[:, [0, 2]].clip(0, width)
+    new[:, [1, 3]] = new[:, [1, 3]].clip(0, height)
 
-        keep = box_candidates(box1=targets[:, 1:5].T * s, box2=new.T, area_thr=0.01 if use_segments else 0.10)
-        targets = targets[keep]
-        targets[:, 1:5] = new[keep]
-        if use_segments:
-            segments = [sg for sg, k in zip(segments, keep) if k]
+    keep = box_candidates(box1=targets[:, 1:5].T * s, box2=new.T, area_thr=0.01 if use_segments else 0.10)
+    targets = targets[keep]
+    targets[:, 1:5] = new[keep]
+    segments = [sg for sg, k in zip(segments, keep) if k] if use_segments else []
+    return targets, segments
+
+
+def random_perspective(im: np.ndarray, targets: np.ndarray = (), segments: Sequence[np.ndarray] = (),
+                       degrees: float = 10, translate: float = 0.1, scale: float = 0.1, shear: float = 10,
+                       perspective: float = 0.0, border: Sequence[int] = (0, 0)):
+    """Random affine/perspective warp of an image and its [cls, x1, y1, x2, y2] pixel targets."""
+    M, s, width, height = random_affine_matrix(im.shape[0], im.shape[1], degrees, translate, scale, shear,
+                                               perspective, border)
+    im = warp_image(im, M, width, height, bool(perspective), border)
+    targets, segments = warp_targets(targets, segments, M, s, width, height, bool(perspective))
     return im, targets, segments
 
 

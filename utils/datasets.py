@@ -18,7 +18,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, distributed
 
-from utils.augment import GRAY, augment_hsv, letterbox, mixup, random_perspective
+from utils.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective, warp_image,
+                           warp_targets)
 from utils.boxes import xywhn2xyxy, xyn2xy, xyxy2xywhn
 from utils.errors import UserError
 from utils.labels import (IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache,
@@ -178,6 +179,8 @@ class LoadImagesAndLabels(Dataset):
         self.prefix = prefix
         self.seed = seed
         self._canvas: np.ndarray | None = None
+        # one-resample mosaic for rotation-free hyps (see _compose_scaled); False = reference pixel chain
+        self.fast_mosaic = True
 
         self.im_files = list_images(path, prefix)
         if not self.im_files:
@@ -283,27 +286,34 @@ class LoadImagesAndLabels(Dataset):
     def __len__(self) -> int:
         return len(self.im_files)
 
+    def _read(self, i: int) -> np.ndarray:
+        """Original-size BGR image i from the .npy disk cache or the image file."""
+        fn = self.npy_files[i]
+        if os.path.exists(fn):
+            try:
+                return np.load(fn, allow_pickle=False)
+            except Exception:
+                pass  # damaged .npy: fall back to the image itself
+        im = cv2.imread(self.im_files[i])
+        if im is None:
+            raise UserError(f"{self.prefix}cannot read image {self.im_files[i]}")
+        return im
+
+    def _resized_hw(self, h0: int, w0: int) -> tuple[int, int]:
+        r = self.img_size / max(h0, w0)
+        return (math.ceil(h0 * r), math.ceil(w0 * r)) if r != 1 else (h0, w0)
+
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
         """Image i as BGR uint8 resized so its long side is img_size; returns (im, (h0, w0), (h, w))."""
         im = self.ims[i]
         if im is not None:
             return im, self.im_hw0[i], self.im_hw[i]
-        f, fn = self.im_files[i], self.npy_files[i]
-        im = None
-        if os.path.exists(fn):
-            try:
-                im = np.load(fn, allow_pickle=False)
-            except Exception:
-                im = None  # damaged .npy: fall back to the image itself
-        if im is None:
-            im = cv2.imread(f)
-            if im is None:
-                raise UserError(f"{self.prefix}cannot read image {f}")
+        im = self._read(i)
         h0, w0 = im.shape[:2]
-        r = self.img_size / max(h0, w0)
-        if r != 1:
-            interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
-            im = cv2.resize(im, (math.ceil(w0 * r), math.ceil(h0 * r)), interpolation=interp)
+        h, w = self._resized_hw(h0, w0)
+        if (h, w) != (h0, w0):
+            interp = cv2.INTER_LINEAR if (self.augment or w > w0) else cv2.INTER_AREA
+            im = cv2.resize(im, (w, h), interpolation=interp)
         return im, (h0, w0), im.shape[:2]
 
     def __getitem__(self, index: int):
@@ -356,14 +366,14 @@ class LoadImagesAndLabels(Dataset):
         yc, xc = (int(random.uniform(-x, 2 * s + x)) for x in self.mosaic_border)
         indices = [index] + random.choices(self.indices, k=3)
         random.shuffle(indices)
-        # reuse one canvas per worker: allocating 4*s*s*3 bytes per sample costs page faults every time
-        if self._canvas is None or self._canvas.shape[0] != 2 * s:
-            self._canvas = np.empty((2 * s, 2 * s, 3), np.uint8)
-        img4 = self._canvas
-        img4.fill(GRAY)
-        labels4, segments4 = [], []
+        tiles, labels4, segments4 = [], [], []
         for i, idx in enumerate(indices):
-            img, _, (h, w) = self.load_image(int(idx))
+            idx = int(idx)
+            if self.ims[idx] is not None:
+                src, (h, w) = self.ims[idx], self.im_hw[idx]
+            else:  # keep the original pixels: the fast path resamples them only once
+                src = self._read(idx)
+                h, w = self._resized_hw(*src.shape[:2])
             if i == 0:  # top-left tile: its bottom-right corner sits on the centre
                 x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
                 x1b, y1b = w - (x2a - x1a), h - (y2a - y1a)
@@ -376,8 +386,8 @@ class LoadImagesAndLabels(Dataset):
             else:  # bottom-right
                 x1a, y1a, x2a, y2a = xc, yc, min(xc + w, 2 * s), min(2 * s, yc + h)
                 x1b, y1b = 0, 0
-            img4[y1a:y2a, x1a:x2a] = img[y1b:y1b + (y2a - y1a), x1b:x1b + (x2a - x1a)]
             padw, padh = x1a - x1b, y1a - y1b
+            tiles.append((src, (h, w), (x1a, y1a, x2a, y2a), (padw, padh)))
             labels = self.labels[idx].copy()
             if labels.size:
                 labels[:, 1:] = xywhn2xyxy(labels[:, 1:], w, h, padw, padh)
@@ -395,11 +405,58 @@ class LoadImagesAndLabels(Dataset):
         # segment-aware box refit only when every label has a polygon (same rule as the reference)
         segs_in = segments4 if segments4 and all(len(sg) for sg in segments4) else ()
         hyp = self.hyp
-        img4, labels4, _ = random_perspective(img4, labels4, segs_in, degrees=hyp.get("degrees", 0.0),
-                                              translate=hyp.get("translate", 0.0), scale=hyp.get("scale", 0.0),
-                                              shear=hyp.get("shear", 0.0),
-                                              perspective=hyp.get("perspective", 0.0), border=self.mosaic_border)
+        persp = bool(hyp.get("perspective", 0.0))
+        M, sc, width, height = random_affine_matrix(2 * s, 2 * s, degrees=hyp.get("degrees", 0.0),
+                                                    translate=hyp.get("translate", 0.0),
+                                                    scale=hyp.get("scale", 0.0), shear=hyp.get("shear", 0.0),
+                                                    perspective=hyp.get("perspective", 0.0),
+                                                    border=self.mosaic_border)
+        if self.fast_mosaic and not persp and M[0, 1] == 0 and M[1, 0] == 0:
+            img4 = self._compose_scaled(tiles, M, width, height)
+        else:
+            img4 = warp_image(self._canvas_mosaic(tiles), M, width, height, persp, self.mosaic_border)
+        labels4, _ = warp_targets(labels4, segs_in, M, sc, width, height, persp)
         return img4, labels4
+
+    def _canvas_mosaic(self, tiles) -> np.ndarray:
+        """Reference layout: resize each tile, paste into a 2s x 2s grey canvas."""
+        s = self.img_size
+        # reuse one canvas per worker: allocating 4*s*s*3 bytes per sample costs page faults every time
+        if self._canvas is None or self._canvas.shape[0] != 2 * s:
+            self._canvas = np.empty((2 * s, 2 * s, 3), np.uint8)
+        img4 = self._canvas
+        img4.fill(GRAY)
+        for src, (h, w), (x1a, y1a, x2a, y2a), (padw, padh) in tiles:
+            if src.shape[:2] != (h, w):
+                src = cv2.resize(src, (w, h), interpolation=cv2.INTER_LINEAR)
+            img4[y1a:y2a, x1a:x2a] = src[y1a - padh:y2a - padh, x1a - padw:x2a - padw]
+        return img4
+
+    @staticmethod
+    def _compose_scaled(tiles, M: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Mosaic + scale/translate warp in one resampling per tile, written straight into the output.
+
+        With no rotation/shear/perspective each tile lands on an axis-aligned rectangle of the output,
+        so the 2s x 2s canvas, the per-tile resize and the full-canvas warp are not needed. Each output
+        pixel samples the same source point as the reference chain (resize, paste, warp); only the
+        interpolation differs (one bilinear step instead of two), and seams between tiles do not blend.
+        """
+        out = np.full((height, width, 3), GRAY, np.uint8)
+        mx, my, tx, ty = M[0, 0], M[1, 1], M[0, 2], M[1, 2]
+        for src, (h, w), (x1a, y1a, x2a, y2a), (padw, padh) in tiles:
+            # output pixels whose canvas position falls inside this tile's pasted rectangle
+            X0, X1 = max(math.ceil(mx * x1a + tx), 0), min(math.ceil(mx * x2a + tx), width)
+            Y0, Y1 = max(math.ceil(my * y1a + ty), 0), min(math.ceil(my * y2a + ty), height)
+            if X1 <= X0 or Y1 <= Y0:
+                continue
+            kx, ky = src.shape[1] / w, src.shape[0] / h  # original -> resized tile (1 when not resized)
+            # output x -> canvas (x - tx)/mx -> tile (.. - padw) -> original pixel centre convention of cv2.resize
+            ax, bx = kx / mx, ((-tx / mx) - padw + 0.5) * kx - 0.5
+            ay, by = ky / my, ((-ty / my) - padh + 0.5) * ky - 0.5
+            inv = np.array([[ax, 0.0, ax * X0 + bx], [0.0, ay, ay * Y0 + by]])
+            cv2.warpAffine(src, inv, (X1 - X0, Y1 - Y0), dst=out[Y0:Y1, X0:X1],
+                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+        return out
 
     @staticmethod
     def collate_fn(batch):
