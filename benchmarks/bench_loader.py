@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,18 +31,35 @@ def _ensure_dataset() -> dict:
     return check_dataset(ROOT / "data" / "shapes.yaml", autodownload=False)
 
 
-def bench(train: str, imgsz: int, batch: int, workers: int, hyp: dict, warmup: int = 5) -> float:
-    """Images per second over one full epoch of the augmenting training loader."""
+def _cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU time of this process and the given worker processes (Linux /proc)."""
+    t = sum(os.times()[:2])
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            t += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return t
+
+
+def bench(train: str, imgsz: int, batch: int, workers: int, hyp: dict, warmup: int = 5) -> tuple[float, float]:
+    """(images/s, CPU ms per image) over one full epoch of the augmenting training loader."""
     loader, dataset = create_dataloader(train, imgsz, batch, 32, hyp=hyp, augment=True, workers=workers,
                                         shuffle=True)
     for i, _ in enumerate(loader):
         if i + 1 >= warmup:
             break
+    it = iter(loader)
+    # worker pids (private attribute, used only for CPU accounting; absent with workers=0)
+    pids = [w.pid for w in getattr(it, "_workers", [])]
     n = 0
-    t0 = time.perf_counter()
-    for ims, *_ in loader:
+    c0, t0 = _cpu_seconds(pids), time.perf_counter()
+    for ims, *_ in it:
         n += ims.shape[0]
-    return n / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(pids) - c0
+    return n / wall, 1000 * cpu / n
 
 
 def main() -> int:
@@ -52,9 +70,12 @@ def main() -> int:
     a = ap.parse_args()
     data = _ensure_dataset()
     hyp = yaml.safe_load((ROOT / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before start "
+          "(other processes on the machine lower the wall-clock figure, not the CPU cost)")
     for s in a.imgsz:
-        ips = bench(data["train"], s, a.batch, a.workers, hyp)
-        print(f"imgsz {s}: {ips:.0f} images/s (batch {a.batch}, {a.workers} workers, mosaic on)")
+        ips, ms = bench(data["train"], s, a.batch, a.workers, hyp)
+        print(f"imgsz {s}: {ips:.0f} images/s wall, {ms:.2f} CPU ms/image (all processes) "
+              f"(batch {a.batch}, {a.workers} workers, mosaic on)")
     return 0
 
 

@@ -320,3 +320,25 @@ def test_check_dataset_download_rules(fake_root):
     y.write_text(base.replace("dl", "dl2") + "download: python -c 'import sys; sys.exit(3)'\n")
     with pytest.raises(UserError, match="exit code 3"):
         D.check_dataset(y)
+
+
+def test_polygon_labels_become_boxes_and_survive_mosaic(tmp_path, caplog):
+    im, lb = tmp_path / "images", tmp_path / "labels"
+    for k in range(2):
+        write_jpg(im / f"{k}.jpg", solid(64, 64))
+        write_label(lb / f"{k}.txt", "1 0.1 0.2 0.5 0.2 0.3 0.6\n0 0.6 0.6 0.9 0.6 0.9 0.9 0.6 0.9\n")
+    ds = D.LoadImagesAndLabels(im, img_size=64, augment=True,
+                               hyp={"mosaic": 1.0, "scale": 0.5, "degrees": 10, "copy_paste": 0.1})
+    assert any("copy_paste" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(ds.labels[0], [[1, 0.3, 0.4, 0.4, 0.4], [0, 0.75, 0.75, 0.3, 0.3]], atol=1e-6)
+    assert [len(s) for s in ds.segments[0]] == [3, 4]
+    again = D.LoadImagesAndLabels(im, img_size=64)  # from the cache: polygons round-trip
+    for a, b in zip(ds.segments[1], again.segments[1]):
+        np.testing.assert_array_equal(a, b)
+    import random
+    random.seed(0)
+    for _ in range(10):
+        img, labels = ds.load_mosaic(0)
+        assert img.shape == (64, 64, 3)
+        if len(labels):
+            assert (labels[:, 1:] >= 0).all() and (labels[:, 1:] <= 64).all()

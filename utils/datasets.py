@@ -209,6 +209,9 @@ class LoadImagesAndLabels(Dataset):
         self.labels = [cache["labels"][f] for f in kept]
         self.shapes = np.array([cache["shapes"][f] for f in kept], dtype=np.int64).reshape(-1, 2)
         self.segments = [cache["segments"][f] for f in kept]
+        if augment and self.hyp.get("copy_paste", 0) and any(self.segments):
+            LOGGER.warning(f"{prefix}WARNING copy_paste={self.hyp['copy_paste']} is not implemented here; "
+                           "polygon labels are used for box refitting only")
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
