@@ -236,6 +236,10 @@ def test_create_dataloader_workers_and_seeding(tmp_path, monkeypatch):
     assert loader.num_workers == 0  # batch 1: no worker processes
     loader, _ = D.create_dataloader(im, 32, 4, 32, workers=8)
     assert loader.num_workers == 4 and loader.persistent_workers
+    # DDP: each rank sees its own half, generator offset by rank
+    loader, _ = D.create_dataloader(im, 32, 2, 32, workers=0, rank=1, world_size=2, shuffle=True, seed=5)
+    assert isinstance(loader.sampler, torch.utils.data.DistributedSampler) and len(loader.sampler) == 2
+    assert loader.sampler.seed == 5 and loader.generator.initial_seed() == 6148914691236517205 + 5 + 1
 
 
 def test_loader_with_worker_processes_mosaic(tmp_path):

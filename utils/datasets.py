@@ -500,7 +500,9 @@ def create_dataloader(path: str | Path | Sequence[str | Path], imgsz: int, batch
     batch_size = min(batch_size, len(dataset))
     nd = torch.cuda.device_count()
     nw = min(os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers)
-    sampler = None if rank == -1 else distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    # explicit replicas/rank: works before (or without) an initialised process group, e.g. in tests
+    sampler = None if rank == -1 else distributed.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                                     shuffle=shuffle, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(GENERATOR_SEED + seed + max(rank, 0))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
