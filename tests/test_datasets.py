@@ -346,3 +346,28 @@ def test_polygon_labels_become_boxes_and_survive_mosaic(tmp_path, caplog):
         assert img.shape == (64, 64, 3)
         if len(labels):
             assert (labels[:, 1:] >= 0).all() and (labels[:, 1:] <= 64).all()
+
+
+def test_permission_denied_files_are_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
+    """chmod 000 cannot be tested as root, so the open calls are made to fail for two chosen files."""
+    im = _small_ds(tmp_path, n=3)
+    real_image_open, real_open = L.Image.open, open
+
+    def image_open(fp, *a, **k):
+        if str(fp).endswith("0.jpg"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_image_open(fp, *a, **k)
+
+    def file_open(fp, *a, **k):
+        if str(fp).endswith("1.txt"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(L.Image, "open", image_open)
+    monkeypatch.setattr(L, "open", file_open, raising=False)
+    caplog.set_level(logging.WARNING, logger="yolov5kd")
+    ds = D.LoadImagesAndLabels(im, img_size=32)
+    assert [Path(f).name for f in ds.im_files] == ["2.jpg"]
+    warn = [r.getMessage() for r in caplog.records]
+    assert any("0.jpg" in m and "Permission denied" in m for m in warn)
+    assert any("1.txt" in m and "Permission denied" in m for m in warn)
