@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""KD step cost: plain training step vs distillation step vs the fused teacher's forward, in one process.
+
+    python benchmarks/bench_kd_step.py [--batch 16] [--imgsz 320] [--iters 10] [--device cpu|0]
+
+Prints ms per step, KD/plain and the bound (plain + teacher forward)/plain, and peak memory with and
+without distillation (CUDA: max allocated; CPU: peak RSS of a separate process per mode).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import Stepper, demo_data, load_hyp, student, sync, teacher
+
+from utils.datasets import create_dataloader  # noqa: E402
+from utils.distributed import select_device  # noqa: E402
+
+
+def first_batch(imgsz: int, batch: int):
+    """A real mosaic batch from the demo training set (fixed seed)."""
+    data = demo_data()
+    torch.manual_seed(0)
+    loader, _ = create_dataloader(data["train"], imgsz, batch, 32, hyp=load_hyp(), augment=True, workers=0,
+                                  shuffle=True)
+    imgs, targets, _, _ = next(iter(loader))
+    return data, imgs, targets
+
+
+def timed(fn, iters: int, device) -> float:
+    """Median wall time of fn() in ms."""
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_peak(mode: str, a) -> float:
+    """Peak memory (MB) of one mode, in a fresh process on CPU so the two modes do not share a high-water mark."""
+    out = subprocess.run([sys.executable, __file__, "--only", mode, "--batch", str(a.batch), "--imgsz",
+                          str(a.imgsz), "--device", a.device, "--iters", "3"], capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", choices=["plain", "kd"], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    device = select_device(a.device)
+    amp = device.type == "cuda"
+    data, imgs, targets = first_batch(a.imgsz, a.batch)
+    nc, hyp = int(data["nc"]), load_hyp()
+
+    if a.only:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = teacher(nc, device) if a.only == "kd" else None
+        step = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp)
+        for _ in range(a.iters):
+            step(imgs, targets)
+        sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(json.dumps({"peak_mb": peak}))
+        return 0
+
+    t = teacher(nc, device)
+    plain = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, amp=amp)
+    kd = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp)
+    timg = imgs.to(device).float() / 255
+    for _ in range(2):  # warm-up: allocator, kernels, first-call paths
+        plain(imgs, targets), kd(imgs, targets), t(timg)
+    # interleave the three measurements so drifts in machine load hit them alike
+    tp, tk, tt = [], [], []
+    for _ in range(a.iters):
+        tp.append(timed(lambda: plain(imgs, targets), 1, device))
+        tk.append(timed(lambda: kd(imgs, targets), 1, device))
+        tt.append(timed(lambda: t(timg), 1, device))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    p, k, f = med(tp), med(tk), med(tt)
+    print(f"device {device}, batch {a.batch}, imgsz {a.imgsz}, student yolov5n, teacher {t.path} "
+          f"({'fp16' if t.half else 'fp32'}, fused), {a.iters} iterations, medians")
+    print(f"plain step      {p:8.1f} ms")
+    print(f"KD step         {k:8.1f} ms")
+    print(f"teacher forward {f:8.1f} ms")
+    print(f"KD/plain        {k / p:8.3f}")
+    print(f"bound           {(p + f) / p:8.3f}   (plain + teacher forward) / plain")
+    print(f"KD vs bound     {100 * (k / (p + f) - 1):+7.1f} %")
+    mp, mk = measure_peak("plain", a), measure_peak("kd", a)
+    kind = "max allocated" if device.type == "cuda" else "peak RSS"
+    print(f"peak memory ({kind}): plain {mp:.0f} MB, KD {mk:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
