@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from copy import deepcopy
@@ -19,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
@@ -38,7 +36,8 @@ from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, di
 from utils.engine import (EarlyStopping, LoopState, ModelEMA, build_optimizer, init_seeds, lr_lambda,  # noqa: E402
                           train_one_epoch, weights_are_finite)
 from utils.errors import UserError  # noqa: E402
-from utils.log import get_latest_run, increment_path, setup_logging, yaml_save  # noqa: E402
+from utils.config import find_file, read_yaml, yaml_save  # noqa: E402
+from utils.log import get_latest_run, increment_path, setup_logging  # noqa: E402
 from utils.loggers import RunLogger  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
@@ -51,23 +50,9 @@ def load_hyp(hyp) -> dict:
     """A hyp dict from a yaml path (short names resolve to data/hyps/) or a dict."""
     if isinstance(hyp, dict):
         return dict(hyp)
-    path = Path(hyp)
-    if not path.exists() and (ROOT / "data/hyps" / path.name).exists():
-        path = ROOT / "data/hyps" / path.name
-    if not path.is_file():
-        raise UserError(f"--hyp {hyp}: file not found")
-    try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a valid yaml file ({type(e).__name__})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: expected a mapping of hyperparameters")
     required = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
                 "box", "cls", "cls_pw", "obj", "obj_pw", "anchor_t", "fl_gamma")
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise UserError(f"{path}: missing hyperparameters {', '.join(missing)}")
-    return d
+    return read_yaml(find_file(hyp, [ROOT / "data/hyps"], "hyp yaml"), "hyp yaml", required)
 
 
 def build_student(opt, nc: int, hyp: dict, device: torch.device) -> tuple[nn.Module, dict | None]:
@@ -411,7 +396,7 @@ def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--resume: no last.pt found{f' at {last}' if str(last) not in ('', '.') else ''}")
     opt_yaml = last.parent.parent / "opt.yaml"
     if opt_yaml.is_file():
-        d = yaml.safe_load(opt_yaml.read_text())
+        d = read_yaml(opt_yaml, "run options")
     else:
         d = torch_load(last).get("opt") or {}
     keep = {k: getattr(opt, k) for k in ("device", "workers", "trust_checkpoint")}

@@ -117,7 +117,6 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         imgsz = check_img_size(imgsz, s=stride)
         data = check_dataset(data)
     model.eval()
-    cuda = device.type != "cpu"
     if isinstance(data, (str, Path)):
         data = check_dataset(data)
     nc = 1 if single_cls else int(data["nc"])

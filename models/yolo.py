@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import yaml
 
 from models.common import (C3, SPP, SPPF, Bottleneck, BottleneckCSP, Concat, Conv, DWConv, Focus)
+from utils.config import find_file, read_yaml
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
@@ -237,17 +237,7 @@ def initialize_weights(model: nn.Module) -> None:
 
 def load_model_yaml(cfg) -> dict:
     """Read a model yaml; a bare name (yolov5s.yaml) resolves to models/."""
-    path = Path(cfg)
-    if not path.exists() and (MODELS_DIR / path.name).exists():
-        path = MODELS_DIR / path.name
-    if not path.exists():
-        raise UserError(f"{cfg}: model yaml not found")
-    try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a valid yaml file ({type(e).__name__})") from None
-    if not isinstance(d, dict) or not all(k in d for k in ("backbone", "head")):
-        raise UserError(f"{path}: model yaml needs 'backbone' and 'head' lists")
+    d = read_yaml(find_file(cfg, [MODELS_DIR], "model yaml"), "model yaml", required=("backbone", "head"))
     d.setdefault("nc", 80)
     d.setdefault("depth_multiple", 1.0)
     d.setdefault("width_multiple", 1.0)

@@ -15,12 +15,13 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 import torch
-import yaml
+
 from torch.utils.data import DataLoader, Dataset, distributed
 
 from utils.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective, warp_image,
                            warp_targets)
 from utils.boxes import xywhn2xyxy, xyn2xy, xyxy2xywhn
+from utils.config import find_file, read_yaml
 from utils.errors import UserError
 from utils.labels import (IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache,
                           save_cache)
@@ -34,17 +35,6 @@ GENERATOR_SEED = 6148914691236517205
 
 
 # ----------------------------------------------------------------------------------------------- dataset yaml
-def _resolve_yaml(data: str | Path) -> Path:
-    p = Path(data)
-    if p.is_file():
-        return p
-    if not p.is_absolute():
-        for cand in (ROOT / p, ROOT / "data" / p, ROOT / "data" / p.with_suffix(".yaml")):
-            if cand.is_file():
-                return cand
-    raise UserError(f"dataset yaml not found: {data}")
-
-
 def _run_download(cmd: str, yaml_file: Path) -> None:
     if cmd.startswith(("http://", "https://")):
         raise UserError(f"{yaml_file}: dataset must be fetched manually from {cmd} (no network access at run time)")
@@ -69,13 +59,8 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     if isinstance(data, dict):
         d, yaml_file = dict(data), Path("<dict>")
     else:
-        yaml_file = _resolve_yaml(data)
-        try:
-            d = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise UserError(f"{yaml_file}: cannot read dataset yaml ({' '.join(str(e).split())})") from None
-        if not isinstance(d, dict):
-            raise UserError(f"{yaml_file}: dataset yaml must be a mapping")
+        yaml_file = find_file(data, [ROOT, ROOT / "data"], "dataset yaml")
+        d = read_yaml(yaml_file, "dataset yaml")
     for k in ("train", "val", "names"):
         if k not in d:
             raise UserError(f"{yaml_file}: dataset yaml is missing the '{k}' key")

@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 
 LOGGER = logging.getLogger("yolov5kd")
 
@@ -43,9 +42,3 @@ def get_latest_run(search_dir: str | Path = ".") -> str:
     """Path of the most recently written last*.pt under search_dir ('' if none)."""
     last_list = glob.glob(f"{search_dir}/**/last*.pt", recursive=True)
     return max(last_list, key=os.path.getctime) if last_list else ""
-
-
-def yaml_save(file: str | Path, data: dict) -> None:
-    """Write a dict as yaml (paths as strings)."""
-    with open(file, "w") as f:
-        yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in data.items()}, f, sort_keys=False)
