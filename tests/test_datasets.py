@@ -371,3 +371,20 @@ def test_permission_denied_files_are_skipped_with_a_warning(tmp_path, monkeypatc
     warn = [r.getMessage() for r in caplog.records]
     assert any("0.jpg" in m and "Permission denied" in m for m in warn)
     assert any("1.txt" in m and "Permission denied" in m for m in warn)
+
+
+def test_image_vanishing_after_scan_is_skipped(tmp_path, caplog):
+    """A file deleted mid-run is skipped with one warning; the loader keeps serving samples."""
+    from data.scripts.generate_shapes import generate
+    from utils.datasets import LoadImagesAndLabels
+
+    root = generate(tmp_path / "s", n_train=4, n_val=1, seed=2, imgsz=64)
+    ds = LoadImagesAndLabels(root / "images" / "train", img_size=64, augment=False, nc=8)
+    victim = Path(ds.im_files[1])
+    victim.unlink()
+    with caplog.at_level("WARNING", logger="yolov5kd"):
+        items = [ds[i] for i in range(len(ds))]
+    assert len(items) == 4 and all(it[0].shape == (3, 64, 64) for it in items)
+    assert items[1][2] == ds.im_files[2]  # the next sample stood in
+    msgs = [r.getMessage() for r in caplog.records if victim.name in r.getMessage()]
+    assert len(msgs) == 1 and "skipped" in msgs[0]

@@ -146,6 +146,10 @@ def _orphan_labels(im_files: Sequence[str], label_files: Sequence[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- dataset
+class UnreadableImage(Exception):
+    """An image that passed the scan but can no longer be read."""
+
+
 class LoadImagesAndLabels(Dataset):
     """YOLO-format images and labels with YOLOv5 augmentation (mosaic, perspective, HSV, flips, mixup)."""
 
@@ -166,6 +170,7 @@ class LoadImagesAndLabels(Dataset):
         self._canvas: np.ndarray | None = None
         # one-resample mosaic for rotation-free hyps (see _compose_scaled); False = reference pixel chain
         self.fast_mosaic = True
+        self.read_failures: set[str] = set()
 
         self.im_files = list_images(path, prefix)
         if not self.im_files:
@@ -284,7 +289,7 @@ class LoadImagesAndLabels(Dataset):
                 pass  # damaged .npy: fall back to the image itself
         im = cv2.imread(self.im_files[i])
         if im is None:
-            raise UserError(f"{self.prefix}cannot read image {self.im_files[i]}")
+            raise UnreadableImage(f"{self.prefix}cannot read image {self.im_files[i]}")
         return im
 
     def _resized_hw(self, h0: int, w0: int) -> tuple[int, int]:
@@ -305,6 +310,18 @@ class LoadImagesAndLabels(Dataset):
         return im, (h0, w0), im.shape[:2]
 
     def __getitem__(self, index: int):
+        # A file that vanished or broke after the scan must not kill a long run: skip it (one warning)
+        # and serve the next sample instead.
+        for attempt in range(min(self.n, 10)):
+            try:
+                return self._load_item((index + attempt) % self.n)
+            except UnreadableImage as e:
+                if str(e) not in self.read_failures:
+                    self.read_failures.add(str(e))
+                    LOGGER.warning(f"{e}; sample skipped ({len(self.read_failures)} unreadable so far)")
+        raise UserError(f"{self.prefix}{min(self.n, 10)} images in a row could not be read; is the dataset still there?")
+
+    def _load_item(self, index: int):
         index = int(self.indices[index])
         hyp = self.hyp
         if self.mosaic and random.random() < hyp.get("mosaic", 1.0):
