@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Does distillation help? Train the same student with and without the teacher, everything else equal.
+
+    python benchmarks/kd_gain.py                       # main experiment: 2 arms x 3 seeds
+    python benchmarks/kd_gain.py --mode sweep          # dist_loss x temperature x ratio, one seed, shorter
+    python benchmarks/kd_gain.py --mode finetune       # continue a baseline student with / without KD
+
+Each run is a plain `train.py` subprocess (yolov5n from scratch on the demo data unless --student is
+given); the figures come from the runs' results.csv. Writes docs/kd_<mode>.md (+ .png for the main
+experiment) and prints the README rows.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.loggers import read_results_csv  # noqa: E402
+
+DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
+M50, M5095 = "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"
+
+
+def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights: str = "") -> dict:
+    """One training run (reused if its results.csv is complete); returns its results.csv columns."""
+    run = Path(a.project) / name
+    csv = run / "results.csv"
+    if csv.exists() and len(read_results_csv(csv).get("epoch", [])) == epochs and (run / "weights/best.pt").exists():
+        print(f"{name}: reusing {csv}")
+        return read_results_csv(csv)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", a.data, "--imgsz", str(a.imgsz), "--epochs", str(epochs),
+           "--batch-size", str(a.batch), "--workers", str(a.workers), "--seed", str(seed), "--project", a.project,
+           "--name", name, "--exist-ok", "--noplots", "--device", a.device]
+    cmd += ["--weights", weights] if weights else ["--cfg", a.student, "--weights", ""]
+    if kd:
+        cmd += ["--t_weights", a.teacher, "--dist_loss", kd["dist_loss"], "--temperature", str(kd["T"]),
+                "--distill_ratio", str(kd["ratio"])]
+    print(" ".join(cmd), flush=True)
+    log = Path(a.project) / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise SystemExit(f"{name} failed (exit {r.returncode}); see {log}")
+    return read_results_csv(csv)
+
+
+def best_row(res: dict) -> tuple[float, float]:
+    """(mAP50, mAP50-95) of the epoch best.pt holds (fitness 0.1*mAP50 + 0.9*mAP50-95)."""
+    i = max(range(len(res["epoch"])), key=lambda j: 0.1 * res[M50][j] + 0.9 * res[M5095][j])
+    return res[M50][i], res[M5095][i]
+
+
+def mean_spread(xs: list[float]) -> str:
+    """'mean ± sample std' in mAP points."""
+    m = statistics.mean(xs) * 100
+    s = statistics.stdev(xs) * 100 if len(xs) > 1 else 0.0
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def teacher_map(a) -> tuple[float, float]:
+    """The teacher's own val mAP (the ceiling)."""
+    import val
+    (_, _, m50, m), _, _ = val.run(a.data, weights=a.teacher, imgsz=a.imgsz, batch_size=32, device=a.device,
+                                   plots=False, project=ROOT / "runs/kd_gain_val", exist_ok=True, workers=a.workers)
+    return m50, m
+
+
+def main_experiment(a) -> list[str]:
+    kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio}
+    rows, curves = [], {}
+    for seed in a.seeds:
+        base = train_run(f"base_s{seed}", a, seed=seed, epochs=a.epochs, kd=None)
+        dist = train_run(f"kd_s{seed}", a, seed=seed, epochs=a.epochs, kd=kd)
+        curves[seed] = (base[M5095], dist[M5095])
+        rows.append((seed, best_row(base), best_row(dist)))
+    t50, t5095 = teacher_map(a)
+    lines = [f"Student {a.student} from scratch, {a.epochs} epochs, imgsz {a.imgsz}, batch {a.batch}; teacher "
+             f"{Path(a.teacher).name} (mAP50 {t50 * 100:.1f}, mAP50-95 {t5095 * 100:.1f}); KD: --dist_loss "
+             f"{a.dist_loss} --temperature {a.temperature} --distill_ratio {a.distill_ratio}. Figures are best.pt's "
+             f"epoch (max fitness), in mAP points.", "",
+             "| seed | baseline mAP50 | KD mAP50 | baseline mAP50-95 | KD mAP50-95 | gain mAP50-95 |",
+             "|---|---|---|---|---|---|"]
+    for seed, (b50, b), (k50, k) in rows:
+        lines.append(f"| {seed} | {b50 * 100:.1f} | {k50 * 100:.1f} | {b * 100:.1f} | {k * 100:.1f} | {(k - b) * 100:+.1f} |")
+    b50s, bs = [r[1][0] for r in rows], [r[1][1] for r in rows]
+    k50s, ks = [r[2][0] for r in rows], [r[2][1] for r in rows]
+    gains = [k - b for b, k in zip(bs, ks)]
+    lines.append(f"| mean ± std | {mean_spread(b50s)} | {mean_spread(k50s)} | {mean_spread(bs)} | {mean_spread(ks)} | "
+                 f"{mean_spread(gains)} |")
+    lines.append(f"| teacher | {t50 * 100:.1f} | | {t5095 * 100:.1f} | | |")
+    plot_curves(curves, Path(a.out) / "kd_gain.png", a)
+    return lines
+
+
+def plot_curves(curves: dict, path: Path, a) -> None:
+    """mAP50-95 per epoch, both arms, one thin line per seed and a thick mean."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for arm, colour, label in ((0, "tab:blue", "baseline"), (1, "tab:orange", "KD")):
+        ys = [c[arm] for c in curves.values()]
+        for y in ys:
+            ax.plot(range(len(y)), [v * 100 for v in y], color=colour, alpha=0.3, lw=1)
+        n = min(len(y) for y in ys)
+        ax.plot(range(n), [statistics.mean(y[i] for y in ys) * 100 for i in range(n)], color=colour, lw=2.5,
+                label=f"{label} (mean of {len(ys)} seeds)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val mAP50-95 (points)")
+    ax.set_title(f"{a.student} on the demo data, imgsz {a.imgsz}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sweep(a) -> list[str]:
+    seed = a.seeds[0]
+    base = best_row(train_run(f"sweep_base_s{seed}", a, seed=seed, epochs=a.sweep_epochs, kd=None))
+    lines = [f"Sweep: {a.student} from scratch, {a.sweep_epochs} epochs, imgsz {a.imgsz}, seed {seed}. Baseline "
+             f"mAP50-95 {base[1] * 100:.1f} (mAP50 {base[0] * 100:.1f}).", "",
+             "| dist_loss | T | distill_ratio | mAP50 | mAP50-95 | vs baseline |", "|---|---|---|---|---|---|"]
+    grid = [("l2", 1.0, r) for r in a.ratios] + list(itertools.product(("kl", "bce"), a.temperatures, a.ratios))
+    for loss, T, r in grid:
+        m50, m = best_row(train_run(f"sweep_{loss}_T{T:g}_r{r:g}_s{seed}", a, seed=seed, epochs=a.sweep_epochs,
+                                    kd={"dist_loss": loss, "T": T, "ratio": r}))
+        lines.append(f"| {loss} | {T:g}{' (unused)' if loss == 'l2' else ''} | {r:g} | {m50 * 100:.1f} | "
+                     f"{m * 100:.1f} | {(m - base[1]) * 100:+.1f} |")
+    return lines
+
+
+def finetune(a) -> list[str]:
+    seed = a.seeds[0]
+    start = Path(a.project) / f"base_s{seed}" / "weights" / "best.pt"
+    if not start.exists():
+        train_run(f"base_s{seed}", a, seed=seed, epochs=a.epochs, kd=None)
+    kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio}
+    b = best_row(read_results_csv(start.parent.parent / "results.csv"))
+    plain = best_row(train_run(f"ft_plain_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=None, weights=str(start)))
+    dist = best_row(train_run(f"ft_kd_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=kd, weights=str(start)))
+    return [f"Fine-tuning: start from base_s{seed}/best.pt (mAP50-95 {b[1] * 100:.1f}), {a.ft_epochs} more epochs.", "",
+            "| arm | mAP50 | mAP50-95 |", "|---|---|---|",
+            f"| continue without KD | {plain[0] * 100:.1f} | {plain[1] * 100:.1f} |",
+            f"| continue with KD | {dist[0] * 100:.1f} | {dist[1] * 100:.1f} |"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=["main", "sweep", "finetune"], default="main")
+    ap.add_argument("--data", default="shapes.yaml")
+    ap.add_argument("--student", default="yolov5n.yaml")
+    ap.add_argument("--teacher", default=str(DEMO_TEACHER))
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--sweep-epochs", type=int, default=8)
+    ap.add_argument("--ft-epochs", type=int, default=10)
+    ap.add_argument("--imgsz", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--dist_loss", default="l2")
+    ap.add_argument("--temperature", type=float, default=5.0)
+    ap.add_argument("--distill_ratio", type=float, default=0.5)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 5.0])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--project", default=str(ROOT / "runs" / "kd_gain"))
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    a = ap.parse_args()
+    lines = {"main": main_experiment, "sweep": sweep, "finetune": finetune}[a.mode](a)
+    out = Path(a.out) / f"kd_{a.mode}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/kd_gain.py " + " ".join(sys.argv[1:])
+    out.write_text(f"# KD {a.mode}\n\nReproduce: `{cmd.strip()}`\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
