@@ -123,6 +123,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
 
     model, ckpt = build_student(opt, nc, hyp, device)
+    model = model.to(memory_format=torch.channels_last)  # faster convs on CPU (oneDNN) and tensor cores
     amp = cuda
     freeze_layers(model, opt.freeze)
 
@@ -333,6 +334,7 @@ def setup_teacher(opt, student: nn.Module, imgsz: int, device: torch.device, inf
         teacher = resume_teacher(opt.t_weights, device=device, trust=opt.trust_checkpoint)
     else:
         teacher = load_teacher(opt.t_weights, device=device, trust=opt.trust_checkpoint)
+    teacher.model.to(memory_format=torch.channels_last)  # same NHWC layout as the student's input
     checks = preflight(teacher, student, imgsz)
     distiller = OutputDistillationLoss(student, dist_loss=opt.dist_loss, T=opt.temperature,
                                        distill_ratio=opt.distill_ratio,

@@ -116,7 +116,8 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         stride = int(model.stride.max())
         imgsz = check_img_size(imgsz, s=stride)
         data = check_dataset(data)
-    model.eval()
+    # NHWC is faster; in-training and standalone validation use the same layout so their numbers agree
+    model.eval().to(memory_format=torch.channels_last)
     if isinstance(data, (str, Path)):
         data = check_dataset(data)
     nc = 1 if single_cls else int(data["nc"])
@@ -147,7 +148,7 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     pbar = tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}", disable=training and not verbose)
     for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
         with dt[0]:
-            im = im.to(device, non_blocking=True)
+            im = im.to(device, non_blocking=True, memory_format=torch.channels_last)
             targets = targets.to(device)
             im = im.half() if half else im.float()
             im /= 255

@@ -142,9 +142,10 @@ class BaseModel(nn.Module):
         if isinstance(m, Detect):
             if isinstance(m.stride, torch.Tensor):
                 m.stride = fn(m.stride)
-            m.grid = list(map(fn, m.grid))
-            if isinstance(m.anchor_grid, list):
-                m.anchor_grid = list(map(fn, m.anchor_grid))
+            # grids are caches rebuilt from `anchors` (already moved) on the next eval forward; dropping them
+            # also avoids applying a 4-D memory format to these 5-D tensors
+            m.grid = [torch.empty(0, device=m.anchors.device) for _ in range(m.nl)]
+            m.anchor_grid = [torch.empty(0, device=m.anchors.device) for _ in range(m.nl)]
         return self
 
 

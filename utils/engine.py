@@ -193,7 +193,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     i = -1
     for i, (imgs, targets, paths, _) in pbar:
         ni = i + nb * epoch
-        imgs = imgs.to(device, non_blocking=True).float() / 255
+        # channels_last: the conv kernels on CPU (oneDNN) and on GPU tensor cores run faster in NHWC
+        imgs = imgs.to(device, non_blocking=True, memory_format=torch.channels_last).float() / 255
         if ni <= nw:
             accumulate = _warmup(optimizer, ni, nw, epoch, lf, hyp, batch_size)
         if multi_scale:
