@@ -116,6 +116,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     cuda = device.type == "cuda"
 
     init_seeds(opt.seed + 1 + info.rank, deterministic=True)
+    torch.set_flush_denormal(True)  # denormal activations/gradients make CPU kernels several % slower
     with main_process_first(info):
         data_dict = check_dataset(opt.data)
     train_path, val_path = data_dict["train"], data_dict["val"]

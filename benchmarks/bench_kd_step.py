@@ -82,7 +82,7 @@ def main() -> int:
     t = teacher(nc, device)
     plain = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, amp=amp)
     kd = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp)
-    timg = imgs.to(device).float() / 255
+    timg = imgs.to(device, memory_format=torch.channels_last).float() / 255
     for _ in range(2):  # warm-up: allocator, kernels, first-call paths
         plain(imgs, targets), kd(imgs, targets), t(timg)
     # interleave the three measurements so drifts in machine load hit them alike

@@ -19,6 +19,7 @@ from utils.engine import ModelEMA, build_optimizer  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
+torch.set_flush_denormal(True)  # as train.py does
 
 
 def demo_data() -> dict:
@@ -33,7 +34,7 @@ def load_hyp() -> dict:
 
 def student(nc: int, imgsz: int, hyp: dict, device: torch.device, cfg: str = "yolov5n.yaml") -> torch.nn.Module:
     """A from-scratch student with the train-time hyp attached, as train.py builds it."""
-    m = Model(cfg, nc=nc).to(device)
+    m = Model(cfg, nc=nc).to(device).to(memory_format=torch.channels_last)
     m.nc, m.hyp = nc, scale_hyp(hyp, 3, nc, imgsz)
     return m
 
@@ -41,9 +42,12 @@ def student(nc: int, imgsz: int, hyp: dict, device: torch.device, cfg: str = "yo
 def teacher(nc: int, device: torch.device) -> Teacher:
     """The shipped demo teacher, or a random yolov5s of the same shape when it is absent."""
     if DEMO_TEACHER.exists():
-        return load_teacher(DEMO_TEACHER, device=device)
-    m = Model("yolov5s.yaml", nc=nc).to(device).eval().fuse()
-    return Teacher(m, path="random yolov5s", half=device.type == "cuda")
+        t = load_teacher(DEMO_TEACHER, device=device)
+    else:
+        t = Teacher(Model("yolov5s.yaml", nc=nc).to(device).eval().fuse(), path="random yolov5s",
+                    half=device.type == "cuda")
+    t.model.to(memory_format=torch.channels_last)  # as train.py sets it up
+    return t
 
 
 class Stepper:
@@ -58,12 +62,13 @@ class Stepper:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor) -> float:
-        imgs = imgs.to(self.device, non_blocking=True).float() / 255
+        imgs = imgs.to(self.device, non_blocking=True, memory_format=torch.channels_last).float() / 255
+        t_maps = self.teacher(imgs) if self.kd is not None else None  # teacher first, as train_one_epoch does
         with torch.autocast(device_type=self.device.type, enabled=self.amp):
             pred = self.model(imgs)
             loss, _ = self.loss(pred, targets.to(self.device))
         if self.kd is not None:
-            loss = loss + self.kd(pred, self.teacher(imgs))[0]
+            loss = loss + self.kd(pred, t_maps)[0]
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
@@ -71,7 +76,7 @@ class Stepper:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.model)
-        return float(loss)
+        return float(loss.detach())
 
 
 def sync(device: torch.device) -> None:
