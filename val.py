@@ -78,7 +78,7 @@ def _coco_eval(anno_json: Path, pred_json: Path, im_files: list[str]) -> tuple[f
     anno = COCO(str(anno_json))
     pred = anno.loadRes(str(pred_json))
     ev = COCOeval(anno, pred, "bbox")
-    ev.params.imgIds = [int(Path(x).stem) for x in im_files if Path(x).stem.isnumeric()]
+    ev.params.imgIds = [int(s) if s.isnumeric() else s for s in (Path(x).stem for x in im_files)]
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
@@ -139,7 +139,9 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     confusion = ConfusionMatrix(nc=nc)
     names = getattr(model, "names", None) or data["names"]
     names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else names
-    class_map = COCO91 if data.get("is_coco") else list(range(1000))
+    val_path = data.get("val")
+    is_coco = isinstance(val_path, str) and val_path.replace("\\", "/").endswith("coco/val2017.txt")
+    class_map = COCO91 if is_coco else list(range(1000))
     header = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
     dt = Profile(device), Profile(device), Profile(device)
     loss = torch.zeros(3, device=device)
@@ -228,10 +230,13 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         pred_json = save_dir / f"{w}_predictions.json"
         pred_json.write_text(json.dumps(jdict))
         LOGGER.info(f"Saved {len(jdict)} detections to {pred_json}")
-        anno_json = data.get("annotations")
+        anno_json = data.get("annotations") or ("annotations/instances_val2017.json" if is_coco else None)
+        if anno_json and not Path(anno_json).is_absolute():
+            anno_json = Path(data.get("path", ".")) / anno_json
         if anno_json and Path(anno_json).exists():
             try:
                 map50, map_ = _coco_eval(Path(anno_json), pred_json, dataloader.dataset.im_files)
+                LOGGER.info(f"pycocotools: mAP50 {map50:.4f}, mAP50-95 {map_:.4f} (these replace the figures above)")
             except ImportError:
                 LOGGER.warning("pycocotools is not installed; COCO mAP skipped")
             except Exception as e:  # a broken annotation file must not lose the metrics already computed

@@ -28,7 +28,7 @@ def main() -> int:
               plots=False, project=ROOT / "runs" / "bench", exist_ok=True, name="val")
     val.run(data, **kw)  # warm-up: label cache, page cache, first-call paths
     t0 = time.perf_counter()
-    (p, r, m50, m), _, speed = val.run(data, **kw)
+    (p, r, m50, m, *_), _, speed = val.run(data, **kw)
     dt = time.perf_counter() - t0
     n = len(list_images(data["val"]))
     print(f"val {a.weights} imgsz {a.imgsz} batch {a.batch}: {n / dt:.1f} images/s end to end "

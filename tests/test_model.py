@@ -102,3 +102,74 @@ def test_yaml_strings_are_never_evaluated(tmp_path):
 def test_missing_model_yaml():
     with pytest.raises(UserError, match="model yaml not found"):
         Model("does-not-exist.yaml")
+
+
+V50_S = """
+nc: 80
+depth_multiple: 0.33
+width_multiple: 0.50
+anchors:
+  - [10,13, 16,30, 33,23]
+  - [30,61, 62,45, 59,119]
+  - [116,90, 156,198, 373,326]
+backbone:
+  [[-1, 1, Focus, [64, 3]],
+   [-1, 1, Conv, [128, 3, 2]],
+   [-1, 3, C3, [128]],
+   [-1, 1, Conv, [256, 3, 2]],
+   [-1, 9, C3, [256]],
+   [-1, 1, Conv, [512, 3, 2]],
+   [-1, 9, C3, [512]],
+   [-1, 1, Conv, [1024, 3, 2]],
+   [-1, 1, SPP, [1024, [5, 9, 13]]],
+   [-1, 3, C3, [1024, False]],
+  ]
+head:
+  [[-1, 1, Conv, [512, 1, 1]],
+   [-1, 1, nn.Upsample, [None, 2, 'nearest']],
+   [[-1, 6], 1, Concat, [1]],
+   [-1, 3, C3, [512, False]],
+   [-1, 1, Conv, [256, 1, 1]],
+   [-1, 1, nn.Upsample, [None, 2, 'nearest']],
+   [[-1, 4], 1, Concat, [1]],
+   [-1, 3, C3, [256, False]],
+   [-1, 1, Conv, [256, 3, 2]],
+   [[-1, 14], 1, Concat, [1]],
+   [-1, 3, C3, [512, False]],
+   [-1, 1, Conv, [512, 3, 2]],
+   [[-1, 10], 1, Concat, [1]],
+   [-1, 3, C3, [1024, False]],
+   [[17, 20, 23], 1, Detect, [nc, anchors]],
+  ]
+"""
+
+
+def test_v50_layout_focus_spp_and_legacy_update(tmp_path):
+    """The v5.0 table (Focus stem, SPP) builds to its known size; v5.0 Detect buffers are updated on load."""
+    import yaml
+
+    from utils.checkpoint import update_legacy
+
+    m = Model(yaml.safe_load(V50_S))
+    assert sum(p.numel() for p in m.parameters()) == 7_276_605
+    d = m.model[-1]
+    # v5.0 pickles kept a pixel anchor_grid buffer and Upsample without recompute_scale_factor
+    del d.anchor_grid
+    d.register_buffer("anchor_grid", torch.zeros(3, 1, 3, 1, 1, 2))
+    del m.model[11].recompute_scale_factor
+    m.names = ["a"] * 80
+    update_legacy(m)
+    assert isinstance(d.anchor_grid, list) and m.model[11].recompute_scale_factor is None
+    assert m.names[0] == "a" and isinstance(m.names, dict)
+    m.eval()
+    with torch.no_grad():
+        y, _ = m(torch.zeros(1, 3, 64, 64))
+    assert y.shape == (1, 3 * (64 + 16 + 4), 85)
+    # SPPF(5) equals SPP(5, 9, 13) once their 1x1 convs share weights
+    from models.common import SPP, SPPF
+    spp, sppf = SPP(16, 16).eval(), SPPF(16, 16).eval()
+    sppf.load_state_dict(spp.state_dict(), strict=False)
+    sppf.cv1.load_state_dict(spp.cv1.state_dict())
+    sppf.cv2.load_state_dict(spp.cv2.state_dict())
+    x = torch.rand(1, 16, 20, 20)
+    assert torch.allclose(spp(x), sppf(x), atol=1e-6)

@@ -94,3 +94,25 @@ def test_non_finite_loss_stops_cleanly(tiny_data, tmp_path):
     for f in (tmp_path / "nan" / "weights").glob("*.pt"):
         sd = torch_load(f)["model"].float().state_dict()
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()), f
+
+
+def test_pruned_student_trains_as_loaded(tiny_data, tmp_path):
+    """A checkpoint whose layer widths no longer match its yaml is trained with its own architecture."""
+    sys.path.insert(0, str(ROOT))
+    from models.common import Conv
+    from models.yolo import Model
+    from utils.checkpoint import build_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    m = Model("yolov5n.yaml", nc=8)
+    b = m.model[2].m[0]  # a C3's bottleneck: halve its hidden width, as a channel pruner would
+    c = b.cv1.conv.in_channels
+    b.cv1, b.cv2 = Conv(c, c // 2, 1, 1), Conv(c // 2, c, 3, 1)
+    b.cv1.i = b.cv2.i = 2
+    pruned = save_checkpoint(build_checkpoint(m), tmp_path / "pruned.pt")
+    r = run_cli([TRAIN, "--data", str(tiny_data), "--weights", str(pruned), *COMMON[2:], "--epochs", "1",
+                 "--project", str(tmp_path), "--name", "p", "--noplots"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training the checkpoint's own architecture" in r.stderr
+    out = torch_load(tmp_path / "p" / "weights" / "last.pt")["model"]
+    assert out.model[2].m[0].cv1.conv.out_channels == c // 2

@@ -1,0 +1,77 @@
+"""val.py as a user runs it: text/JSON outputs, per-class table, pycocotools scoring, one-line errors."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from models.yolo import Model
+from utils.checkpoint import build_checkpoint, save_checkpoint
+
+NAMES = ["circle", "ellipse", "square", "rectangle", "diamond", "triangle", "plus", "cross"]
+
+
+@pytest.fixture(scope="module")
+def numeric_val_set(tiny_data, tmp_path_factory):
+    """The tiny val images renamed 000001.jpg … with a COCO annotation file built from their labels."""
+    import cv2
+
+    src = tiny_data.parent / "shapes"
+    root = tmp_path_factory.mktemp("coco_like")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    images, annotations = [], []
+    for k, im in enumerate(sorted((src / "images" / "val").iterdir()), 1):
+        shutil.copy(im, root / "images" / f"{k:06d}.jpg")
+        lb = src / "labels" / "val" / f"{im.stem}.txt"
+        rows = [r.split() for r in lb.read_text().splitlines() if r.strip()] if lb.exists() else []
+        shutil.copy(lb, root / "labels" / f"{k:06d}.txt") if lb.exists() else None
+        h, w = cv2.imread(str(im)).shape[:2]
+        images.append({"id": k, "file_name": f"{k:06d}.jpg", "width": w, "height": h})
+        for c, x, y, bw, bh in ((int(r[0]), *map(float, r[1:5])) for r in rows):
+            annotations.append({"id": len(annotations) + 1, "image_id": k, "category_id": c, "iscrowd": 0,
+                                "bbox": [(x - bw / 2) * w, (y - bh / 2) * h, bw * w, bh * h], "area": bw * w * bh * h})
+    cats = [{"id": i, "name": n} for i, n in enumerate(NAMES)]
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
+    yml = root / "data.yaml"
+    yml.write_text(f"path: {root}\ntrain: images\nval: images\nannotations: instances.json\nnames: {NAMES}\n")
+    return yml
+
+
+@pytest.fixture(scope="module")
+def random_student(tmp_path_factory):
+    torch.manual_seed(0)
+    m = Model("yolov5n.yaml", nc=8)
+    m.names = dict(enumerate(NAMES))
+    return save_checkpoint(build_checkpoint(m), tmp_path_factory.mktemp("w") / "student8.pt")
+
+
+def test_val_cli_outputs(numeric_val_set, random_student, tmp_path):
+    r = run_cli([str(ROOT / "val.py"), "--data", str(numeric_val_set), "--weights", str(random_student), "--imgsz", "64",
+                 "--save-txt", "--save-conf", "--save-json", "--verbose", "--project", str(tmp_path), "--name", "v",
+                 "--workers", "0"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "v"
+    txts = list((out / "labels").glob("*.txt"))
+    assert txts, "no --save-txt output"
+    row = txts[0].read_text().splitlines()[0].split()
+    assert len(row) == 6 and 0 <= int(float(row[0])) < 8 and all(0 <= float(v) <= 1 for v in row[1:5])
+    records = json.loads((out / "student8_predictions.json").read_text())
+    assert records and set(records[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert isinstance(records[0]["image_id"], int)
+    header = [line for line in r.stderr.splitlines() if "mAP50-95" in line and "Class" in line]
+    assert header, "summary header missing"
+    assert "pycocotools: mAP50" in r.stderr
+    assert "Speed:" in r.stderr and "per image at shape" in r.stderr
+    for f in ("confusion_matrix.png", "PR_curve.png", "val_batch0_pred.jpg"):
+        assert (out / f).is_file(), f
+
+
+def test_val_cli_one_line_errors(numeric_val_set, fixtures_dir, tmp_path):
+    r = run_cli([str(ROOT / "val.py"), "--data", str(numeric_val_set), "--weights", str(fixtures_dir / "student.pt"),
+                 "--imgsz", "64", "--project", str(tmp_path)], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nc=4" in r.stderr and "nc=8" in r.stderr
+    r = run_cli([str(ROOT / "val.py"), "--data", str(tmp_path / "nope.yaml"), "--weights",
+                 str(fixtures_dir / "student.pt"), "--project", str(tmp_path)], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nope.yaml" in r.stderr
