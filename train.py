@@ -33,7 +33,8 @@ from utils.checkpoint import (build_checkpoint, de_parallel, model_from_ckpt, sa
 from utils.datasets import check_dataset, create_dataloader  # noqa: E402
 from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, dist_info_from_env,  # noqa: E402
                                init_distributed, main_process_first, select_device)
-from utils.engine import (EarlyStopping, LoopState, ModelEMA, build_optimizer, init_seeds, lr_lambda,  # noqa: E402
+from utils.engine import (EarlyStopping, LoopState, ModelEMA, build_optimizer, build_scheduler, init_seeds,  # noqa: E402
+                          lr_lambda,
                           train_one_epoch, weights_are_finite)
 from utils.errors import UserError  # noqa: E402
 from utils.config import find_file, read_yaml, yaml_save  # noqa: E402
@@ -138,15 +139,12 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     accumulate = max(round(nbs / batch_size), 1)
     hyp["weight_decay"] *= batch_size * accumulate / nbs
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-
     best_fitness, start_epoch = 0.0, 0
     if opt.resume and ckpt is not None:
-        best_fitness, start_epoch, epochs = resume_optimizer(ckpt, optimizer, opt.weights, opt.epochs)
-        opt.epochs = epochs
-        lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+        best_fitness, start_epoch, opt.epochs = resume_epochs(ckpt, opt.weights, opt.epochs)
+    lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
+    scheduler = build_scheduler(optimizer, lf, start_epoch,
+                                ckpt.get("optimizer") if opt.resume and ckpt is not None else None)
 
     if opt.sync_bn and info.distributed and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
@@ -201,7 +199,6 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
                        tensorboard=True, plots=plots) if main else None
     nw = max(round(hyp["warmup_epochs"] * nb), 100)
     state = LoopState(last_opt_step=start_epoch * nb - 1)
-    scheduler.last_epoch = start_epoch - 1
     results = (0, 0, 0, 0, 0, 0, 0)
     t0 = time.time()
     LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
@@ -310,11 +307,9 @@ def restore_ema(ckpt: dict, ema: ModelEMA) -> None:
     ema.updates = int(ckpt.get("updates") or 0)
 
 
-def resume_optimizer(ckpt: dict, optimizer, weights, epochs: int) -> tuple[float, int, int]:
-    """Restore the optimizer and counters from a last.pt; returns (best_fitness, start_epoch, epochs)."""
+def resume_epochs(ckpt: dict, weights, epochs: int) -> tuple[float, int, int]:
+    """Counters of a last.pt being resumed: (best_fitness, start_epoch, total epochs)."""
     best_fitness = float(ckpt.get("best_fitness") or 0.0)
-    if ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
     start_epoch = int(ckpt["epoch"]) + 1
     if start_epoch <= 0:
         raise UserError(f"{weights}: training to {epochs} epochs is finished, nothing to resume "

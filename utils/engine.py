@@ -70,6 +70,17 @@ def lr_lambda(epochs: int, lrf: float, cos_lr: bool = False) -> Callable[[int], 
     return lambda x: (1 - x / epochs) * (1.0 - lrf) + lrf
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, lf: Callable[[int], float], start_epoch: int = 0,
+                    optimizer_state: dict | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR stepped per epoch; when resuming, the optimizer state (with its LRs) is loaded after it."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    if optimizer_state is not None:
+        # LambdaLR's constructor resets every group's lr to lf(0)*initial_lr: restore the saved ones after it
+        optimizer.load_state_dict(optimizer_state)
+    scheduler.last_epoch = start_epoch - 1
+    return scheduler
+
+
 class ModelEMA:
     """Exponential moving average of the model's float state (parameters and buffers)."""
 
