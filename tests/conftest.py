@@ -24,6 +24,20 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+DEMO_NAMES = ["circle", "ellipse", "square", "rectangle", "diamond", "triangle", "plus", "cross"]
+
+
+def random_checkpoint(path: Path, cfg: str, seed: int = 0) -> Path:
+    """An official-format checkpoint of a randomly initialised model for the 8 demo classes."""
+    from models.yolo import Model
+    from utils.checkpoint import build_checkpoint, save_checkpoint
+
+    torch.manual_seed(seed)
+    m = Model(cfg, nc=len(DEMO_NAMES))
+    m.names = dict(enumerate(DEMO_NAMES))
+    return save_checkpoint(build_checkpoint(m), path)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A dataset yaml over a handful of 64-px demo images (8 train, 4 val), made once per session."""
@@ -31,9 +45,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny")
     generate(root / "shapes", n_train=8, n_val=4, seed=3, imgsz=64)
-    names = ["circle", "ellipse", "square", "rectangle", "diamond", "triangle", "plus", "cross"]
     yml = root / "tiny.yaml"
-    yml.write_text(f"path: {root / 'shapes'}\ntrain: images/train\nval: images/val\nnames: {names}\n")
+    yml.write_text(f"path: {root / 'shapes'}\ntrain: images/train\nval: images/val\nnames: {DEMO_NAMES}\n")
     return yml
 
 

@@ -7,28 +7,21 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 
-from conftest import ROOT, run_cli
-from utils.checkpoint import build_checkpoint, save_checkpoint, torch_load
+from conftest import ROOT, random_checkpoint, run_cli
+from utils.checkpoint import torch_load
 from utils.loggers import KD_KEYS, read_results_csv
 
 TRAIN = str(ROOT / "train.py")
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots"]
-NAMES = ["circle", "ellipse", "square", "rectangle", "diamond", "triangle", "plus", "cross"]
 
 
 @pytest.fixture(scope="module")
 def teacher8(tmp_path_factory):
     """A yolov5s teacher for the 8 demo classes (random weights: these tests check the plumbing)."""
-    from models.yolo import Model
-
-    torch.manual_seed(0)
-    m = Model("yolov5s.yaml", nc=8)
-    m.names = dict(enumerate(NAMES))
-    return save_checkpoint(build_checkpoint(m), tmp_path_factory.mktemp("teacher") / "teacher.pt")
+    return random_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pt", "yolov5s.yaml")
 
 
 def test_distill_one_epoch(tiny_data, teacher8, tmp_path):

@@ -3,13 +3,9 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from conftest import ROOT, run_cli
-from models.yolo import Model
-from utils.checkpoint import build_checkpoint, save_checkpoint
+from conftest import DEMO_NAMES as NAMES, ROOT, random_checkpoint, run_cli
 
-NAMES = ["circle", "ellipse", "square", "rectangle", "diamond", "triangle", "plus", "cross"]
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +37,7 @@ def numeric_val_set(tiny_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def random_student(tmp_path_factory):
-    torch.manual_seed(0)
-    m = Model("yolov5n.yaml", nc=8)
-    m.names = dict(enumerate(NAMES))
-    return save_checkpoint(build_checkpoint(m), tmp_path_factory.mktemp("w") / "student8.pt")
+    return random_checkpoint(tmp_path_factory.mktemp("w") / "student8.pt", "yolov5n.yaml")
 
 
 def test_val_cli_outputs(numeric_val_set, random_student, tmp_path):
