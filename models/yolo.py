@@ -103,6 +103,9 @@ class BaseModel(nn.Module):
     """Layer-stack forward, fusion, summary and device moves shared by YOLOv5 models."""
 
     def forward(self, x, augment: bool = False, profile: bool = False, visualize: bool = False):
+        """Layer-stack forward; see Detect for what comes back in train and eval mode."""
+        if augment:
+            raise UserError("test-time augmentation (augment=True) is not supported by this implementation")
         return self._forward_once(x)
 
     def _forward_once(self, x):
