@@ -67,7 +67,7 @@ def mean_spread(xs: list[float]) -> str:
 def teacher_map(a) -> tuple[float, float]:
     """The teacher's own val mAP (the ceiling)."""
     import val
-    (_, _, m50, m), _, _ = val.run(a.data, weights=a.teacher, imgsz=a.imgsz, batch_size=32, device=a.device,
+    (_, _, m50, m, *_), _, _ = val.run(a.data, weights=a.teacher, imgsz=a.imgsz, batch_size=32, device=a.device,
                                    plots=False, project=ROOT / "runs/kd_gain_val", exist_ok=True, workers=a.workers)
     return m50, m
 
