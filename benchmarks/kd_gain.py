@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
     if csv.exists() and len(read_results_csv(csv).get("epoch", [])) == epochs and (run / "weights/best.pt").exists():
         print(f"{name}: reusing {csv}")
         return read_results_csv(csv)
+    if run.exists():
+        shutil.rmtree(run)  # an interrupted run: start it again rather than append to its results.csv
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", a.data, "--imgsz", str(a.imgsz), "--epochs", str(epochs),
            "--batch-size", str(a.batch), "--workers", str(a.workers), "--seed", str(seed), "--project", a.project,
            "--name", name, "--exist-ok", "--noplots", "--device", a.device]
