@@ -33,7 +33,7 @@ from utils.checkpoint import (build_checkpoint, de_parallel, model_from_ckpt, sa
 from utils.datasets import check_dataset, create_dataloader  # noqa: E402
 from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, dist_info_from_env,  # noqa: E402
                                init_distributed, main_process_first, select_device)
-from utils.engine import (EarlyStopping, LoopState, ModelEMA, build_optimizer, build_scheduler, init_seeds,  # noqa: E402
+from utils.engine import (NBS, EarlyStopping, LoopState, ModelEMA, build_optimizer, build_scheduler, init_seeds,  # noqa: E402
                           lr_lambda,
                           train_one_epoch, weights_are_finite)
 from utils.errors import UserError  # noqa: E402
@@ -135,9 +135,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: AutoBatch is not supported, give a positive batch size")
 
-    nbs = 64
-    accumulate = max(round(nbs / batch_size), 1)
-    hyp["weight_decay"] *= batch_size * accumulate / nbs
+    accumulate = max(round(NBS / batch_size), 1)
+    hyp["weight_decay"] *= batch_size * accumulate / NBS
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     best_fitness, start_epoch = 0.0, 0
     if opt.resume and ckpt is not None:
@@ -242,9 +241,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
                 exact = {"model": _fp32_state(model), "ema": _fp32_state(ema.ema)}
                 ckpt = build_checkpoint(model, ema=ema.ema, updates=ema.updates, optimizer=optimizer, epoch=epoch,
                                         best_fitness=best_fitness, opt=opt, extra={"resume_state": exact})
-                # checked on the fp16 copies too: weights beyond fp16's range would be saved as inf
-                if not (weights_are_finite(ckpt["model"]) and weights_are_finite(ckpt["ema"])
-                        and weights_are_finite(model)):
+                # checked on the fp16 copies: they are what gets saved, and weights beyond fp16's range become inf
+                if not (weights_are_finite(ckpt["model"]) and weights_are_finite(ckpt["ema"])):
                     raise UserError(f"epoch {epoch}: weights became non-finite (or overflow fp16); nothing saved, "
                                     f"{last} keeps the last finite weights (lower lr0)")
                 save_checkpoint(ckpt, last)
@@ -425,8 +423,6 @@ def main(argv: list[str] | None = None) -> int:
             opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
         opt.hyp = dict(hyp)
         device = select_device(opt.device, opt.batch_size, info)
-        if info.distributed and opt.batch_size % info.world_size:
-            raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {info.world_size}")
         init_distributed(info, device, opt.batch_size)
         try:
             train(hyp, opt, device, info)
