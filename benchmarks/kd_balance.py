@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Balance of the distillation terms against the detection loss on one real batch.
+
+    python benchmarks/kd_balance.py [--weights runs/kd_gain/base_s0/weights/best.pt] [--dist_loss l2]
+                                    [--temperature 5] [--distill_ratio 0.5] [--imgsz 320] [--batch 16]
+
+For a student (from scratch by default, or --weights) and the demo teacher it prints each loss part as it
+enters the total (gains, distill_ratio and batch size applied) and the L2 norm of the gradient that part
+sends into the student's raw output maps, so one can see which term drives the early updates.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from common import load_hyp, student, teacher
+from bench_kd_step import first_batch
+
+from optimizer.loss import OutputDistillationLoss  # noqa: E402
+from utils.checkpoint import attempt_load  # noqa: E402
+from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default="", help="student checkpoint (default: yolov5n from scratch)")
+    ap.add_argument("--dist_loss", default="l2")
+    ap.add_argument("--temperature", type=float, default=5.0)
+    ap.add_argument("--distill_ratio", type=float, default=0.5)
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--batch", type=int, default=16)
+    a = ap.parse_args()
+    device = torch.device("cpu")
+    data, imgs, targets = first_batch(a.imgsz, a.batch)
+    nc, hyp = int(data["nc"]), load_hyp()
+    if a.weights:
+        model = attempt_load(a.weights, device=device, fuse=False).float().to(memory_format=torch.channels_last)
+        model.nc, model.hyp = nc, scale_hyp(hyp, 3, nc, a.imgsz)
+    else:
+        model = student(nc, a.imgsz, hyp, device)
+    model.train()
+    t = teacher(nc, device)
+    x = imgs.to(device).float() / 255
+    t_maps = t(x)
+    pred = model(x)
+    det = ComputeLoss(model)
+    kd = OutputDistillationLoss(model, dist_loss=a.dist_loss, T=a.temperature, distill_ratio=a.distill_ratio,
+                                teacher_anchors=t.anchors)
+    _, items = det(pred, targets)
+    bs = imgs.shape[0]
+    # ComputeLoss returns the parts summed over levels and × batch size only in the total; rebuild each part
+    parts = {"box": items[0] * bs, "obj": items[1] * bs, "cls": items[2] * bs}
+    _, kd_parts = kd(pred, t_maps)
+    print(f"student {a.weights or 'yolov5n from scratch'}, teacher {t.path}, {a.dist_loss} T={a.temperature:g} "
+          f"distill_ratio={a.distill_ratio:g}, batch {bs}, imgsz {a.imgsz}")
+    print(f"{'term':6s} {'value':>10s} {'|grad| at the output maps':>28s}")
+    for name in ("box", "obj", "cls", "dbox", "dobj", "dcls"):
+        value = float(parts[name] if name in parts else kd_parts[name])
+        grad = grad_norm(name, model, det, kd, x, targets, t_maps)
+        print(f"{name:6s} {value:10.4f} {grad:28.4f}")
+    return 0
+
+
+def grad_norm(name: str, model, det: ComputeLoss, kd: OutputDistillationLoss, x, targets, t_maps) -> float:
+    """L2 norm of d(term)/d(student raw maps) for one term (the other terms' gains set to 0)."""
+    pred = [p.detach().requires_grad_(True) for p in model(x)]
+    if name in ("box", "obj", "cls"):
+        saved = dict(det.hyp)
+        det.hyp.update({k: (v if k == name else 0.0) for k, v in saved.items() if k in ("box", "obj", "cls")})
+        try:
+            term = det(pred, targets)[0]
+        finally:
+            det.hyp.update(saved)
+    else:
+        saved = dict(kd.gains)
+        kd.gains = {k: (v if k == name else 0.0) for k, v in saved.items()}
+        try:
+            term = kd(pred, t_maps)[0]
+        finally:
+            kd.gains = saved
+    g = torch.autograd.grad(term.sum(), pred)
+    return float(torch.sqrt(sum((gi.float() ** 2).sum() for gi in g)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Every speed/memory figure of the README's performance table, measured back to back in one run.
+
+    python benchmarks/perf_table.py [--device cpu|0]
+
+Runs each benchmark script as a subprocess (one at a time, so they do not share the machine), writes
+docs/perf_table.md (figure + the command that reproduces it) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str]) -> list[str]:
+    """Output lines of one benchmark (raises with its output when it fails)."""
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(args)} failed (exit {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r.stdout.splitlines()
+
+
+def pick(lines: list[str], *prefixes: str) -> list[str]:
+    """The result lines (those starting with one of the prefixes)."""
+    return [ln.strip() for ln in lines if ln.strip().startswith(prefixes)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "perf_table.md"))
+    a = ap.parse_args()
+    dev = [] if a.device == "cpu" else ["--device", a.device]
+    import torch
+    machine = (f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, device {a.device}, "
+               f"load average {os.getloadavg()[0]:.2f} at start")
+    print(machine, flush=True)
+    benches = [
+        ("training loader (mosaic, batch 16, 2 workers)", ["benchmarks/bench_loader.py"], ("imgsz",)),
+        ("training, yolov5n from scratch", ["benchmarks/bench_train.py", *dev], ("train",)),
+        ("training with KD, yolov5n ← demo yolov5s", ["benchmarks/bench_train.py", "--kd", *dev], ("train",)),
+        ("one optimizer step, plain vs KD", ["benchmarks/bench_kd_step.py", "--iters", "20", *dev],
+         ("plain step", "KD step", "teacher forward", "KD/plain", "bound", "KD vs bound", "peak memory")),
+        ("validation (val.run on the 200 demo val images)", ["benchmarks/bench_val.py", *dev], ("val",)),
+    ]
+    rows = []
+    for what, args, prefixes in benches:
+        print(f"running {' '.join(args)}", flush=True)
+        figures = pick(run(args), *prefixes)
+        rows.append(f"| {what} | {'<br>'.join(figures)} | `python {' '.join(args)}` |")
+    lines = [f"Machine: {machine}.", "", "| what | figures | command |", "|---|---|---|", *rows]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# Performance, one run\n\nReproduce: `python benchmarks/perf_table.py"
+                   f"{'' if a.device == 'cpu' else ' --device ' + a.device}`\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
