@@ -21,12 +21,13 @@ from common import Stepper, demo_data, load_hyp, student, sync, teacher
 
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
+from utils.engine import init_seeds  # noqa: E402
 
 
 def first_batch(imgsz: int, batch: int):
     """A real mosaic batch from the demo training set (fixed seed)."""
     data = demo_data()
-    torch.manual_seed(0)
+    init_seeds(0)  # mosaic draws from random/numpy as well as torch
     loader, _ = create_dataloader(data["train"], imgsz, batch, 32, hyp=load_hyp(), augment=True, workers=0,
                                   shuffle=True)
     imgs, targets, _, _ = next(iter(loader))

@@ -39,6 +39,7 @@ def main() -> int:
         model = attempt_load(a.weights, device=device, fuse=False).float().to(memory_format=torch.channels_last)
         model.nc, model.hyp = nc, scale_hyp(hyp, 3, nc, a.imgsz)
     else:
+        torch.manual_seed(0)
         model = student(nc, a.imgsz, hyp, device)
     model.train()
     t = teacher(nc, device)
@@ -59,7 +60,7 @@ def main() -> int:
     for name in ("box", "obj", "cls", "dbox", "dobj", "dcls"):
         value = float(parts[name] if name in parts else kd_parts[name])
         grad = grad_norm(name, model, det, kd, x, targets, t_maps)
-        print(f"{name:6s} {value:10.4f} {grad:28.4f}")
+        print(f"{name:6s} {value:10.4f} {grad:28.2e}")
     return 0
 
 
