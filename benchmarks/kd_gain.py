@@ -142,8 +142,8 @@ def sweep(a) -> list[str]:
     b0 = best_row(read_results_csv(start.parent.parent / "results.csv"))
     base = best_row(train_run(f"sweep_base_s{seed}", a, seed=seed, epochs=a.sweep_epochs, kd=None, weights=str(start)))
     lines = [f"Sweep: {a.student} continued from base_s{seed}/best.pt ({a.epochs} epochs from scratch, mAP50-95 "
-             f"{b0[1] * 100:.1f}) for {a.sweep_epochs} epochs at imgsz {a.imgsz}, seed {seed}. The same continuation "
-             f"without KD reaches mAP50-95 {base[1] * 100:.1f} (mAP50 {base[0] * 100:.1f}).", "",
+             f"{b0[1] * 100:.2f}) for {a.sweep_epochs} epochs at imgsz {a.imgsz}, seed {seed}. The same continuation "
+             f"without KD reaches mAP50-95 {base[1] * 100:.2f} (mAP50 {base[0] * 100:.2f}).", "",
              "| dist_loss | T | distill_ratio | mAP50 | mAP50-95 | vs no KD |", "|---|---|---|---|---|---|"]
     grid = [("l2", 1.0, r) for r in a.ratios] + list(itertools.product(("kl", "bce"), a.temperatures, a.ratios))
     results = []
@@ -151,11 +151,15 @@ def sweep(a) -> list[str]:
         m50, m = best_row(train_run(f"sweep_{loss}_T{T:g}_r{r:g}_s{seed}", a, seed=seed, epochs=a.sweep_epochs,
                                     kd={"dist_loss": loss, "T": T, "ratio": r}, weights=str(start)))
         results.append((m, loss, T, r))
-        lines.append(f"| {loss} | {T:g}{' (unused)' if loss == 'l2' else ''} | {r:g} | {m50 * 100:.1f} | "
-                     f"{m * 100:.1f} | {(m - base[1]) * 100:+.1f} |")
+        lines.append(f"| {loss} | {T:g}{' (unused)' if loss == 'l2' else ''} | {r:g} | {m50 * 100:.2f} | "
+                     f"{m * 100:.2f} | {(m - base[1]) * 100:+.2f} |")
     m, loss, T, r = max(results)
-    lines += ["", f"Best: --dist_loss {loss}" + (f" --temperature {T:g}" if loss != "l2" else "") +
-              f" --distill_ratio {r:g} (mAP50-95 {m * 100:.1f}, {(m - base[1]) * 100:+.1f} vs no KD)."]
+    lo = min(results)[0]
+    lines += ["", f"Highest: --dist_loss {loss}" + (f" --temperature {T:g}" if loss != "l2" else "") +
+              f" --distill_ratio {r:g} (mAP50-95 {m * 100:.2f}, {(m - base[1]) * 100:+.2f} vs no KD); all "
+              f"{len(results)} settings lie within {(m - lo) * 100:.2f} points of each other (one seed each).",
+              "Mean mAP50-95 per distill_ratio over all losses and temperatures: " +
+              ", ".join(f"{r:g}: {statistics.mean(x[0] for x in results if x[3] == r) * 100:.2f}" for r in a.ratios) + "."]
     return lines
 
 
