@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
-from common import Stepper, demo_data, load_hyp, student, sync, teacher
+from common import Stepper, demo_data, load_hyp, peak_memory_mb, student, sync, teacher
 
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
@@ -75,9 +74,7 @@ def main() -> int:
         for _ in range(a.iters):
             step(imgs, targets)
         sync(device)
-        peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        print(json.dumps({"peak_mb": peak}))
+        print(json.dumps({"peak_mb": peak_memory_mb(device)}))
         return 0
 
     t = teacher(nc, device)

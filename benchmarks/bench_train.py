@@ -7,26 +7,18 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 
 import torch
 
-from common import demo_data, load_hyp, student, sync, teacher
+from common import demo_data, load_hyp, peak_memory_mb, student, sync, teacher
 
 from optimizer.loss import OutputDistillationLoss  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.engine import LoopState, ModelEMA, build_optimizer, lr_lambda, train_one_epoch  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
-
-
-def peak_memory(device: torch.device) -> str:
-    """Peak memory of this (main) process: CUDA max allocated, or peak RSS on CPU (loader workers excluded)."""
-    if device.type == "cuda":
-        return f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB"
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
 
 
 def main() -> int:
@@ -61,7 +53,8 @@ def main() -> int:
     dt = time.perf_counter() - t0
     n = len(loader.dataset)
     print(f"train {'KD ' if a.kd else ''}yolov5n imgsz {a.imgsz} batch {a.batch} workers {a.workers} on {device}: "
-          f"{n / dt:.1f} images/s ({n} images in {dt:.1f} s), {peak_memory(device)}")
+          f"{n / dt:.1f} images/s ({n} images in {dt:.1f} s), peak {'CUDA memory' if device.type == 'cuda' else 'RSS'} "
+          f"{peak_memory_mb(device):.0f} MB")
     return 0
 
 

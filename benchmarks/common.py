@@ -1,6 +1,7 @@
 """Shared set-up for the benchmarks: demo data, models, a training step with or without distillation."""
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 
@@ -77,6 +78,13 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.model)
         return float(loss.detach())
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MB: CUDA max allocated, or peak RSS on CPU (loader workers excluded)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def sync(device: torch.device) -> None:

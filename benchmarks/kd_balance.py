@@ -45,7 +45,8 @@ def main() -> int:
     t = teacher(nc, device)
     x = imgs.to(device).float() / 255
     t_maps = t(x)
-    pred = model(x)
+    # the maps as leaves: every term's gradient is taken with respect to the same tensors, one forward
+    pred = [p.detach().requires_grad_(True) for p in model(x)]
     det = ComputeLoss(model)
     kd = OutputDistillationLoss(model, dist_loss=a.dist_loss, T=a.temperature, distill_ratio=a.distill_ratio,
                                 teacher_anchors=t.anchors)
@@ -59,14 +60,14 @@ def main() -> int:
     print(f"{'term':6s} {'value':>10s} {'|grad| at the output maps':>28s}")
     for name in ("box", "obj", "cls", "dbox", "dobj", "dcls"):
         value = float(parts[name] if name in parts else kd_parts[name])
-        grad = grad_norm(name, model, det, kd, x, targets, t_maps)
+        grad = grad_norm(name, pred, det, kd, targets, t_maps)
         print(f"{name:6s} {value:10.4f} {grad:28.2e}")
     return 0
 
 
-def grad_norm(name: str, model, det: ComputeLoss, kd: OutputDistillationLoss, x, targets, t_maps) -> float:
+def grad_norm(name: str, pred: list[torch.Tensor], det: ComputeLoss, kd: OutputDistillationLoss, targets,
+              t_maps) -> float:
     """L2 norm of d(term)/d(student raw maps) for one term (the other terms' gains set to 0)."""
-    pred = [p.detach().requires_grad_(True) for p in model(x)]
     if name in ("box", "obj", "cls"):
         saved = dict(det.hyp)
         det.hyp.update({k: (v if k == name else 0.0) for k, v in saved.items() if k in ("box", "obj", "cls")})

@@ -32,9 +32,11 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
     """One training run (reused if its results.csv is complete); returns its results.csv columns."""
     run = Path(a.project) / name
     csv = run / "results.csv"
-    if csv.exists() and len(read_results_csv(csv).get("epoch", [])) == epochs and (run / "weights/best.pt").exists():
-        print(f"{name}: reusing {csv}")
-        return read_results_csv(csv)
+    if csv.exists() and (run / "weights/best.pt").exists():
+        res = read_results_csv(csv)
+        if len(res.get("epoch", [])) == epochs:
+            print(f"{name}: reusing {csv}")
+            return res
     if run.exists():
         shutil.rmtree(run)  # an interrupted run: start it again rather than append to its results.csv
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", a.data, "--imgsz", str(a.imgsz), "--epochs", str(epochs),
@@ -126,20 +128,17 @@ def plot_curves(curves: dict, path: Path, a) -> None:
     plt.close(fig)
 
 
-def baseline_start(a, seed: int) -> Path:
-    """best.pt of the seed's from-scratch baseline (trained first if missing): where the short runs start."""
-    start = Path(a.project) / f"base_s{seed}" / "weights" / "best.pt"
-    if not start.exists():
-        train_run(f"base_s{seed}", a, seed=seed, epochs=a.epochs, kd=None)
-    return start
+def baseline_start(a, seed: int) -> tuple[Path, tuple[float, float]]:
+    """best.pt of the seed's from-scratch baseline (reused or trained) and its (mAP50, mAP50-95)."""
+    res = train_run(f"base_s{seed}", a, seed=seed, epochs=a.epochs, kd=None)
+    return Path(a.project) / f"base_s{seed}" / "weights" / "best.pt", best_row(res)
 
 
 def sweep(a) -> list[str]:
     # From scratch, a few epochs leave every arm near 0 mAP (noise decides the ranking); continuing the
     # baseline for a short schedule gives each setting the same start and a measurable difference.
     seed = a.seeds[0]
-    start = baseline_start(a, seed)
-    b0 = best_row(read_results_csv(start.parent.parent / "results.csv"))
+    start, b0 = baseline_start(a, seed)
     base = best_row(train_run(f"sweep_base_s{seed}", a, seed=seed, epochs=a.sweep_epochs, kd=None, weights=str(start)))
     lines = [f"Sweep: {a.student} continued from base_s{seed}/best.pt ({a.epochs} epochs from scratch, mAP50-95 "
              f"{b0[1] * 100:.2f}) for {a.sweep_epochs} epochs at imgsz {a.imgsz}, seed {seed}. The same continuation "
@@ -165,9 +164,8 @@ def sweep(a) -> list[str]:
 
 def finetune(a) -> list[str]:
     seed = a.seeds[0]
-    start = baseline_start(a, seed)
+    start, b = baseline_start(a, seed)
     kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio}
-    b = best_row(read_results_csv(start.parent.parent / "results.csv"))
     plain = best_row(train_run(f"ft_plain_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=None, weights=str(start)))
     dist = best_row(train_run(f"ft_kd_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=kd, weights=str(start)))
     return [f"Fine-tuning: start from base_s{seed}/best.pt (mAP50-95 {b[1] * 100:.1f}), {a.ft_epochs} more epochs.", "",
