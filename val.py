@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
-from utils.checkpoint import attempt_load  # noqa: E402
+from utils.checkpoint import attempt_load, de_parallel  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from models.yolo import check_img_size  # noqa: E402
 from utils.log import increment_path, setup_logging  # noqa: E402
@@ -120,20 +120,27 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     model.eval().to(memory_format=torch.channels_last)
     if isinstance(data, (str, Path)):
         data = check_dataset(data)
-    nc = 1 if single_cls else int(data["nc"])
+    data_nc = int(data["nc"])
+    nc = 1 if single_cls else data_nc
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
     niou = iouv.numel()
 
     if not training:
-        if getattr(model, "nc", nc) != nc and not single_cls:
-            raise UserError(f"{weights}: model has nc={model.nc} classes but the dataset has nc={nc}; "
+        # the Detect head decides how many classes are predicted; a model object need not carry .nc itself
+        layers = getattr(de_parallel(model), "model", None)
+        model_nc = getattr(layers[-1], "nc", None) if isinstance(layers, torch.nn.Sequential) else None
+        if model_nc is not None and int(model_nc) != nc and not single_cls:
+            w = weights[0] if isinstance(weights, (list, tuple)) else weights
+            raise UserError(f"{w}: model has nc={model_nc} classes but the dataset has nc={nc}; "
                             f"pass the matching --data")
         task = task if task in ("train", "val", "test") else "val"
         if not data.get(task):
             raise UserError(f"dataset has no '{task}' split")
         pad, rect = (0.0, False) if task == "speed" else (0.5, True)
+        # nc drops label rows whose class the dataset does not have; no stand-in samples in evaluation
         dataloader = create_dataloader(data[task], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
-                                       workers=workers, prefix=f"{task}: ")[0]
+                                       workers=workers, prefix=f"{task}: ", nc=data_nc,
+                                       substitute_failed=False)[0]
 
     seen = 0
     confusion = ConfusionMatrix(nc=nc)
@@ -145,10 +152,13 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     header = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
     dt = Profile(device), Profile(device), Profile(device)
     loss = torch.zeros(3, device=device)
-    jdict, stats = [], []
+    jdict, stats, evaluated = [], [], []
     from tqdm import tqdm
     pbar = tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}", disable=training and not verbose)
     for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
+        if not len(paths):  # every image of the batch failed to load (collate_fn dropped them)
+            continue
+        evaluated.extend(paths)
         with dt[0]:
             im = im.to(device, non_blocking=True, memory_format=torch.channels_last)
             targets = targets.to(device)
@@ -208,6 +218,15 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         mp, mr, map50, map_ = p.mean(), r.mean(), ap50.mean(), ap.mean()
     nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
 
+    # images that failed to load are dropped by collate_fn, so metrics cover only the images evaluated
+    try:
+        expected = len(dataloader.sampler)
+    except (AttributeError, TypeError):  # not a DataLoader: nothing to compare against
+        expected = seen
+    if seen < expected:
+        LOGGER.warning(f"WARNING {expected - seen} of {expected} images could not be read and were skipped; "
+                       f"metrics cover the {seen} images evaluated")
+
     pf = "%22s" + "%11i" * 2 + "%11.3g" * 4
     LOGGER.info(header)
     LOGGER.info(pf % ("all", seen, nt.sum(), mp, mr, map50, map_))
@@ -235,7 +254,7 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
             anno_json = Path(data.get("path", ".")) / anno_json
         if anno_json and Path(anno_json).exists():
             try:
-                map50, map_ = _coco_eval(Path(anno_json), pred_json, dataloader.dataset.im_files)
+                map50, map_ = _coco_eval(Path(anno_json), pred_json, evaluated)
                 LOGGER.info(f"pycocotools: mAP50 {map50:.4f}, mAP50-95 {map_:.4f} (these replace the figures above)")
             except ImportError:
                 LOGGER.warning("pycocotools is not installed; COCO mAP skipped")

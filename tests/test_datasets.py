@@ -142,9 +142,10 @@ def test_cache_is_reused_and_rebuilt_when_stale_or_damaged(tmp_path, monkeypatch
         assert L.load_cache(cache, L.files_hash(second.label_files + second.im_files, "nc=None")) is not None
 
     # a cache written by another version is not trusted
+    ours = L.CACHE_VERSION
     monkeypatch.setattr(L, "CACHE_VERSION", "someone-else-0.6")
     D.LoadImagesAndLabels(im, img_size=32)
-    monkeypatch.setattr(L, "CACHE_VERSION", "yolov5kd-labels-1")
+    monkeypatch.setattr(L, "CACHE_VERSION", ours)
     D.LoadImagesAndLabels(im, img_size=32)
     assert len(calls) == 2
     calls.clear()
@@ -276,7 +277,7 @@ def test_check_dataset_short_name_and_paths(fake_root):
     _small_ds(fake_root / "datasets" / "toy")
     (fake_root / "datasets" / "toy" / "images" / "val").mkdir()
     (fake_root / "data" / "toy.yaml").write_text(
-        "path: datasets/toy\ntrain: images/train\nval: [images/val, ../toy/images/train]\nnames: [a, b]\nnc: 7\n")
+        "path: datasets/toy\ntrain: images/train\nval: [images/val, ../toy/images/train]\nnames: [a, b]\nnc: 2\n")
     for name in ("toy.yaml", "toy", "data/toy.yaml"):
         d = D.check_dataset(name, autodownload=False)
         assert d["nc"] == 2 and d["names"] == {0: "a", 1: "b"}
@@ -284,8 +285,8 @@ def test_check_dataset_short_name_and_paths(fake_root):
         assert d["train"] == str(fake_root / "datasets" / "toy" / "images" / "train")
         assert d["val"][0] == str(fake_root / "datasets" / "toy" / "images" / "val")
     (fake_root / "data" / "dict.yaml").write_text(
-        "path: datasets/toy\ntrain: images/train\nval: images/val\nnames: {0: x, 3: y}\n")
-    assert D.check_dataset("dict.yaml")["names"] == {0: "x", 3: "y"}
+        "path: datasets/toy\ntrain: images/train\nval: images/val\nnames: {1: y, 0: x}\n")
+    assert D.check_dataset("dict.yaml")["names"] == {0: "x", 1: "y"}
 
 
 def test_check_dataset_errors_name_the_file(fake_root):
@@ -374,12 +375,12 @@ def test_permission_denied_files_are_skipped_with_a_warning(tmp_path, monkeypatc
 
 
 def test_image_vanishing_after_scan_is_skipped(tmp_path, caplog):
-    """A file deleted mid-run is skipped with one warning; the loader keeps serving samples."""
+    """A file deleted mid-run is skipped with one warning; a training loader keeps serving samples."""
     from data.scripts.generate_shapes import generate
     from utils.datasets import LoadImagesAndLabels
 
     root = generate(tmp_path / "s", n_train=4, n_val=1, seed=2, imgsz=64)
-    ds = LoadImagesAndLabels(root / "images" / "train", img_size=64, augment=False, nc=8)
+    ds = LoadImagesAndLabels(root / "images" / "train", img_size=64, augment=False, nc=8, substitute_failed=True)
     victim = Path(ds.im_files[1])
     victim.unlink()
     with caplog.at_level("WARNING", logger="yolov5kd"):

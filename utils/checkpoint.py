@@ -8,6 +8,7 @@ import logging
 import os
 import pathlib
 import pickle
+import pickletools
 import tempfile
 import zipfile
 from copy import deepcopy
@@ -66,25 +67,58 @@ def torch_load(path: str | Path, trust: bool = False, map_location: str | torch.
             return torch.load(path, map_location=map_location, weights_only=False)
         except Exception as e:
             raise UserError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {_first_line(e)})") from None
-    # Name the offending class before anything is unpickled (this scan reads opcodes, runs nothing).
+    # Name the offending class before anything is unpickled (these scans read opcodes, run nothing).
     if zipfile.is_zipfile(path):
         try:
             unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _allowed_names()
         except Exception:
             unsafe = set()
-        if unsafe:
-            raise UserError(f"{path}: refused: it references {', '.join(sorted(unsafe))}, which is not on the "
-                            f"checkpoint allow-list; pass --trust-checkpoint only if you trust this file")
+    else:  # a raw pickle or torch's legacy (pre-1.6) format: a few pickles one after another
+        # torch's own tensor-rebuild functions and storage types are what weights_only accepts natively
+        unsafe = {g for g in _pickle_globals(path) - _allowed_names() if not g.startswith("torch.")}
+    if unsafe:
+        raise UserError(f"{path}: refused: it references {', '.join(sorted(unsafe))}, which is not on the "
+                        f"checkpoint allow-list; pass --trust-checkpoint only if you trust this file")
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = _first_line(e)
-        if "Unsupported global" in str(e) or "not an allowed global" in str(e):
-            raise UserError(f"{path}: refused: {msg}; pass --trust-checkpoint only if you trust this file") from None
-        raise UserError(f"{path}: not a torch checkpoint ({msg})") from None
+        # torch's text advises weights_only=False; ours names the cause and the explicit opt-in instead
+        raise UserError(f"{path}: refused by the safe loader ({_weights_only_reason(e)}); pass --trust-checkpoint "
+                        f"only if you trust this file") from None
     except Exception as e:  # torch raises many types for damaged files; all mean the same to the user
         raise UserError(f"{path}: truncated or not a torch checkpoint ({_first_line(e)})") from None
+
+
+def _pickle_globals(path: Path, max_pickles: int = 8) -> set[str]:
+    """'module.name' of every global the pickle stream(s) in a file would import, read without running it."""
+    found: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            for _ in range(max_pickles):
+                strings: list[str] = []
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                        strings.append(str(arg))
+                    elif op.name == "GLOBAL":
+                        found.add(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.add(f"{strings[-2]}.{strings[-1]}")
+                if not f.peek(1):
+                    break
+    except Exception:
+        pass  # damaged or not a pickle: torch.load below reports that
+    return found
+
+
+def _weights_only_reason(e: BaseException) -> str:
+    """The line of torch's weights_only error that says what was refused, without its weights_only advice."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("Trying to load", "Unsupported", "Unsupported global", "WeightsUnpickler error:")) \
+                and ln != "WeightsUnpickler error:":
+            return ln.rstrip(".")
+    return "not a checkpoint it can read without running code"
 
 
 def _first_line(e: BaseException) -> str:
@@ -162,6 +196,18 @@ def plain_opt(opt: Any) -> dict:
     return out
 
 
+def make_contiguous(model: nn.Module) -> nn.Module:
+    """Put every parameter and buffer in the standard contiguous layout, in place.
+
+    Training runs channels_last, and torch pickles a tensor's strides as they are; official YOLOv5 fuses
+    Conv+BN with ``weight.view(out, -1)``, which fails on channels_last storage, so nothing we save keeps it.
+    """
+    for t in list(model.parameters()) + list(model.buffers()):
+        if not t.is_contiguous():
+            t.data = t.data.contiguous()
+    return model
+
+
 def build_checkpoint(model: nn.Module, ema: nn.Module | None = None, updates: int | None = None,
                      optimizer: torch.optim.Optimizer | None = None, epoch: int = -1,
                      best_fitness: float | None = None, opt: Any = None, extra: dict | None = None) -> dict:
@@ -169,8 +215,8 @@ def build_checkpoint(model: nn.Module, ema: nn.Module | None = None, updates: in
     ckpt = {
         "epoch": epoch,
         "best_fitness": None if best_fitness is None else float(best_fitness),
-        "model": deepcopy(de_parallel(model)).half(),
-        "ema": deepcopy(ema).half() if ema is not None else None,
+        "model": make_contiguous(deepcopy(de_parallel(model)).half()),
+        "ema": make_contiguous(deepcopy(ema).half()) if ema is not None else None,
         "updates": updates,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "opt": plain_opt(opt),
@@ -212,7 +258,7 @@ def strip_optimizer(f: str | Path, s: str | Path | None = None) -> Path:
         x[k] = None
     x.pop("resume_state", None)  # fp32 copies kept only so an interrupted run can resume exactly
     x["epoch"] = -1
-    x["model"].half()
+    make_contiguous(x["model"].half())  # also converts files written channels_last by earlier versions
     for p in x["model"].parameters():
         p.requires_grad = False
     out = save_checkpoint(x, s or f)

@@ -73,7 +73,18 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
         d["names"] = {int(k): str(v) for k, v in names.items()}
     except (TypeError, ValueError):
         raise UserError(f"{yaml_file}: 'names' keys must be integers") from None
-    d["nc"] = len(d["names"])
+    n = len(d["names"])
+    # class ids index the names, so a gap would make metrics and plots refer to classes that do not exist
+    if sorted(d["names"]) != list(range(n)):
+        raise UserError(f"{yaml_file}: 'names' keys must be exactly 0..{n - 1}, got {sorted(d['names'])}")
+    if d.get("nc") is not None:
+        try:
+            nc_ok = float(d["nc"]) == n
+        except (TypeError, ValueError):
+            nc_ok = False
+        if not nc_ok:
+            raise UserError(f"{yaml_file}: nc: {d['nc']} contradicts the {n} entries of 'names'")
+    d["nc"] = n
 
     path = Path(d.get("path") or "")
     if not path.is_absolute():
@@ -156,7 +167,8 @@ class LoadImagesAndLabels(Dataset):
     def __init__(self, path: str | Path | Sequence[str | Path], img_size: int = 640, batch_size: int = 16,
                  augment: bool = False, hyp: dict | None = None, rect: bool = False,
                  cache_images: str | bool | None = None, single_cls: bool = False, stride: int = 32,
-                 pad: float = 0.0, prefix: str = "", seed: int = 0, nc: int | None = None):
+                 pad: float = 0.0, prefix: str = "", seed: int = 0, nc: int | None = None,
+                 substitute_failed: bool | None = None):
         self.img_size = img_size
         self.augment = augment
         self.hyp = hyp or {}
@@ -171,6 +183,9 @@ class LoadImagesAndLabels(Dataset):
         # one-resample mosaic for rotation-free hyps (see _compose_scaled); False = reference pixel chain
         self.fast_mosaic = True
         self.read_failures: set[str] = set()
+        # Training keeps going on a stand-in sample; evaluation must not count any image twice, so there
+        # a failed sample is dropped (None, removed by collate_fn). Default: substitute only when augmenting.
+        self.substitute_failed = augment if substitute_failed is None else substitute_failed
 
         self.im_files = list_images(path, prefix)
         if not self.im_files:
@@ -311,7 +326,15 @@ class LoadImagesAndLabels(Dataset):
 
     def __getitem__(self, index: int):
         # A file that vanished or broke after the scan must not kill a long run: skip it (one warning)
-        # and serve the next sample instead.
+        # and serve the next sample instead, or nothing when substitutes are off.
+        if not self.substitute_failed:
+            try:
+                return self._load_item(index)
+            except UnreadableImage as e:
+                if str(e) not in self.read_failures:
+                    self.read_failures.add(str(e))
+                    LOGGER.warning(f"WARNING {e}; excluded from evaluation")
+                return None
         for attempt in range(min(self.n, 10)):
             try:
                 return self._load_item((index + attempt) % self.n)
@@ -465,7 +488,10 @@ class LoadImagesAndLabels(Dataset):
 
     @staticmethod
     def collate_fn(batch):
-        """Stack images, concatenate labels with the in-batch image index in column 0."""
+        """Stack images, concatenate labels with the in-batch image index in column 0; drop failed (None) samples."""
+        batch = [b for b in batch if b is not None]
+        if not batch:  # every image of this batch failed to load
+            return torch.zeros((0, 3, 0, 0), dtype=torch.uint8), torch.zeros((0, 6)), (), ()
         ims, labels, paths, shapes = zip(*batch)
         for i, lb in enumerate(labels):
             lb[:, 0] = i
@@ -491,14 +517,19 @@ def create_dataloader(path: str | Path | Sequence[str | Path], imgsz: int, batch
                       single_cls: bool = False, hyp: dict | None = None, augment: bool = False,
                       cache: str | None = None, pad: float = 0.0, rect: bool = False, rank: int = -1,
                       world_size: int = 1, workers: int = 8, prefix: str = "", shuffle: bool = False,
-                      seed: int = 0, nc: int | None = None) -> tuple[DataLoader, LoadImagesAndLabels]:
-    """Build the dataset and its DataLoader (persistent workers, seeded generator, optional DDP sampler)."""
+                      seed: int = 0, nc: int | None = None,
+                      substitute_failed: bool | None = None) -> tuple[DataLoader, LoadImagesAndLabels]:
+    """Build the dataset and its DataLoader (persistent workers, seeded generator, optional DDP sampler).
+
+    nc: rows with a class id >= nc are dropped. substitute_failed: serve another sample for an image that
+    fails to load (training) instead of dropping it (evaluation); None means "when augmenting".
+    """
     if rect and shuffle:
         LOGGER.warning(f"{prefix}WARNING --rect is incompatible with DataLoader shuffle, setting shuffle=False")
         shuffle = False
     dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
                                   cache_images=cache, single_cls=single_cls, stride=int(stride), pad=pad,
-                                  prefix=prefix, seed=seed, nc=nc)
+                                  prefix=prefix, seed=seed, nc=nc, substitute_failed=substitute_failed)
     batch_size = min(batch_size, len(dataset))
     nd = torch.cuda.device_count()
     nw = min(os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers)

@@ -1,8 +1,11 @@
 """Image/label verification and the label cache.
 
 Differences from YOLOv5 (deliberate, see data/README.md):
-- A bad label row (wrong column count, non-numeric, negative, coordinate > 1, class >= nc) is
-  dropped with a warning; the image is kept with its good rows instead of being discarded.
+- A bad label row (wrong column count, non-numeric, negative, coordinate > 1, class id negative, not an
+  integer or >= nc, zero-size box) is dropped with a warning; the image keeps its good rows instead of
+  being discarded.
+- Box or polygon is decided per row (5 values: box; odd count >= 7: polygon), so one polygon row does
+  not turn the box rows of its file into 2-point polygons.
 - A label file that is not UTF-8 marks the image corrupt (skipped): its objects cannot be read,
   and training on it as a background image would teach the model that those objects are background.
 - The cache is an .npz archive (no pickle) holding JSON metadata plus flat arrays.
@@ -23,7 +26,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 LOGGER = logging.getLogger("yolov5kd")
-CACHE_VERSION = "yolov5kd-labels-1"
+# bumped whenever the row rules change, so caches built under older rules are rebuilt
+CACHE_VERSION = "yolov5kd-labels-2"
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
 MIN_SIDE = 10
 NUM_THREADS = min(8, max(1, os.cpu_count() or 1))
@@ -54,13 +58,12 @@ def _exif_size(im: Image.Image) -> tuple[int, int]:
 
 
 def _parse_rows(text: str, nc: int | None) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
-    """Parse label text into (n, 5) boxes, optional polygons, and one problem note per dropped row."""
-    rows = [ln.split() for ln in text.splitlines()]
-    numbered = [(k + 1, r) for k, r in enumerate(rows) if r]
+    """Parse label text into (n, 5) boxes, polygons (only if every kept row is one), and notes on dropped rows."""
     problems: list[str] = []
-    polygon_mode = any(len(r) > 6 for _, r in numbered)
     boxes, segments = [], []
-    for lineno, r in numbered:
+    for lineno, r in enumerate((ln.split() for ln in text.splitlines()), 1):
+        if not r:
+            continue
         try:
             vals = np.array(r, dtype=np.float64)
         except ValueError:
@@ -69,31 +72,43 @@ def _parse_rows(text: str, nc: int | None) -> tuple[np.ndarray, list[np.ndarray]
         if not np.isfinite(vals).all():
             problems.append(f"row {lineno}: not finite")
             continue
-        if polygon_mode:
-            if len(vals) < 5 or (len(vals) - 1) % 2:
-                problems.append(f"row {lineno}: {len(vals)} values, not a polygon")
-                continue
-        elif len(vals) != 5:
-            problems.append(f"row {lineno}: {len(vals)} values, expected 5")
+        # decided per row: one polygon in a file must not reinterpret its box rows
+        is_polygon = len(vals) >= 7 and len(vals) % 2 == 1
+        if len(vals) != 5 and not is_polygon:
+            problems.append(f"row {lineno}: {len(vals)} values, expected 5 (box) or an odd count >= 7 (polygon)")
             continue
-        if (vals < 0).any():
+        c = vals[0]
+        if c != int(c):
+            problems.append(f"row {lineno}: class {c:g} is not an integer")
+            continue
+        if c < 0:
+            problems.append(f"row {lineno}: class {c:g} is negative")
+            continue
+        if nc is not None and c >= nc:
+            problems.append(f"row {lineno}: class {c:g} >= nc {nc}")
+            continue
+        if (vals[1:] < 0).any():
             problems.append(f"row {lineno}: negative value")
             continue
         if (vals[1:] > 1).any():
             problems.append(f"row {lineno}: coordinate > 1")
             continue
-        if nc is not None and vals[0] >= nc:
-            problems.append(f"row {lineno}: class {vals[0]:g} >= nc {nc}")
-            continue
-        if polygon_mode:
+        if is_polygon:
             pts = vals[1:].reshape(-1, 2).astype(np.float32)
             (x1, y1), (x2, y2) = pts.min(0), pts.max(0)
-            boxes.append([vals[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
-            segments.append(pts)
+            box = [c, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
         else:
-            boxes.append(vals)
+            pts, box = None, vals
+        if np.float32(box[3]) <= 0 or np.float32(box[4]) <= 0:  # as stored: float32
+            problems.append(f"row {lineno}: zero-size box ({box[3]:g} x {box[4]:g})")
+            continue
+        boxes.append(box)
+        segments.append(pts)
     lb = np.array(boxes, dtype=np.float32).reshape(-1, 5)
-    return lb, segments, problems
+    # Mosaic refits boxes from polygons only when every label has one, so polygons of a file that
+    # mixes boxes and polygons would never be used; dropping them keeps segments aligned with boxes.
+    segs = segments if segments and all(s is not None for s in segments) else []
+    return lb, segs, problems
 
 
 def verify_image_label(args: tuple[str, str, str, int | None]):
@@ -162,11 +177,23 @@ def _restore_jpeg(path: str) -> None:
     _atomic_write(Path(path), buf.getvalue())
 
 
+def _read_umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+# Read once at import: swapping the umask is process-wide, and writes happen from thread pools.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp creates 0600; files written into a dataset should be as readable as a plain open() makes them
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
