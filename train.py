@@ -9,6 +9,7 @@ This file parses flags and wires the pieces; the loop itself is utils.engine.tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -25,8 +26,9 @@ if str(ROOT) not in sys.path:
 
 import val as validate  # noqa: E402
 from models.yolo import Model, check_img_size  # noqa: E402
-from optimizer.loss import OutputDistillationLoss  # noqa: E402
-from optimizer.teacher import add_kd_args, load_teacher, preflight, resolve_kd_options, resume_teacher  # noqa: E402
+from optimizer.config import KD_SPECS, KDConfig, add_kd_args  # noqa: E402
+from optimizer.criterion import DetectionCriterion, Distiller, balance_ratios  # noqa: E402
+from optimizer.teacher import check_teacher_unchanged, file_sha256  # noqa: E402
 from utils.anchors import check_anchors  # noqa: E402
 from utils.checkpoint import (build_checkpoint, de_parallel, model_from_ckpt, save_checkpoint, strip_optimizer,  # noqa: E402
                               torch_load)
@@ -37,23 +39,15 @@ from utils.engine import (NBS, EarlyStopping, LoopState, ModelEMA, build_optimiz
                           lr_lambda,
                           train_one_epoch, weights_are_finite)
 from utils.errors import UserError  # noqa: E402
-from utils.config import find_file, read_yaml, yaml_save  # noqa: E402
+from utils.config import read_yaml, yaml_save  # noqa: E402
+from utils.hyp import load_hyp  # noqa: E402
 from utils.log import get_latest_run, increment_path, setup_logging  # noqa: E402
-from utils.loggers import RunLogger  # noqa: E402
+from utils.loggers import RunLogger, trim_results_csv  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 
 LOGGER = logging.getLogger("yolov5kd")
 DEFAULT_HYP = ROOT / "data/hyps/hyp.scratch-low.yaml"
-
-
-def load_hyp(hyp) -> dict:
-    """A hyp dict from a yaml path (short names resolve to data/hyps/) or a dict."""
-    if isinstance(hyp, dict):
-        return dict(hyp)
-    required = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
-                "box", "cls", "cls_pw", "obj", "obj_pw", "anchor_t", "fl_gamma")
-    return read_yaml(find_file(hyp, [ROOT / "data/hyps"], "hyp yaml"), "hyp yaml", required)
 
 
 def build_student(opt, nc: int, hyp: dict, device: torch.device) -> tuple[nn.Module, dict | None]:
@@ -103,7 +97,7 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> None:
             v.requires_grad_(False)
 
 
-def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo) -> tuple:
+def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo, kd: KDConfig) -> tuple:
     """Run the whole training; returns the final validation results tuple."""
     save_dir = Path(opt.save_dir)
     w = save_dir / "weights"
@@ -111,8 +105,9 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     main = info.is_main
     if main:
         w.mkdir(parents=True, exist_ok=True)
-        yaml_save(save_dir / "hyp.yaml", hyp)
-        yaml_save(save_dir / "opt.yaml", vars(opt))
+        if not opt.resume:  # a resumed run keeps the files it was started with
+            yaml_save(save_dir / "hyp.yaml", hyp)
+            yaml_save(save_dir / "opt.yaml", vars(opt))
     plots = not opt.noplots
     cuda = device.type == "cuda"
 
@@ -141,6 +136,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     best_fitness, start_epoch = 0.0, 0
     if opt.resume and ckpt is not None:
         best_fitness, start_epoch, opt.epochs = resume_epochs(ckpt, opt.weights, opt.epochs)
+        if main:
+            clean_interrupted_saves(w, save_dir, start_epoch - 1)
     lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
     scheduler = build_scheduler(optimizer, lf, start_epoch,
                                 ckpt.get("optimizer") if opt.resume and ckpt is not None else None)
@@ -160,9 +157,13 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
 
     val_loader = None
     if main:
-        val_loader = create_dataloader(val_path, imgsz, batch_size // info.world_size * 2, gs, opt.single_cls,
-                                       hyp=hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
-                                       workers=opt.workers * 2, pad=0.5, prefix="val: ", nc=nc)[0]
+        val_loader, val_set = create_dataloader(val_path, imgsz, batch_size // info.world_size * 2, gs,
+                                                opt.single_cls, hyp=hyp, cache=None if opt.noval else opt.cache,
+                                                rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
+                                                prefix="val: ", nc=nc)
+        if not any(len(x) for x in val_set.labels):
+            LOGGER.warning(f"WARNING: val: {val_path} has no labels, so mAP cannot be measured (fitness counts as 0); "
+                           f"training goes on and best.pt follows the latest epoch")
         if not opt.resume:
             if not opt.noautoanchor:
                 check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
@@ -189,12 +190,15 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     if ema is not None:
         ema.update_attr(model)
 
-    teacher, distiller = setup_teacher(opt, base, imgsz, device, info, val_loader, data_dict)
     compute_loss = ComputeLoss(base)
+    criterion = build_criterion(kd, compute_loss, base, imgsz, device, opt.trust_checkpoint)
+    reference = None
+    if main and not opt.noval and not opt.resume:
+        reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     stopper = EarlyStopping(patience=opt.patience)
     stopper.best_fitness = best_fitness if opt.resume else -1.0
-    logger = RunLogger(save_dir, hyp=hyp, opt=vars(opt), kd=distiller is not None,
+    logger = RunLogger(save_dir, hyp=hyp, opt=vars(opt), parts=criterion.parts,
                        tensorboard=True, plots=plots) if main else None
     nw = max(round(hyp["warmup_epochs"] * nb), 100)
     state = LoopState(last_opt_step=start_epoch * nb - 1)
@@ -207,7 +211,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
         if plots and logger is not None and ni < 3:
             logger.log_batch_images(ni, imgs, targets, paths, names)
 
-    epoch = start_epoch
+    epochs_run = 0
     for epoch in range(start_epoch, opt.epochs):
         # reseeding per epoch makes an epoch's augmentation independent of earlier epochs, so a resumed run
         # (workers 0) replays exactly what an uninterrupted one would have done
@@ -216,12 +220,13 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
             train_loader.generator.manual_seed(6148914691236517205 + opt.seed + max(info.rank, 0) + epoch)
         if info.distributed:
             train_loader.sampler.set_epoch(epoch)
-        res = train_one_epoch(model, train_loader, optimizer, scaler, compute_loss, ema, epoch, epochs=opt.epochs,
+        res = train_one_epoch(model, train_loader, optimizer, scaler, criterion, ema, epoch, epochs=opt.epochs,
                               device=device, hyp=hyp, lf=lf, batch_size=batch_size, nw=nw, state=state,
                               imgsz=imgsz, gs=gs, amp=amp, world_size=info.world_size,
-                              multi_scale=opt.multi_scale, distiller=distiller, teacher=teacher,
-                              show_progress=main, on_batch=on_batch if epoch == 0 else None)
+                              multi_scale=opt.multi_scale, show_progress=main,
+                              on_batch=on_batch if epoch == 0 else None)
         scheduler.step()
+        epochs_run += 1
 
         stop = False
         if main:
@@ -233,10 +238,13 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
                                              dataloader=val_loader, save_dir=save_dir, plots=False,
                                              compute_loss=compute_loss)
             fi = float(fitness(np.array(results).reshape(1, -1))[0])
+            fi = fi if np.isfinite(fi) else 0.0  # no labels (or no predictions) must not block best.pt
             stop = stopper(epoch=epoch, fitness=fi)
             if fi > best_fitness:
                 best_fitness = fi
-            logger.log_epoch(epoch, res.mloss.tolist(), results, res.lrs)
+            logger.log_epoch(epoch, res.mloss, results, res.lrs)
+            if kd.enabled:
+                logger.log_scalars({f"kd_balance/{k}": v for k, v in balance_ratios(res.mloss).items()}, epoch)
             if not opt.nosave or final_epoch:
                 exact = {"model": _fp32_state(model), "ema": _fp32_state(ema.ema)}
                 ckpt = build_checkpoint(model, ema=ema.ema, updates=ema.updates, optimizer=optimizer, epoch=epoch,
@@ -255,7 +263,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
             break
 
     if main:
-        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        LOGGER.info(f"\n{epochs_run} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
         for f in (last, best):
             if f.exists():
                 strip_optimizer(f)
@@ -267,6 +275,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
                                          verbose=True, plots=plots, compute_loss=compute_loss)
         logger.on_train_end()
         logger.close()
+        if reference and best.exists() and not opt.noval:
+            LOGGER.info(summary_line(reference, results))
         LOGGER.info(f"Results saved to {save_dir}")
     return results
 
@@ -292,7 +302,7 @@ def labels_to_class_weights(labels: np.ndarray, nc: int = 80) -> torch.Tensor:
 
 
 def _fp32_state(model: nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in de_parallel(model).state_dict().items()}
+    return {k: v.detach().contiguous().clone() for k, v in de_parallel(model).state_dict().items()}
 
 
 def restore_ema(ckpt: dict, ema: ModelEMA) -> None:
@@ -319,26 +329,41 @@ def resume_epochs(ckpt: dict, weights, epochs: int) -> tuple[float, int, int]:
     return best_fitness, start_epoch, epochs
 
 
-def setup_teacher(opt, student: nn.Module, imgsz: int, device: torch.device, info: DistInfo, val_loader,
-                  data_dict: dict):
-    """Teacher and distillation loss (None, None without --t_weights); checks compatibility first."""
-    if not opt.t_weights:
-        return None, None
-    if opt.resume:
-        teacher = resume_teacher(opt.t_weights, device=device, trust=opt.trust_checkpoint)
-    else:
-        teacher = load_teacher(opt.t_weights, device=device, trust=opt.trust_checkpoint)
-    teacher.model.to(memory_format=torch.channels_last)  # same NHWC layout as the student's input
-    checks = preflight(teacher, student, imgsz)
-    distiller = OutputDistillationLoss(student, dist_loss=opt.dist_loss, T=opt.temperature,
-                                       distill_ratio=opt.distill_ratio,
-                                       teacher_anchors=checks["teacher_anchors"] if checks["decoded_box"] else None)
-    if info.is_main and not opt.noval and not opt.resume and val_loader is not None:
-        LOGGER.info(f"Teacher {opt.t_weights} on the validation set (the ceiling for the student):")
-        r, _, _ = validate.run(data_dict, imgsz=imgsz, model=deepcopy(teacher.model).float(), dataloader=val_loader,
-                               plots=False, single_cls=opt.single_cls, half=False)
+def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module, imgsz: int, device: torch.device,
+                    trust: bool) -> DetectionCriterion:
+    """The loss the loop minimises: detection alone, or detection + distillation from the configured teacher."""
+    if not kd.enabled:
+        return DetectionCriterion(compute_loss)
+    return Distiller.build(kd, compute_loss, student, imgsz, device, trust=trust)
+
+
+def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_dict: dict, imgsz: int,
+                     val_loader) -> dict[str, float]:
+    """mAP50-95 of the teacher (the student's ceiling) and of the starting student when it was loaded from a
+    checkpoint, measured before the first step so the end of training can say what changed."""
+    out: dict[str, float] = {}
+    if isinstance(criterion, Distiller):
+        LOGGER.info(f"Teacher {criterion.config.t_weights} on the validation set (the ceiling for the student):")
+        r, _, _ = validate.run(data_dict, imgsz=imgsz, model=deepcopy(criterion.teacher.model).float(),
+                               dataloader=val_loader, plots=False, single_cls=opt.single_cls, half=False)
         LOGGER.info(f"Teacher mAP50 {r[2]:.4f}, mAP50-95 {r[3]:.4f}")
-    return teacher, distiller
+        out["teacher"] = float(r[3])
+    if str(opt.weights).endswith(".pt"):
+        LOGGER.info(f"Student {opt.weights} before training:")
+        r, _, _ = validate.run(data_dict, imgsz=imgsz, model=validation_copy(model), dataloader=val_loader,
+                               plots=False, single_cls=opt.single_cls, half=False)
+        out["student"] = float(r[3])
+    return out
+
+
+def summary_line(reference: dict[str, float], results) -> str:
+    """One line: the student's mAP50-95 before and after, next to the teacher's."""
+    parts = [f"mAP50-95 {float(results[3]):.4f} after training"]
+    if "student" in reference:
+        parts.insert(0, f"student mAP50-95 {reference['student']:.4f} before")
+    if "teacher" in reference:
+        parts.append(f"teacher {reference['teacher']:.4f}")
+    return "Summary: " + ", ".join(parts)
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -385,24 +410,62 @@ def _given_flags(argv: list[str]) -> set[str]:
     return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
+def check_flags(opt: argparse.Namespace) -> None:
+    """One-line errors for numeric flags out of range, before anything is built or written."""
+    checks = (
+        ("--epochs", opt.epochs, opt.epochs >= 1, ">= 1"),
+        ("--batch-size", opt.batch_size, opt.batch_size >= 1, ">= 1 (AutoBatch, -1, is not supported)"),
+        ("--imgsz", opt.imgsz, opt.imgsz >= 32, ">= 32"),
+        ("--workers", opt.workers, opt.workers >= 0, ">= 0"),
+        ("--patience", opt.patience, opt.patience >= 0, ">= 0 (0 disables early stopping)"),
+        ("--label-smoothing", opt.label_smoothing, 0 <= opt.label_smoothing < 1, ">= 0 and < 1"),
+        ("--freeze", opt.freeze, all(f >= 0 for f in opt.freeze), "layer numbers >= 0"),
+    )
+    for flag, value, ok, need in checks:
+        if not ok:
+            raise UserError(f"{flag} {value}: must be {need}")
+
+
 def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:
-    """Reload the options of the run being resumed; only --device/--workers style flags carry over."""
+    """Options of the run being resumed, after checking that it can be resumed; writes nothing.
+
+    The run folder is the one that holds the file (<run>/weights/last.pt -> <run>), never the folder
+    recorded inside it, so resuming a copy can never overwrite the original run."""
     last = Path(opt.resume if isinstance(opt.resume, str) else get_latest_run(ROOT / "runs"))
     if not str(last) or not last.is_file():
         raise UserError(f"--resume: no last.pt found{f' at {last}' if str(last) not in ('', '.') else ''}")
-    opt_yaml = last.parent.parent / "opt.yaml"
-    if opt_yaml.is_file():
-        d = read_yaml(opt_yaml, "run options")
-    else:
-        d = torch_load(last).get("opt") or {}
+    if last.parent.name != "weights":
+        raise UserError(f"--resume {last}: not inside a run's weights/ folder; a resumed run writes into "
+                        f"<run>/weights/, so place the file there (or start a new run with --weights {last})")
+    ckpt = torch_load(last, trust=opt.trust_checkpoint)
+    if not isinstance(ckpt, dict) or ckpt.get("optimizer") is None or int(ckpt.get("epoch", -1)) < 0:
+        raise UserError(f"--resume {last}: a finished or stripped checkpoint (no optimizer state), nothing to "
+                        f"resume; start a new run with --weights {last}")
+    run = last.parent.parent
+    opt_yaml = run / "opt.yaml"
+    d = read_yaml(opt_yaml, "run options") if opt_yaml.is_file() else dict(ckpt.get("opt") or {})
     keep = {k: getattr(opt, k) for k in ("device", "workers", "trust_checkpoint")}
     new = argparse.Namespace(**{**vars(opt), **d})
-    new.cfg, new.weights, new.resume = "", str(last), True
+    new.cfg, new.weights, new.resume, new.save_dir = "", str(last), True, str(run)
     new.hyp = d.get("hyp", new.hyp)
     for k, v in keep.items():
         if k in opt.cli_given:
             setattr(new, k, v)
+    if new.t_weights:
+        check_teacher_unchanged(new.t_weights, getattr(new, "t_sha256", None))
     return new
+
+
+def clean_interrupted_saves(weights_dir: Path, save_dir: Path, last_epoch: int) -> None:
+    """Before a resumed run writes: remove temp files of saves cut short by a kill, and results.csv rows of
+    epochs the checkpoint does not hold (they are trained again, so they would appear twice)."""
+    stale = sorted(weights_dir.glob(".*.pt.*.tmp"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    dropped = trim_results_csv(save_dir / "results.csv", last_epoch)
+    if stale or dropped:
+        LOGGER.info(f"Resume: removed {len(stale)} unfinished checkpoint temp file(s) and {dropped} results.csv "
+                    f"row(s) of epochs after {last_epoch}, which the checkpoint does not hold")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,19 +476,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opt.resume:
             opt = prepare_resume(opt)
-            hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
+            hyp = load_hyp(opt.hyp, KD_SPECS)
+            kd = KDConfig.from_record(vars(opt))
         else:
-            hyp = load_hyp(opt.hyp)
-            kd = resolve_kd_options(vars(opt), hyp, opt.cli_given)
-            for k, v in kd.items():
-                setattr(opt, k, v)
-            hyp["temperature"], hyp["distill_ratio"] = opt.temperature, opt.distill_ratio
+            check_flags(opt)
+            hyp = load_hyp(opt.hyp, KD_SPECS)
+            kd = KDConfig.resolve(vars(opt), hyp, opt.cli_given)
+            if kd.enabled:
+                kd = dataclasses.replace(kd, t_sha256=file_sha256(kd.t_weights))
+            hyp.update(kd.hyp_values())  # the run's hyp.yaml records the values in effect
+            vars(opt).update(kd.as_dict())  # ... and so do opt.yaml and the checkpoints' opt
             opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
         opt.hyp = dict(hyp)
         device = select_device(opt.device, opt.batch_size, info)
         init_distributed(info, device, opt.batch_size)
         try:
-            train(hyp, opt, device, info)
+            train(hyp, opt, device, info, kd)
         finally:
             cleanup_distributed(info)
     except UserError as e:

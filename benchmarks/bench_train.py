@@ -12,13 +12,11 @@ import time
 
 import torch
 
-from common import demo_data, load_hyp, peak_memory_mb, student, sync, teacher
+from common import criterion_for, demo_data, load_hyp, peak_memory_mb, student, sync
 
-from optimizer.loss import OutputDistillationLoss  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
 from utils.engine import LoopState, ModelEMA, build_optimizer, lr_lambda, train_one_epoch  # noqa: E402
-from utils.loss import ComputeLoss  # noqa: E402
 
 
 def main() -> int:
@@ -36,19 +34,18 @@ def main() -> int:
     loader, _ = create_dataloader(data["train"], a.imgsz, a.batch, 32, hyp=hyp, augment=True, workers=a.workers,
                                   shuffle=True)
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    t = teacher(nc, device) if a.kd else None
-    kd = OutputDistillationLoss(model) if a.kd else None
+    criterion = criterion_for(model, imgsz=a.imgsz, device=device, kd=a.kd)
     common = dict(epochs=2, device=device, hyp=hyp, lf=lr_lambda(2, hyp["lrf"]), batch_size=a.batch, nw=100,
-                  imgsz=a.imgsz, gs=32, amp=device.type == "cuda", distiller=kd, teacher=t, show_progress=False)
+                  imgsz=a.imgsz, gs=32, amp=device.type == "cuda", show_progress=False)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     state = LoopState()
     # epoch 0 warms up workers, allocator and page cache; epoch 1 is timed
-    train_one_epoch(model, loader, opt, scaler, ComputeLoss(model), ModelEMA(model), 0, state=state, **common)
+    train_one_epoch(model, loader, opt, scaler, criterion, ModelEMA(model), 0, state=state, **common)
     sync(device)
     t0 = time.perf_counter()
-    train_one_epoch(model, loader, opt, scaler, ComputeLoss(model), ModelEMA(model), 1, state=state, **common)
+    train_one_epoch(model, loader, opt, scaler, criterion, ModelEMA(model), 1, state=state, **common)
     sync(device)
     dt = time.perf_counter() - t0
     n = len(loader.dataset)

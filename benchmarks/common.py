@@ -13,6 +13,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from models.yolo import Model  # noqa: E402
+from optimizer.config import KDConfig  # noqa: E402
+from optimizer.criterion import DetectionCriterion, Distiller  # noqa: E402
 from optimizer.loss import OutputDistillationLoss  # noqa: E402
 from optimizer.teacher import Teacher, load_teacher  # noqa: E402
 from utils.datasets import check_dataset  # noqa: E402
@@ -49,6 +51,14 @@ def teacher(nc: int, device: torch.device) -> Teacher:
                     half=device.type == "cuda")
     t.model.to(memory_format=torch.channels_last)  # as train.py sets it up
     return t
+
+
+def criterion_for(model: torch.nn.Module, imgsz: int, device: torch.device, kd: bool) -> DetectionCriterion:
+    """train.py's criterion: the detection loss, or detection + distillation from the demo teacher."""
+    if not kd:
+        return DetectionCriterion(ComputeLoss(model))
+    t = teacher(int(model.nc), device)
+    return Distiller(KDConfig(t_weights=t.path), ComputeLoss(model), t, model, imgsz)
 
 
 class Stepper:

@@ -3,10 +3,12 @@
 
     python benchmarks/kd_balance.py [--weights runs/kd_gain/base_s0/weights/best.pt] [--dist_loss l2]
                                     [--temperature 5] [--distill_ratio 0.5] [--imgsz 320] [--batch 16]
+                                    [--dist_norm mean weighted soft]
 
 For a student (from scratch by default, or --weights) and the demo teacher it prints each loss part as it
 enters the total (gains, distill_ratio and batch size applied) and the L2 norm of the gradient that part
-sends into the student's raw output maps, so one can see which term drives the early updates.
+sends into the student's raw output maps, so one can see which term drives the early updates. With several
+--dist_norm values the distillation rows are printed once per normalisation, on the same batch and maps.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from common import load_hyp, student, teacher
 from bench_kd_step import first_batch
 
-from optimizer.loss import OutputDistillationLoss  # noqa: E402
+from optimizer.loss import DIST_NORMS, OutputDistillationLoss  # noqa: E402
 from utils.checkpoint import attempt_load  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
 
@@ -31,6 +33,8 @@ def main() -> int:
     ap.add_argument("--distill_ratio", type=float, default=0.5)
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--dist_norm", nargs="+", default=["mean"], choices=DIST_NORMS,
+                    help="distillation normalisation(s) to compare")
     a = ap.parse_args()
     device = torch.device("cpu")
     data, imgs, targets = first_batch(a.imgsz, a.batch)
@@ -48,24 +52,26 @@ def main() -> int:
     # the maps as leaves: every term's gradient is taken with respect to the same tensors, one forward
     pred = [p.detach().requires_grad_(True) for p in model(x)]
     det = ComputeLoss(model)
-    kd = OutputDistillationLoss(model, dist_loss=a.dist_loss, T=a.temperature, distill_ratio=a.distill_ratio,
-                                teacher_anchors=t.anchors)
     _, items = det(pred, targets)
     bs = imgs.shape[0]
     # ComputeLoss returns the parts summed over levels and × batch size only in the total; rebuild each part
     parts = {"box": items[0] * bs, "obj": items[1] * bs, "cls": items[2] * bs}
-    _, kd_parts = kd(pred, t_maps)
     print(f"student {a.weights or 'yolov5n from scratch'}, teacher {t.path}, {a.dist_loss} T={a.temperature:g} "
           f"distill_ratio={a.distill_ratio:g}, batch {bs}, imgsz {a.imgsz}")
-    print(f"{'term':6s} {'value':>10s} {'|grad| at the output maps':>28s}")
-    for name in ("box", "obj", "cls", "dbox", "dobj", "dcls"):
-        value = float(parts[name] if name in parts else kd_parts[name])
-        grad = grad_norm(name, pred, det, kd, targets, t_maps)
-        print(f"{name:6s} {value:10.4f} {grad:28.2e}")
+    print(f"{'term':16s} {'value':>10s} {'|grad| at the output maps':>28s}")
+    for name in ("box", "obj", "cls"):
+        print(f"{name:16s} {float(parts[name]):10.4f} {grad_norm(name, pred, det, None, targets, t_maps):28.2e}")
+    for norm in a.dist_norm:
+        kd = OutputDistillationLoss(model, dist_loss=a.dist_loss, T=a.temperature, distill_ratio=a.distill_ratio,
+                                    teacher_anchors=t.anchors, norm=norm)
+        _, kd_parts = kd(pred, t_maps)
+        for name in ("dbox", "dobj", "dcls"):
+            grad = grad_norm(name, pred, det, kd, targets, t_maps)
+            print(f"{name + ' (' + norm + ')':16s} {float(kd_parts[name]):10.4f} {grad:28.2e}")
     return 0
 
 
-def grad_norm(name: str, pred: list[torch.Tensor], det: ComputeLoss, kd: OutputDistillationLoss, targets,
+def grad_norm(name: str, pred: list[torch.Tensor], det: ComputeLoss, kd: OutputDistillationLoss | None, targets,
               t_maps) -> float:
     """L2 norm of d(term)/d(student raw maps) for one term (the other terms' gains set to 0)."""
     if name in ("box", "obj", "cls"):

@@ -4,6 +4,7 @@
     python benchmarks/kd_gain.py                       # main experiment: 2 arms x 3 seeds
     python benchmarks/kd_gain.py --mode sweep          # dist_loss x temperature x ratio, one seed, shorter
     python benchmarks/kd_gain.py --mode finetune       # continue a baseline student with / without KD
+    python benchmarks/kd_gain.py --mode converge       # plateaued shipped student: baseline vs each --dist_norm
 
 Each run is a plain `train.py` subprocess (yolov5n from scratch on the demo data unless --student is
 given); the figures come from the runs' results.csv. Writes docs/kd_<mode>.md (+ .png for the main
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from utils.loggers import read_results_csv  # noqa: E402
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
+DEMO_STUDENT = ROOT / "checkpoint" / "yolov5n-shapes.pt"
 M50, M5095 = "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"
 
 
@@ -45,12 +50,14 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
     cmd += ["--weights", weights] if weights else ["--cfg", a.student, "--weights", ""]
     if kd:
         cmd += ["--t_weights", a.teacher, "--dist_loss", kd["dist_loss"], "--temperature", str(kd["T"]),
-                "--distill_ratio", str(kd["ratio"])]
+                "--distill_ratio", str(kd["ratio"]), "--dist_norm", kd.get("norm", "mean")]
     print(" ".join(cmd), flush=True)
     log = Path(a.project) / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    # runs side by side must each get one thread: oversubscribed OpenMP threads slow both many times over
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if a.jobs > 1 else None
     with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if r.returncode:
         raise SystemExit(f"{name} failed (exit {r.returncode}); see {log}")
     return read_results_csv(csv)
@@ -174,9 +181,87 @@ def finetune(a) -> list[str]:
             f"| continue with KD | {dist[0] * 100:.1f} | {dist[1] * 100:.1f} |"]
 
 
+def start_map(a, weights: str) -> tuple[float, float]:
+    """Val (mAP50, mAP50-95) of a checkpoint: the teacher, or the student the arms start from."""
+    import val
+    (_, _, m50, m, *_), _, _ = val.run(a.data, weights=weights, imgsz=a.imgsz, batch_size=32, device=a.device,
+                                   plots=False, project=ROOT / "runs/kd_gain_val", exist_ok=True, workers=a.workers)
+    return m50, m
+
+
+def plateau_gain(res: dict) -> float:
+    """mAP50-95 gained in the last 20 % of epochs: best there minus best before (the plateau test)."""
+    y = res[M5095]
+    k = max(1, math.ceil(0.2 * len(y)))
+    return max(y[-k:]) - max(y[:-k]) if len(y) > k else float("nan")
+
+
+def converge(a) -> list[str]:
+    """Every arm continues the same plateaued student (same data, hyp, seed, epochs): baseline vs each norm."""
+    arms = [("baseline", None)] + [(n, {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio,
+                                        "norm": n}) for n in a.norms]
+    jobs = [(arm, kd, seed) for seed in a.seeds for arm, kd in arms]
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        res = dict(zip([(arm, seed) for arm, _, seed in jobs],
+                       pool.map(lambda j: train_run(f"conv_{j[0]}_s{j[2]}", a, seed=j[2], epochs=a.ft_epochs,
+                                                    kd=j[1], weights=a.start), jobs)))
+    s50, s = start_map(a, a.start)
+    t50, t = start_map(a, a.teacher)
+    names = [arm for arm, _ in arms]
+    lines = [f"Convergence regime: every arm continues `{Path(a.start).name}` (mAP50-95 {s * 100:.1f}) for "
+             f"{a.ft_epochs} epochs at imgsz {a.imgsz}, batch {a.batch}, same data, hyp and seed; KD arms use "
+             f"teacher `{Path(a.teacher).name}` (mAP50-95 {t * 100:.1f}), --dist_loss {a.dist_loss}, "
+             f"--temperature {a.temperature:g}, --distill_ratio {a.distill_ratio:g}. Figures: best.pt's epoch, "
+             f"mAP50-95 in points; gap closed = (arm - baseline) / (teacher - baseline).", "",
+             "| seed | " + " | ".join(names) + " | baseline gain in last 20 % of epochs |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for seed in a.seeds:
+        vals = [best_row(res[(n, seed)])[1] for n in names]
+        cells = [f"{vals[0] * 100:.2f}"] + [f"{v * 100:.2f} ({(v - vals[0]) * 100:+.2f})" for v in vals[1:]]
+        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {plateau_gain(res[('baseline', seed)]) * 100:+.2f} |")
+    means = {n: statistics.mean(best_row(res[(n, sd)])[1] for sd in a.seeds) for n in names}
+    gains = {n: [best_row(res[(n, sd)])[1] - best_row(res[("baseline", sd)])[1] for sd in a.seeds] for n in names}
+    lines.append("| mean | " + " | ".join([f"{means['baseline'] * 100:.2f}"] + [
+        f"{means[n] * 100:.2f} ({statistics.mean(gains[n]) * 100:+.2f}, gap closed "
+        f"{(means[n] - means['baseline']) / (t - means['baseline']) * 100:.0f} %)" if t > means["baseline"] else
+        f"{means[n] * 100:.2f}" for n in names[1:]]) + " | |")
+    best = max(names[1:], key=lambda n: means[n])
+    lines += ["", f"Start {s * 100:.2f}, teacher {t * 100:.2f}. Best KD arm: `{best}` "
+              f"({statistics.mean(gains[best]) * 100:+.2f} on the mean, per seed " +
+              ", ".join(f"{g * 100:+.2f}" for g in gains[best]) + ")."]
+    curves = {n: [res[(n, sd)][M5095] for sd in a.seeds] for n in names}
+    plot_arms(curves, s, t, Path(a.out) / "kd_converge.png", a)
+    return lines
+
+
+def plot_arms(curves: dict, start: float, teacher: float, path: Path, a) -> None:
+    """mAP50-95 per epoch for every arm (thin: seeds, thick: mean), with the start and teacher levels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for (name, ys), colour in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")):
+        for y in ys:
+            ax.plot(range(1, len(y) + 1), [v * 100 for v in y], color=colour, alpha=0.3, lw=1)
+        n = min(len(y) for y in ys)
+        ax.plot(range(1, n + 1), [statistics.mean(y[i] for y in ys) * 100 for i in range(n)], color=colour, lw=2.5,
+                label=f"{name} (mean of {len(ys)} seeds)")
+    ax.axhline(start * 100, color="grey", ls=":", label="start (shipped student)")
+    ax.axhline(teacher * 100, color="black", ls="--", label="teacher")
+    ax.set_xlabel("epoch of the continuation")
+    ax.set_ylabel("val mAP50-95 (points)")
+    ax.set_title(f"{Path(a.start).name} continued, imgsz {a.imgsz}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=["main", "sweep", "finetune"], default="main")
+    ap.add_argument("--mode", choices=["main", "sweep", "finetune", "converge"], default="main")
     ap.add_argument("--data", default="shapes.yaml")
     ap.add_argument("--student", default="yolov5n.yaml")
     ap.add_argument("--teacher", default=str(DEMO_TEACHER))
@@ -193,10 +278,13 @@ def main() -> int:
     ap.add_argument("--distill_ratio", type=float, default=0.5)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 5.0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--start", default=str(DEMO_STUDENT), help="converge: the plateaued student every arm continues")
+    ap.add_argument("--norms", nargs="+", default=["mean", "weighted", "soft"], help="converge: KD arms")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets one thread when > 1)")
     ap.add_argument("--project", default=str(ROOT / "runs" / "kd_gain"))
     ap.add_argument("--out", default=str(ROOT / "docs"))
     a = ap.parse_args()
-    lines = {"main": main_experiment, "sweep": sweep, "finetune": finetune}[a.mode](a)
+    lines = {"main": main_experiment, "sweep": sweep, "finetune": finetune, "converge": converge}[a.mode](a)
     out = Path(a.out) / f"kd_{a.mode}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/kd_gain.py " + " ".join(sys.argv[1:])

@@ -10,10 +10,23 @@ import torch.nn.functional as F
 
 from utils.checkpoint import de_parallel
 from utils.errors import UserError
+from utils.loss import BALANCE_3, BALANCE_N
 
 LOGGER = logging.getLogger("yolov5kd")
 
 DIST_LOSSES = ("l2", "kl", "bce")
+# How each level's term is normalised:
+#   mean     - the seed formula: mean over every element of D·w (w = sigmoid(teacher obj logit));
+#   weighted - weighted average over cells, Σ_c w_c·D_c / max(Σ_c w_c, 1), D_c averaged over the
+#              cell's box / class channels: independent of the grid size and of how many cells are empty;
+#   soft     - box and class as weighted; objectness over ALL cells as the binary KL between
+#              sigmoid(p_obj) and sigmoid(t_obj) (soft-target BCE minus the teacher's entropy), mean over
+#              cells and × the detection loss's per-level balance, like the detection objectness loss.
+DIST_NORMS = ("mean", "weighted", "soft")
+# Denominator floor for weighted/soft: one fully confident teacher cell. A level where the teacher sees
+# (almost) nothing then adds Σ w·D ≈ 0 instead of a full-strength average over cells it calls empty
+# (a tiny eps would turn Σ w·D / Σ w into exactly that), and Σ w never divides by ~0.
+MIN_WEIGHT_SUM = 1.0
 # Anchors that differ only by fp16 rounding (checkpoints store fp16) still count as the same anchors.
 ANCHOR_RTOL = 1e-3
 
@@ -34,15 +47,21 @@ def anchors_differ(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class OutputDistillationLoss:
-    """Distillation loss between student and teacher raw maps; call(p, t) -> (total (1,), parts)."""
+    """Distillation loss between student and teacher raw maps; call(p, t) -> (total (1,), parts).
+
+    norm (DIST_NORMS) picks how each level's term is normalised; "mean" is the seed formula. With reg_norm
+    the weighted/soft box term averages the seed's four normalised channels per cell.
+    """
 
     def __init__(self, model: Any, dist_loss: str = "l2", T: float = 5.0, distill_ratio: float = 0.5,
                  hyp: dict | None = None, teacher_anchors: torch.Tensor | None = None,
-                 reg_norm: Sequence[torch.Tensor] | None = None):
+                 reg_norm: Sequence[torch.Tensor] | None = None, norm: str = "mean"):
         """Read nc and the (already train-time rescaled) hyp from the student; pick the box-term form."""
         m = de_parallel(model)
         if dist_loss not in DIST_LOSSES:
             raise UserError(f"--dist_loss {dist_loss!r}: must be one of {', '.join(DIST_LOSSES)}")
+        if norm not in DIST_NORMS:
+            raise UserError(f"--dist_norm {norm!r}: must be one of {', '.join(DIST_NORMS)}")
         if not T > 0:
             raise UserError(f"temperature {T}: must be > 0")
         if not distill_ratio >= 0:
@@ -59,6 +78,7 @@ class OutputDistillationLoss:
             nc = m.model[-1].nc
         self.nc = int(nc)
         self.dist_loss = dist_loss
+        self.norm = norm
         self.T = float(T)
         self.distill_ratio = float(distill_ratio)
         self.gains = {"dbox": float(hyp["box"]), "dobj": float(hyp["obj"]), "dcls": float(hyp["cls"])}
@@ -73,6 +93,8 @@ class OutputDistillationLoss:
                                     f"{tuple(student_anchors.shape)}")
                 self.student_anchors = student_anchors.detach().float().clone()
                 self.teacher_anchors = teacher_anchors.detach().float().clone()
+                LOGGER.info("Distillation: teacher and student anchors differ, so boxes are compared in decoded "
+                            "space (centre offsets and grid-unit width/height)")
         self.decoded_box = self.teacher_anchors is not None
         self._anchor_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -81,17 +103,23 @@ class OutputDistillationLoss:
             self._anchor_cache[device] = (self.student_anchors.to(device), self.teacher_anchors.to(device))
         return self._anchor_cache[device]
 
-    def _box_term(self, i: int, p: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Weighted mean squared box difference for level i; w is (bs, na, ny, nx, 1)."""
+    def _box_diff(self, i: int, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise squared box difference (bs, na, ny, nx, 4) for level i, in the selected box form."""
         if self.reg_norm is not None:  # the seed's optional normalised form, kept for its callers
             rn = self.reg_norm[i].to(p.device).view(1, -1, 1, 1, 2)
             ps, ts = p.sigmoid(), t.sigmoid()
-            return (((ps[..., :2] - ts[..., :2]).square() * w).mean()
-                    + ((ps[..., 2:] - ts[..., 2:] * rn).square() * w).mean())
+            return torch.cat(((ps[..., :2] - ts[..., :2]).square(), (ps[..., 2:] - ts[..., 2:] * rn).square()), -1)
         if self.decoded_box:
             a_s, a_t = self._anchors_on(p.device)
-            return ((self._decode(p, a_s[i]) - self._decode(t, a_t[i])).square() * w).mean()
-        return ((p - t).square() * w).mean()
+            return (self._decode(p, a_s[i]) - self._decode(t, a_t[i])).square()
+        return (p - t).square()
+
+    def _box_term(self, i: int, p: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The seed's ("mean") box term for level i; w is (bs, na, ny, nx, 1)."""
+        d = self._box_diff(i, p, t) * w
+        if self.reg_norm is not None:  # seed: the xy and wh halves are two separate means
+            return d[..., :2].mean() + d[..., 2:].mean()
+        return d.mean()
 
     @staticmethod
     def _decode(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -125,6 +153,7 @@ class OutputDistillationLoss:
             lbox = torch.zeros((), device=device)
             lobj = torch.zeros((), device=device)
             lcls = torch.zeros((), device=device)
+            balance = BALANCE_3 if len(p) == 3 else BALANCE_N[:len(p)]
             for i, (pi, ti) in enumerate(zip(p, t)):
                 if pi.shape != ti.shape:
                     raise UserError(f"distillation level {i}: teacher map {tuple(ti.shape)} does not match "
@@ -133,10 +162,23 @@ class OutputDistillationLoss:
                 ti = ti.detach().float()
                 w = ti[..., 4].sigmoid()
                 wb = w.unsqueeze(-1)  # broadcasts over the box/class axis without materialising copies
-                lbox = lbox + self._box_term(i, pi[..., :4], ti[..., :4], wb)
-                lobj = lobj + ((pi[..., 4] - ti[..., 4]).square() * w).mean()
-                if self.nc > 1:  # a single class has no distribution to match
-                    lcls = lcls + (self._cls_term(pi[..., 5:], ti[..., 5:]) * wb).mean()
+                if self.norm == "mean":
+                    lbox = lbox + self._box_term(i, pi[..., :4], ti[..., :4], wb)
+                    lobj = lobj + ((pi[..., 4] - ti[..., 4]).square() * w).mean()
+                    if self.nc > 1:  # a single class has no distribution to match
+                        lcls = lcls + (self._cls_term(pi[..., 5:], ti[..., 5:]) * wb).mean()
+                    continue
+                # weighted average over cells; Σ(D·w) / (channels · Σw) is Σ_c w_c·mean_channels(D_c) / Σw
+                den = w.sum().clamp(min=MIN_WEIGHT_SUM)
+                lbox = lbox + (self._box_diff(i, pi[..., :4], ti[..., :4]) * wb).sum() / (4 * den)
+                if self.norm == "weighted":
+                    lobj = lobj + ((pi[..., 4] - ti[..., 4]).square() * w).sum() / den
+                else:  # soft: BCE(p, σ(t)) − H(σ(t)) = binary KL, zero when the logits agree
+                    kl = (F.binary_cross_entropy_with_logits(pi[..., 4], w, reduction="none")
+                          - F.binary_cross_entropy_with_logits(ti[..., 4], w, reduction="none"))
+                    lobj = lobj + kl.mean() * balance[i]
+                if self.nc > 1:
+                    lcls = lcls + (self._cls_term(pi[..., 5:], ti[..., 5:]) * wb).sum() / ((pi.shape[-1] - 5) * den)
             k = self.distill_ratio * p[0].shape[0]
             parts = {"dbox": lbox * (self.gains["dbox"] * k), "dobj": lobj * (self.gains["dobj"] * k),
                      "dcls": lcls * (self.gains["dcls"] * k)}

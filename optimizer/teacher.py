@@ -1,23 +1,20 @@
-"""The distillation teacher: loading, frozen inference, pre-flight compatibility checks, KD options."""
+"""The distillation teacher: loading, frozen inference, fingerprint, pre-flight compatibility checks."""
 from __future__ import annotations
 
-import argparse
+import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from optimizer.loss import DIST_LOSSES, anchors_differ
 from utils.checkpoint import attempt_load, de_parallel
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 
-KD_DEFAULTS: dict[str, Any] = {"t_weights": None, "dist_loss": "l2", "temperature": 5.0, "distill_ratio": 0.5}
-KD_HYP_KEYS = ("temperature", "distill_ratio")  # the KD settings a hyp yaml may carry
 
 
 class Teacher:
@@ -76,6 +73,10 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", trust: bo
                  half: bool | None = None) -> Teacher:
     """Load a teacher checkpoint with the safe loader: fused, eval, frozen, fp16 on CUDA by default."""
     model = attempt_load(path, device=device, fuse=True, trust=trust)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: teacher has non-finite weights ({len(bad)} tensors, first {bad[0]}); "
+                        f"it cannot teach anything")
     if half is None:
         half = torch.device(device).type == "cuda"
     teacher = Teacher(model, path=path, half=half)
@@ -85,15 +86,27 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", trust: bo
     return teacher
 
 
-def resume_teacher(saved_path: str | Path | None, device: str | torch.device = "cpu", trust: bool = False,
-                   half: bool | None = None) -> Teacher | None:
-    """Rebuild the teacher recorded in a run being resumed (None when the run had no teacher)."""
-    if not saved_path:
-        return None
-    if not Path(saved_path).is_file():
-        raise UserError(f"--resume: the teacher checkpoint recorded in this run ({saved_path}) no longer exists; "
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file: the teacher's fingerprint recorded in the run."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the teacher checkpoint ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
+def check_teacher_unchanged(path: str | Path, recorded_sha256: str | None) -> None:
+    """Refuse to resume a KD run whose teacher file is gone or differs from the one it started with."""
+    if not Path(path).is_file():
+        raise UserError(f"--resume: the teacher checkpoint recorded in this run ({path}) no longer exists; "
                         f"restore it there or start a new run with --t_weights")
-    return load_teacher(saved_path, device=device, trust=trust, half=half)
+    if recorded_sha256 and file_sha256(path) != recorded_sha256:
+        raise UserError(f"--resume: the teacher at {path} is not the one this run started with (SHA-256 "
+                        f"differs); put the original file back, or start a new run with --weights <run>/weights/"
+                        f"last.pt --t_weights {path}")
 
 
 def _floats(x: Any) -> list[float]:
@@ -137,45 +150,5 @@ def preflight(teacher: Teacher | nn.Module, student: nn.Module, imgsz: int | Seq
         LOGGER.warning(f"WARNING: teacher class names {t_names} differ from student names {s_names} (both nc="
                        f"{sd.nc}); classes are distilled by index")
 
-    decoded = anchors_differ(td.anchors, sd.anchors)
-    if decoded:
-        LOGGER.info("Distillation: teacher and student anchors differ, so boxes are compared in decoded space "
-                    "(centre offsets and grid-unit width/height)")
-    return {"decoded_box": decoded, "teacher_anchors": td.anchors.detach().float().clone()}
-
-
-def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --t_weights, --dist_loss, --temperature, --distill_ratio with their defaults."""
-    parser.add_argument("--t_weights", type=str, default=KD_DEFAULTS["t_weights"],
-                        help="teacher checkpoint; enables output distillation")
-    parser.add_argument("--dist_loss", type=str, choices=DIST_LOSSES, default=KD_DEFAULTS["dist_loss"],
-                        help="class-term divergence")
-    parser.add_argument("--temperature", type=float, default=KD_DEFAULTS["temperature"],
-                        help="softening temperature for kl/bce (overrides hyp 'temperature')")
-    parser.add_argument("--distill_ratio", type=float, default=KD_DEFAULTS["distill_ratio"],
-                        help="weight of the distillation loss (overrides hyp 'distill_ratio')")
-    return parser
-
-
-def resolve_kd_options(opt_values: dict[str, Any], hyp: dict[str, Any], cli_given: Iterable[str]) -> dict[str, Any]:
-    """The KD settings in effect: a flag given on the command line, else the hyp yaml, else the default."""
-    given = set(cli_given)
-    out: dict[str, Any] = {}
-    for key, default in KD_DEFAULTS.items():
-        if key in given:
-            out[key] = opt_values.get(key, default)
-        elif key in KD_HYP_KEYS and key in hyp:
-            out[key] = hyp[key]
-        else:
-            out[key] = opt_values.get(key, default)
-    if out["dist_loss"] not in DIST_LOSSES:
-        raise UserError(f"--dist_loss {out['dist_loss']!r}: must be one of {', '.join(DIST_LOSSES)}")
-    for key, ok, need in (("temperature", lambda v: v > 0, "> 0"), ("distill_ratio", lambda v: v >= 0, ">= 0")):
-        try:
-            out[key] = float(out[key])
-        except (TypeError, ValueError):
-            raise UserError(f"{key} {out[key]!r}: must be a number") from None
-        if not ok(out[key]):
-            src = "--" + key if key in given else ("hyp " + key if key in hyp else key)
-            raise UserError(f"{src} {out[key]}: must be {need}")
-    return out
+    # whether the anchors differ is decided once, by the loss that has to act on it
+    return {"teacher_anchors": td.anchors.detach().float().clone()}

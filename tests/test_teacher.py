@@ -1,5 +1,4 @@
 """Teacher loading/freezing, KD training steps leave the teacher untouched, pre-flight checks, KD options."""
-import argparse
 import logging
 from copy import deepcopy
 
@@ -8,8 +7,7 @@ import torch
 
 from models.yolo import Model, load_model_yaml
 from optimizer.loss import OutputDistillationLoss
-from optimizer.teacher import (Teacher, add_kd_args, load_teacher, preflight, resolve_kd_options,
-                               resume_teacher)
+from optimizer.teacher import Teacher, check_teacher_unchanged, file_sha256, load_teacher, preflight
 from utils.errors import UserError
 
 NAMES = {0: "circle", 1: "square", 2: "rect", 3: "triangle"}
@@ -99,7 +97,8 @@ def test_teacher_stays_eval_if_switched(teacher):
 
 def test_preflight_ok(teacher, student):
     info = preflight(teacher, student, [320, 640])
-    assert info["decoded_box"] is False and info["teacher_anchors"].shape == (3, 3, 2)
+    assert info["teacher_anchors"].shape == (3, 3, 2)
+    assert not OutputDistillationLoss(student, "l2", teacher_anchors=info["teacher_anchors"]).decoded_box
 
 
 def test_preflight_nc(teacher):
@@ -142,29 +141,31 @@ def test_preflight_imgsz(teacher, student, imgsz):
 def test_preflight_names_warning(teacher, student, caplog):
     student.names = {0: "a", 1: "b", 2: "c", 3: "d"}
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
-        info = preflight(teacher, student, 320)
+        preflight(teacher, student, 320)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "teacher class names" in warnings[0].getMessage()
     assert "'circle'" in warnings[0].getMessage() and "'a'" in warnings[0].getMessage()
-    assert info["decoded_box"] is False
 
 
 def test_preflight_anchors_differ_notice(teacher, student, caplog):
     student.model[-1].anchors *= 1.3  # as AutoAnchor would have done
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
         info = preflight(teacher, student, 320)
-    assert info["decoded_box"] is True
+        assert OutputDistillationLoss(student, "l2", teacher_anchors=info["teacher_anchors"]).decoded_box
     notices = [r.getMessage() for r in caplog.records if "decoded space" in r.getMessage()]
     assert len(notices) == 1 and "\n" not in notices[0]
-    assert OutputDistillationLoss(student, "l2", teacher_anchors=info["teacher_anchors"]).decoded_box
 
 
-def test_resume_teacher(tmp_path, fixtures_dir):
-    assert resume_teacher(None) is None
-    gone = tmp_path / "teacher.pt"
+def test_teacher_fingerprint(tmp_path, fixtures_dir):
+    t = tmp_path / "teacher.pt"
+    t.write_bytes((fixtures_dir / "teacher.pt").read_bytes())
+    sha = file_sha256(t)
+    check_teacher_unchanged(t, sha)  # same file: fine
     with pytest.raises(UserError, match=r"--resume: the teacher checkpoint recorded in this run .*no longer exists"):
-        resume_teacher(str(gone))
-    assert resume_teacher(str(fixtures_dir / "teacher.pt")).nc == 4
+        check_teacher_unchanged(tmp_path / "gone.pt", sha)
+    t.write_bytes((fixtures_dir / "student.pt").read_bytes())
+    with pytest.raises(UserError, match="not the one this run started with"):
+        check_teacher_unchanged(t, sha)
 
 
 def test_unsafe_teacher_refused(tmp_path):
@@ -172,15 +173,3 @@ def test_unsafe_teacher_refused(tmp_path):
     torch.save({"model": torch.nn.Linear(1, 1)}, bad)  # nn.Linear is not on the allow-list
     with pytest.raises(UserError, match="refused"):
         load_teacher(bad)
-
-
-def test_kd_options_precedence():
-    parser = add_kd_args(argparse.ArgumentParser())
-    opt = vars(parser.parse_args(["--temperature", "3"]))
-    hyp = {"temperature": 10.0, "distill_ratio": 0.8}
-    got = resolve_kd_options(opt, hyp, {"temperature"})
-    assert got == {"t_weights": None, "dist_loss": "l2", "temperature": 3.0, "distill_ratio": 0.8}
-    assert resolve_kd_options(vars(parser.parse_args([])), {}, set())["temperature"] == 5.0
-    assert resolve_kd_options(vars(parser.parse_args([])), {}, set())["distill_ratio"] == 0.5
-    with pytest.raises(UserError, match="hyp temperature -1.0: must be > 0"):
-        resolve_kd_options(vars(parser.parse_args([])), {"temperature": -1}, set())

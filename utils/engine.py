@@ -142,11 +142,10 @@ class LoopState:
 
 @dataclass
 class EpochResult:
-    """Epoch means of the loss parts, plus the LRs used in its last iteration."""
+    """Epoch means of the criterion's loss parts (in its order), plus the LRs used in its last iteration."""
 
-    mloss: torch.Tensor
+    mloss: dict[str, float]
     lrs: list[float]
-    kd: bool
     skipped: int
 
 
@@ -182,26 +181,29 @@ def _optimizer_step(model, optimizer, scaler, ema) -> None:
         ema.update(model)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scaler, compute_loss, ema,
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scaler, criterion, ema,
                     epoch: int, *, epochs: int, device: torch.device, hyp: dict, lf, batch_size: int, nw: int,
                     state: LoopState, imgsz: int, gs: int, amp: bool, world_size: int = 1,
-                    multi_scale: bool = False, distiller=None, teacher=None, show_progress: bool = True,
+                    multi_scale: bool = False, show_progress: bool = True,
                     on_batch: Callable | None = None) -> EpochResult:
-    """Train for one epoch (warmup, accumulation to 64 images, clipping, EMA, optional distillation)."""
+    """Train for one epoch (warmup, accumulation to 64 images, clipping, EMA) with one criterion.
+
+    `criterion.before_forward(imgs)` runs before the student's forward and `criterion(pred, targets)` returns
+    (loss, parts); the parts, whatever they are, become the progress columns and the epoch means."""
     model.train()
     nb = len(loader)
-    kd = distiller is not None
-    mloss = torch.zeros(6 if kd else 3, device=device)
+    names = tuple(criterion.parts)
+    mloss = torch.zeros(len(names), device=device)
     skipped = 0
     accumulate = max(round(NBS / batch_size), 1)
     pbar = enumerate(loader)
     if show_progress:
-        cols = ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss") + (("dbox", "dobj", "dcls") if kd else ()) \
-            + ("Instances", "Size")
+        cols = ("Epoch", "GPU_mem", *(f"{k}_loss" for k in names), "Instances", "Size")
         LOGGER.info(("\n" + "%11s" * len(cols)) % cols)
         pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
     optimizer.zero_grad(set_to_none=True)
     i = -1
+    bad: list[str] = []
     for i, (imgs, targets, paths, _) in pbar:
         ni = i + nb * epoch
         # channels_last: the conv kernels on CPU (oneDNN) and on GPU tensor cores run faster in NHWC
@@ -211,28 +213,24 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if multi_scale:
             imgs = _multi_scale(imgs, imgsz, gs)
 
-        # The teacher runs first, before the student's activations fill memory: measured on 2 CPU cores this
-        # brings the KD step from ~6% to ~2% over (plain step + teacher forward).
-        t_maps = teacher(imgs) if kd else None
+        criterion.before_forward(imgs)
         with torch.autocast(device_type=device.type, enabled=amp):
             pred = model(imgs)
-            loss, loss_items = compute_loss(pred, targets.to(device))
-        if kd:
-            kd_loss, parts = distiller(pred, t_maps)  # fp32 inside, whatever the autocast state
-            loss = loss + kd_loss
-            loss_items = torch.cat((loss_items, torch.stack([parts["dbox"], parts["dobj"], parts["dcls"]])
-                                    .to(loss_items)))
+            loss, parts = criterion(pred, targets.to(device))
         if world_size > 1:
             loss = loss * world_size  # DDP averages gradients across ranks
+        items = torch.stack([parts[k].reshape(()).float() for k in names])
 
         if not torch.isfinite(loss).all():
             state.nonfinite += 1
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            LOGGER.warning(f"non-finite loss at epoch {epoch}, batch {i} ({loss_items.tolist()}); step skipped")
+            bad = [k for k, v in zip(names, items.tolist()) if not math.isfinite(v)]
+            LOGGER.warning(f"non-finite {_nonfinite_part(bad)} at epoch {epoch}, batch {i} "
+                           f"({dict(zip(names, items.tolist()))}); step skipped")
             if state.nonfinite >= MAX_NONFINITE:
-                raise UserError(f"training diverged: non-finite loss at epoch {epoch}, batch {i} "
-                                f"({state.nonfinite} batches in a row); lower lr0 in the hyp file. "
+                raise UserError(f"training diverged: non-finite {_nonfinite_part(bad)} at epoch {epoch}, batch {i} "
+                                f"({state.nonfinite} batches in a row); {_nonfinite_advice(bad)}. "
                                 f"Checkpoints already written keep the last finite weights")
             continue
         state.nonfinite = 0
@@ -242,7 +240,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             _optimizer_step(model, optimizer, scaler, ema)
             state.last_opt_step = ni
 
-        mloss = (mloss * i + loss_items.detach()) / (i + 1)
+        mloss = (mloss * (i - skipped) + items) / (i - skipped + 1)
         if show_progress:
             mem = f"{torch.cuda.memory_reserved(device) / 1e9 if device.type == 'cuda' else 0:.3g}G"
             pbar.set_description(("%11s" * 2 + "%11.4g" * (len(mloss) + 2)) %
@@ -250,13 +248,36 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if on_batch is not None:
             on_batch(ni, imgs, targets, paths)
 
+    if i >= 0 and skipped == i + 1:
+        raise UserError(f"training diverged: every batch of epoch {epoch} had a non-finite {_nonfinite_part(bad)} "
+                        f"({skipped} skipped); {_nonfinite_advice(bad)}. Checkpoints already written keep the last "
+                        f"finite weights")
+    criterion.end_epoch()
     # Step what is left of the last accumulation now, so no gradient crosses the epoch's checkpoint.
     last_ni = i + nb * epoch
     if i >= 0 and state.last_opt_step < last_ni and any(p.grad is not None for p in model.parameters()):
         _optimizer_step(model, optimizer, scaler, ema)
         state.last_opt_step = last_ni
     lrs = [x["lr"] for x in optimizer.param_groups]
-    return EpochResult(mloss=mloss.cpu(), lrs=lrs, kd=kd, skipped=skipped)
+    return EpochResult(mloss=dict(zip(names, mloss.cpu().tolist())), lrs=lrs, skipped=skipped)
+
+
+# Parts whose name starts with "d" come from the distillation loss (dbox, dobj, dcls).
+def _is_distillation(part: str) -> bool:
+    return part.startswith("d")
+
+
+def _nonfinite_part(bad: list[str]) -> str:
+    groups = [g for g, hit in (("detection loss", any(not _is_distillation(k) for k in bad)),
+                               ("distillation loss", any(_is_distillation(k) for k in bad))) if hit]
+    return f"{' and '.join(groups) or 'loss'} ({', '.join(bad)})" if bad else "loss"
+
+
+def _nonfinite_advice(bad: list[str]) -> str:
+    if not bad or any(not _is_distillation(k) for k in bad):
+        return "lower lr0 in the hyp file, and check the labels and the starting weights"
+    return ("the distillation loss is at fault: check the teacher checkpoint, and lower distill_ratio or "
+            "temperature")
 
 
 def weights_are_finite(model: nn.Module) -> bool:

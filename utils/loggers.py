@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from utils import plots as _plots
 from utils.plots import load_results_csv
 
-LOGGER = logging.getLogger(__name__)
+LOGGER = logging.getLogger("yolov5kd")
 
 RESULTS_KEYS = [
     'epoch',
@@ -22,9 +23,10 @@ RESULTS_KEYS = [
     'val/box_loss', 'val/obj_loss', 'val/cls_loss',
     'x/lr0', 'x/lr1', 'x/lr2',
 ]
-KD_KEYS = ['train/dbox_loss', 'train/dobj_loss', 'train/dcls_loss']
+KD_KEYS = ['train/dbox_loss', 'train/dobj_loss', 'train/dcls_loss']  # the columns a distilled run adds
+DETECTION_PARTS = ('box', 'obj', 'cls')
 
-__all__ = ['RESULTS_KEYS', 'KD_KEYS', 'RunLogger', 'read_results_csv', 'format_header', 'format_row']
+__all__ = ['RESULTS_KEYS', 'KD_KEYS', 'RunLogger', 'trim_results_csv', 'read_results_csv', 'format_header', 'format_row']
 
 
 def read_results_csv(path: Path | str) -> dict[str, list[float]]:
@@ -55,20 +57,53 @@ def _snapshot(x: Any) -> Any:
     return x
 
 
+def trim_results_csv(csv: Path | str, last_epoch: int) -> int:
+    """Drop results.csv rows of epochs after `last_epoch` (rows a resumed run will write again); returns
+    how many were dropped. A kill during a checkpoint save leaves a row whose weights were never saved."""
+    csv = Path(csv)
+    if not csv.is_file():
+        return 0
+    lines = csv.read_text().splitlines(keepends=True)
+    if len(lines) < 2:
+        return 0
+    keep = [lines[0]]
+    for ln in lines[1:]:
+        try:
+            epoch = float(ln.split(',', 1)[0])
+        except ValueError:
+            continue  # a row cut short by the kill
+        if epoch <= last_epoch:
+            keep.append(ln)
+    dropped = len(lines) - len(keep)
+    if dropped:
+        tmp = csv.with_name(csv.name + '.tmp')
+        tmp.write_text(''.join(keep))
+        os.replace(tmp, csv)
+    return dropped
+
+
 class RunLogger:
     """Rank-0 logger writing results.csv, TensorBoard scalars and train_batch mosaics into save_dir."""
 
     def __init__(self, save_dir: Path | str, hyp: Mapping[str, Any] | None = None,
                  opt: Mapping[str, Any] | None = None, kd: bool = False,
-                 tensorboard: bool = True, plots: bool = True) -> None:
-        """Prepare the run folder; results.csv is created on the first log_epoch (or appended to on resume)."""
+                 tensorboard: bool = True, plots: bool = True, parts: Sequence[str] | None = None) -> None:
+        """Prepare the run folder; results.csv is created on the first log_epoch (or appended to on resume).
+
+        `parts` are the training criterion's loss parts in its order; the first three are YOLOv5's columns and
+        each further part adds a `train/<part>_loss` column. `kd=True` is short for the distillation parts."""
         self.save_dir = Path(save_dir)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         self.hyp = dict(hyp) if hyp else {}
         self.opt = dict(vars(opt)) if opt is not None and not isinstance(opt, Mapping) else dict(opt or {})
-        self.kd = bool(kd)
+        if parts is None:
+            parts = DETECTION_PARTS + (tuple(k[len('train/'):-len('_loss')] for k in KD_KEYS) if kd else ())
+        if tuple(parts[:3]) != DETECTION_PARTS:
+            raise ValueError(f'the first loss parts must be {DETECTION_PARTS}, got {tuple(parts)}')
+        self.parts = tuple(parts)
+        self.kd = len(self.parts) > 3
         self.plots = bool(plots)
-        self.keys = RESULTS_KEYS + (KD_KEYS if self.kd else [])
+        self.keys = RESULTS_KEYS + [f'train/{k}_loss' for k in self.parts[3:]]
         self.csv = self.save_dir / 'results.csv'
         self._use_tb = bool(tensorboard)
         self._tb: Any = None
@@ -94,9 +129,11 @@ class RunLogger:
         """Number of data rows already in results.csv."""
         return len(read_results_csv(self.csv).get('epoch', []))
 
-    def log_epoch(self, epoch: int, train_losses: Sequence[float], results: Sequence[float],
+    def log_epoch(self, epoch: int, train_losses: Mapping[str, float] | Sequence[float], results: Sequence[float],
                   lrs: Sequence[float]) -> None:
-        """Append one results.csv row (and TensorBoard scalars) for this epoch."""
+        """Append one results.csv row (and TensorBoard scalars) for this epoch; losses by part name or in order."""
+        if isinstance(train_losses, Mapping):
+            train_losses = [train_losses.get(k, 0.0) for k in self.parts]
         tl = [_scalar(v) for v in train_losses]
         res = [_scalar(v) for v in results]
         lr = [_scalar(v) for v in lrs]
@@ -140,6 +177,10 @@ class RunLogger:
             except Exception as e:  # noqa: BLE001
                 LOGGER.warning('WARNING: TensorBoard text logging failed: %s', e)
         return self._tb
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Extra TensorBoard scalars (not in results.csv), e.g. the distillation balance ratios."""
+        self._tb_scalars(scalars, step)
 
     def _tb_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         tb = self._writer()

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from utils.boxes import xyxy2xywh  # noqa: E402
 
-LOGGER = logging.getLogger(__name__)
+LOGGER = logging.getLogger("yolov5kd")
 STRICT = os.environ.get('KD_PLOTS_STRICT', '0') == '1'
 
 __all__ = ['plot_images', 'output_to_target', 'plot_labels', 'plot_results', 'plot_pr_curve', 'plot_mc_curve',

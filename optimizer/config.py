@@ -1,0 +1,88 @@
+"""The distillation settings: resolved once (flag > hyp yaml > default), validated once, stored once."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from optimizer.loss import DIST_LOSSES, DIST_NORMS
+from utils.errors import UserError
+from utils.hyp import HypSpec, check_value
+
+# The distillation settings a hyp yaml may carry, with their defaults and valid ranges. train.py hands
+# them to utils.hyp.load_hyp, so a hyp file is checked in one pass.
+KD_SPECS: dict[str, HypSpec] = {
+    "distill_ratio": HypSpec(0.5, 0.0, 1e6),
+    "temperature": HypSpec(5.0, 0.0, 1e4, lo_open=True),
+    "dist_norm": HypSpec("mean", kind=str, choices=DIST_NORMS),
+}
+KD_HYP_KEYS = tuple(KD_SPECS)
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Everything that defines a run's distillation; `t_weights` None means no distillation."""
+
+    t_weights: str | None = None
+    dist_loss: str = "l2"
+    temperature: float = KD_SPECS["temperature"].default
+    distill_ratio: float = KD_SPECS["distill_ratio"].default
+    dist_norm: str = KD_SPECS["dist_norm"].default
+    t_sha256: str | None = None  # fingerprint of the teacher file, so a resumed run gets the same teacher
+
+    @property
+    def enabled(self) -> bool:
+        """True when a teacher is given."""
+        return bool(self.t_weights)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values, for opt.yaml and the checkpoint's `opt`."""
+        return asdict(self)
+
+    def hyp_values(self) -> dict[str, Any]:
+        """The hyp-yaml keys in effect, written into the run's hyp.yaml."""
+        return {k: getattr(self, k) for k in KD_HYP_KEYS}
+
+    @classmethod
+    def resolve(cls, flags: Mapping[str, Any], hyp: Mapping[str, Any], cli_given: Iterable[str]) -> KDConfig:
+        """A flag typed on the command line wins over the (already validated) hyp yaml, which wins over the
+        default; flag values are validated here, with one-line errors."""
+        given = set(cli_given)
+        values: dict[str, Any] = {}
+        for key, default in cls().as_dict().items():
+            if key == "t_sha256":
+                continue
+            if key in given:
+                values[key] = flags[key]
+                if key in KD_SPECS:
+                    values[key] = check_value(key, values[key], KD_SPECS[key], "command line")
+            elif key in KD_HYP_KEYS and key in hyp:
+                values[key] = hyp[key]
+            else:
+                values[key] = default
+        if values["dist_loss"] not in DIST_LOSSES:
+            raise UserError(f"--dist_loss {values['dist_loss']!r}: must be one of {', '.join(DIST_LOSSES)}")
+        return cls(**values)
+
+    @classmethod
+    def from_record(cls, opt: Mapping[str, Any]) -> KDConfig:
+        """The settings a run recorded (opt.yaml or a checkpoint's opt), for --resume: never re-resolved."""
+        fields = cls().as_dict()
+        return cls(**{k: opt[k] for k in fields if k in opt and opt[k] is not None}) if opt.get("t_weights") \
+            else cls()
+
+
+def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --t_weights, --dist_loss, --dist_norm, --temperature, --distill_ratio (defaults shown in --help)."""
+    d = KDConfig()
+    parser.add_argument("--t_weights", type=str, default=d.t_weights, help="teacher checkpoint; enables distillation")
+    parser.add_argument("--dist_loss", type=str, choices=DIST_LOSSES, default=d.dist_loss,
+                        help="class-term divergence")
+    parser.add_argument("--dist_norm", type=str, choices=DIST_NORMS, default=d.dist_norm,
+                        help="how each distillation term is normalised (overrides hyp 'dist_norm')")
+    parser.add_argument("--temperature", type=float, default=d.temperature,
+                        help="softening temperature for kl/bce (overrides hyp 'temperature')")
+    parser.add_argument("--distill_ratio", type=float, default=d.distill_ratio,
+                        help="weight of the distillation loss (overrides hyp 'distill_ratio')")
+    return parser

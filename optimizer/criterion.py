@@ -1,0 +1,157 @@
+"""The training criterion: one callable whose call returns (loss, parts), plain or distilled.
+
+    criterion.before_forward(imgs)          # distilled: the teacher runs here, before the student
+    loss, parts = criterion(pred, targets)  # plain: {box, obj, cls}; distilled: + {dbox, dobj, dcls}
+
+The training loop knows nothing else about distillation: it logs whatever `parts` holds.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from optimizer.config import KDConfig
+from optimizer.loss import OutputDistillationLoss
+from optimizer.teacher import Teacher, load_teacher, preflight
+from utils.errors import UserError
+
+LOGGER = logging.getLogger("yolov5kd")
+
+DETECTION_PARTS = ("box", "obj", "cls")
+DISTILLATION_PARTS = ("dbox", "dobj", "dcls")
+# A distillation part outside [LOW, HIGH] x its detection counterpart is reported once, with the knob to turn.
+BALANCE_LOW, BALANCE_HIGH = 0.01, 10.0
+BALANCE_BATCHES = 20  # the first-epoch balance report averages this many batches (or the whole epoch)
+
+
+class DetectionCriterion:
+    """YOLOv5's detection loss as a criterion: (loss, {box, obj, cls})."""
+
+    parts = DETECTION_PARTS
+
+    def __init__(self, compute_loss: Any):
+        """Wrap a ComputeLoss (its call gives (loss * bs, tensor([box, obj, cls])))."""
+        self.compute_loss = compute_loss
+
+    def before_forward(self, imgs: torch.Tensor) -> None:
+        """Nothing to do before the student's forward pass."""
+
+    def __call__(self, pred: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss (for backward) and its detached parts."""
+        loss, items = self.compute_loss(pred, targets)
+        return loss, dict(zip(DETECTION_PARTS, items.detach()))
+
+    def end_epoch(self) -> None:
+        """Called by the loop after each epoch."""
+
+
+class Distiller(DetectionCriterion):
+    """Detection loss plus output distillation from a frozen teacher; owns the teacher and the pre-flight."""
+
+    parts = DETECTION_PARTS + DISTILLATION_PARTS
+
+    def __init__(self, config: KDConfig, compute_loss: Any, teacher: Teacher, student: nn.Module, imgsz: int):
+        """Check the pair once (raises UserError naming both values) and build the loss from the result."""
+        super().__init__(compute_loss)
+        self.config = config
+        self.teacher = teacher
+        checks = preflight(teacher, student, imgsz)
+        self.loss = OutputDistillationLoss(student, dist_loss=config.dist_loss, T=config.temperature,
+                                           distill_ratio=config.distill_ratio, norm=config.dist_norm,
+                                           teacher_anchors=checks["teacher_anchors"])
+        self._t_maps: list[torch.Tensor] | None = None
+        self._sums: dict[str, float] = {}
+        self._seen = 0
+        self.reported = False
+
+    @classmethod
+    def build(cls, config: KDConfig, compute_loss: Any, student: nn.Module, imgsz: int, device: torch.device,
+              trust: bool = False) -> Distiller:
+        """Load the teacher named by the config (safe loader, fused, frozen) and check it against the student."""
+        if not config.enabled:
+            raise UserError("distillation needs a teacher checkpoint (--t_weights)")
+        teacher = load_teacher(config.t_weights, device=device, trust=trust)
+        teacher.model.to(memory_format=torch.channels_last)  # same NHWC layout as the student's input
+        return cls(config, compute_loss, teacher, student, imgsz)
+
+    def before_forward(self, imgs: torch.Tensor) -> None:
+        """Run the teacher first: its activations are freed before the student's fill memory (measured on 2 CPU
+        cores, the KD step then costs ~2% over plain step + teacher forward, instead of ~6%)."""
+        self._t_maps = self.teacher(imgs)
+
+    def __call__(self, pred: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Detection + distillation loss and the six parts; the teacher maps are those of before_forward."""
+        if self._t_maps is None:
+            raise RuntimeError("Distiller: before_forward(imgs) must run before each loss call")
+        loss, parts = super().__call__(pred, targets)
+        kd_loss, kd_parts = self.loss(pred, self._t_maps)  # fp32 inside, whatever the autocast state
+        self._t_maps = None
+        parts.update(kd_parts)
+        if not self.reported:
+            self._accumulate(parts)
+        return loss + kd_loss.to(loss.dtype), parts
+
+    def _accumulate(self, parts: Mapping[str, torch.Tensor]) -> None:
+        vals = {k: float(v) for k, v in parts.items()}
+        if not all(map(_finite, vals.values())):
+            return
+        for k, v in vals.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._seen += 1
+        if self._seen >= BALANCE_BATCHES:
+            self.report_balance()
+
+    def end_epoch(self) -> None:
+        """A first epoch shorter than BALANCE_BATCHES still gets its balance report."""
+        if not self.reported and self._seen:
+            self.report_balance()
+
+    def report_balance(self) -> None:
+        """Once: each distillation part next to its detection counterpart, and a warning per part out of range."""
+        means = {k: v / self._seen for k, v in self._sums.items()}
+        ratios = balance_ratios(means)
+        LOGGER.info("Distillation balance over the first %d batches (%s norm): %s", self._seen,
+                    self.config.dist_norm, ", ".join(f"{d} {means[d]:.4g} / {c} {means[c]:.4g} = {r:.3g}"
+                                                     for (d, c), r in zip(_PAIRS, ratios.values())))
+        for line in balance_warnings(ratios, self.config):
+            LOGGER.warning(line)
+        self.reported = True
+
+
+_PAIRS = tuple(zip(DISTILLATION_PARTS, DETECTION_PARTS))
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def balance_ratios(parts: Mapping[str, float]) -> dict[str, float]:
+    """{dbox/box, dobj/obj, dcls/cls} from part values (NaN where the detection part is 0)."""
+    out = {}
+    for d, c in _PAIRS:
+        den = float(parts.get(c, 0.0))
+        out[f"{d}/{c}"] = float(parts.get(d, 0.0)) / den if den > 0 else float("nan")
+    return out
+
+
+def balance_warnings(ratios: Mapping[str, float], config: KDConfig) -> list[str]:
+    """One line for each distillation part below 1% or above 10x its detection counterpart, naming the knob."""
+    lines = []
+    for name, r in ratios.items():
+        if not _finite(r):
+            continue
+        if r < BALANCE_LOW:
+            fix = ("raise distill_ratio" if config.dist_norm != "mean" else
+                   "use --dist_norm soft (or weighted), which averages over the teacher's objects instead of "
+                   "every cell, or raise distill_ratio")
+            lines.append(f"WARNING: distillation part {name} = {r:.3g} is below {BALANCE_LOW:g}: the teacher "
+                         f"hardly counts there; {fix}")
+        elif r > BALANCE_HIGH:
+            fix = "lower distill_ratio" + (" or use --dist_norm soft" if config.dist_norm == "weighted" else "")
+            lines.append(f"WARNING: distillation part {name} = {r:.3g} is above {BALANCE_HIGH:g}: the teacher "
+                         f"outweighs the labels there; {fix}")
+    return lines
