@@ -227,3 +227,15 @@ def test_val_cli_refuses_contradicting_yaml(ckpt8, tmp_path):
     err = [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(err) == 1
     assert str(y) in err[0] and "nc: 3" in err[0] and "8 entries" in err[0]
+
+
+def test_train_cli_on_bad_labels(bad_corpus, tmp_path):
+    """train.py over the same corpus: bad rows dropped with their warnings, the good ones trained and evaluated."""
+    r = run_cli([str(ROOT / "train.py"), "--data", str(bad_corpus), "--cfg", "yolov5n.yaml", "--imgsz", "64",
+                 "--batch-size", "4", "--workers", "0", "--noautoanchor", "--noplots", "--epochs", "1",
+                 "--project", str(tmp_path), "--name", "t"], cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert "class 9 >= nc 8" in out and "class 2.5 is not an integer" in out and "zero-size box" in out
+    assert _all_row(out)[1:3] == ["5", "6"]  # every image evaluated; 6 instances survive (the polygon row counts)
+    assert (tmp_path / "t" / "weights" / "best.pt").is_file()
