@@ -35,9 +35,8 @@ from utils.checkpoint import (build_checkpoint, de_parallel, model_from_ckpt, sa
 from utils.datasets import check_dataset, create_dataloader  # noqa: E402
 from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, dist_info_from_env,  # noqa: E402
                                init_distributed, main_process_first, select_device)
-from utils.engine import (NBS, EarlyStopping, LoopState, ModelEMA, build_optimizer, build_scheduler, init_seeds,  # noqa: E402
-                          lr_lambda,
-                          train_one_epoch, weights_are_finite)
+from utils.engine import (NBS, CompiledForward, EarlyStopping, LoopState, ModelEMA, build_optimizer,  # noqa: E402
+                          build_scheduler, init_seeds, lr_lambda, resolve_amp, train_one_epoch, weights_are_finite)
 from utils.errors import UserError  # noqa: E402
 from utils.config import read_yaml, yaml_save  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
@@ -121,7 +120,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
 
     model, ckpt = build_student(opt, nc, hyp, device)
     model = model.to(memory_format=torch.channels_last)  # faster convs on CPU (oneDNN) and tensor cores
-    amp = cuda
+    amp_dtype = resolve_amp(opt.amp, device)  # CUDA: fp16 unless --no-amp; CPU: bf16 only with --amp
+    amp = amp_dtype is not None
     freeze_layers(model, opt.freeze)
 
     gs = max(int(model.stride.max()), 32)
@@ -195,7 +195,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     reference = None
     if main and not opt.noval and not opt.resume:
         reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # bf16 needs no loss scaling
+    forward = CompiledForward(model) if opt.compile else None  # the module (and so every checkpoint) stays plain
     stopper = EarlyStopping(patience=opt.patience)
     stopper.best_fitness = best_fitness if opt.resume else -1.0
     logger = RunLogger(save_dir, hyp=hyp, opt=vars(opt), parts=criterion.parts,
@@ -224,7 +225,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
                               device=device, hyp=hyp, lf=lf, batch_size=batch_size, nw=nw, state=state,
                               imgsz=imgsz, gs=gs, amp=amp, world_size=info.world_size,
                               multi_scale=opt.multi_scale, show_progress=main,
-                              on_batch=on_batch if epoch == 0 else None)
+                              on_batch=on_batch if epoch == 0 else None, amp_dtype=amp_dtype, forward=forward)
         scheduler.step()
         epochs_run += 1
 
@@ -398,6 +399,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: backbone=10, first3=0 1 2")
     p.add_argument("--save-period", type=int, default=-1, help="save checkpoint every x epochs (disabled if < 1)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: on by default on CUDA (fp16 + GradScaler), opt-in on CPU (bf16 autocast)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student's forward (skipped with a warning where unavailable)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of checkpoints you trust (runs code stored in the file)")
     add_kd_args(p)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from optimizer.loss import DIST_LOSSES, DIST_NORMS
+from optimizer.teacher import TEACHER_PRECISIONS
 from utils.errors import UserError
 from utils.hyp import HypSpec, check_value
 
@@ -30,6 +31,7 @@ class KDConfig:
     distill_ratio: float = KD_SPECS["distill_ratio"].default
     dist_norm: str = KD_SPECS["dist_norm"].default
     t_sha256: str | None = None  # fingerprint of the teacher file, so a resumed run gets the same teacher
+    teacher_precision: str = "auto"  # recorded as given: "auto" is resolved for the device each time it loads
 
     @property
     def enabled(self) -> bool:
@@ -63,6 +65,9 @@ class KDConfig:
                 values[key] = default
         if values["dist_loss"] not in DIST_LOSSES:
             raise UserError(f"--dist_loss {values['dist_loss']!r}: must be one of {', '.join(DIST_LOSSES)}")
+        if values["teacher_precision"] not in TEACHER_PRECISIONS:
+            raise UserError(f"--teacher-precision {values['teacher_precision']!r}: must be one of "
+                            f"{', '.join(TEACHER_PRECISIONS)}")
         return cls(**values)
 
     @classmethod
@@ -74,7 +79,7 @@ class KDConfig:
 
 
 def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --t_weights, --dist_loss, --dist_norm, --temperature, --distill_ratio (defaults shown in --help)."""
+    """Add --t_weights, --dist_loss, --dist_norm, --temperature, --distill_ratio, --teacher-precision."""
     d = KDConfig()
     parser.add_argument("--t_weights", type=str, default=d.t_weights, help="teacher checkpoint; enables distillation")
     parser.add_argument("--dist_loss", type=str, choices=DIST_LOSSES, default=d.dist_loss,
@@ -85,4 +90,8 @@ def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="softening temperature for kl/bce (overrides hyp 'temperature')")
     parser.add_argument("--distill_ratio", type=float, default=d.distill_ratio,
                         help="weight of the distillation loss (overrides hyp 'distill_ratio')")
+    parser.add_argument("--teacher-precision", dest="teacher_precision", type=str, choices=TEACHER_PRECISIONS,
+                        default=d.teacher_precision,
+                        help="teacher forward precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, "
+                             "else fp32")
     return parser

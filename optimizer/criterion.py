@@ -74,7 +74,7 @@ class Distiller(DetectionCriterion):
         """Load the teacher named by the config (safe loader, fused, frozen) and check it against the student."""
         if not config.enabled:
             raise UserError("distillation needs a teacher checkpoint (--t_weights)")
-        teacher = load_teacher(config.t_weights, device=device, trust=trust)
+        teacher = load_teacher(config.t_weights, device=device, trust=trust, precision=config.teacher_precision)
         teacher.model.to(memory_format=torch.channels_last)  # same NHWC layout as the student's input
         return cls(config, compute_loss, teacher, student, imgsz)
 

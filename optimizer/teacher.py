@@ -1,8 +1,10 @@
 """The distillation teacher: loading, frozen inference, fingerprint, pre-flight compatibility checks."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,46 @@ from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --teacher-precision choices
+# /proc/cpuinfo flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension
+_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (Linux /proc/cpuinfo flags) and oneDNN is built in."""
+    # Not torch's own check: oneDNN also "supports" bf16 on plain AVX512 by emulation, which is slower than
+    # fp32. Other systems (no /proc/cpuinfo) answer False, so auto stays on fp32 there.
+    if not sys.platform.startswith("linux") or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        text = CPUINFO.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features") and _BF16_CPU_FLAGS & set(value.split()):
+            return True
+    return False
+
+
+def resolve_teacher_precision(precision: str, device: str | torch.device) -> tuple[str, str]:
+    """(fp32 | bf16 | fp16, why) for a --teacher-precision value on device; UserError for fp16 off CUDA."""
+    dev = torch.device(device).type
+    if precision not in TEACHER_PRECISIONS:
+        raise UserError(f"--teacher-precision {precision!r}: must be one of {', '.join(TEACHER_PRECISIONS)}")
+    if precision == "auto":
+        if dev == "cuda":
+            return "fp16", "auto: CUDA device"
+        if dev == "cpu":
+            return ("bf16", "auto: CPU supports bf16") if cpu_supports_bf16() else \
+                ("fp32", "auto: CPU has no native bf16")
+        return "fp32", f"auto: {dev} device"
+    if precision == "fp16" and dev != "cuda":
+        raise UserError(f"--teacher-precision fp16 needs a CUDA device (this run uses {dev}); use bf16 or fp32")
+    if precision == "bf16" and dev == "cpu" and not cpu_supports_bf16():
+        return "bf16", "requested; this CPU has no native bf16, so it is emulated and may be slower than fp32"
+    return precision, "requested"
 
 
 class Teacher:
@@ -23,11 +65,18 @@ class Teacher:
     # Deliberately not an nn.Module: it can then never become a submodule of the student, so it is never
     # wrapped in DDP, moved by student.to()/half(), switched by student.train(), or pickled into its checkpoint.
 
-    def __init__(self, model: nn.Module, path: str | Path = "", half: bool = False):
-        """Wrap an already loaded model; freezes it and puts it in eval mode."""
+    def __init__(self, model: nn.Module, path: str | Path = "", half: bool = False, precision: str | None = None):
+        """Wrap an already loaded model; freezes it and puts it in eval mode.
+
+        precision: fp32 (plain), bf16 (autocast around the forward, weights stay fp32) or fp16 (the model is
+        converted with .half(), as on CUDA); None means fp16 if `half` else fp32."""
+        precision = precision or ("fp16" if half else "fp32")
+        if precision not in TEACHER_PRECISIONS[1:]:
+            raise ValueError(f"Teacher precision {precision!r}: must be fp32, bf16 or fp16")
         self.model = model.eval().requires_grad_(False)
         self.path = str(path)
-        self.half = bool(half)
+        self.precision = precision
+        self.half = precision == "fp16"
         if self.half:
             self.model.half()
 
@@ -61,28 +110,39 @@ class Teacher:
         if self.model.training:  # someone called .train() on it; BN stats (if unfused) must not move
             self.model.eval()
         x = images.half() if self.half else images.float()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast(x.device.type):
             out = self.model(x)
         raw = out[1] if isinstance(out, tuple) else out
         # Inference tensors cannot be saved for backward; a copy made outside inference mode is an ordinary
         # constant tensor, so autograd through the student's side of the loss works with any op.
         return [r.to(dtype=torch.float32, copy=True) for r in raw]
 
+    def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        # bf16 autocasts the convolutions; fp32 and fp16 switch off any autocast the caller may be under,
+        # so the teacher always runs at its own precision
+        if self.precision == "bf16":
+            return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device_type, enabled=False)
+
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", trust: bool = False,
-                 half: bool | None = None) -> Teacher:
-    """Load a teacher checkpoint with the safe loader: fused, eval, frozen, fp16 on CUDA by default."""
+                 half: bool | None = None, precision: str = "auto") -> Teacher:
+    """Load a teacher checkpoint with the safe loader: fused, eval, frozen, at `precision` (see
+    resolve_teacher_precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32). `half`, when
+    given, forces fp16 (True) or fp32 (False) without that resolution."""
+    if half is not None:
+        chosen, why = ("fp16" if half else "fp32"), "half=" + str(bool(half))
+    else:
+        chosen, why = resolve_teacher_precision(precision, device)  # before loading: a bad value fails fast
     model = attempt_load(path, device=device, fuse=True, trust=trust)
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"{path}: teacher has non-finite weights ({len(bad)} tensors, first {bad[0]}); "
                         f"it cannot teach anything")
-    if half is None:
-        half = torch.device(device).type == "cuda"
-    teacher = Teacher(model, path=path, half=half)
+    teacher = Teacher(model, path=path, precision=chosen)
     n = sum(p.numel() for p in model.parameters())
-    LOGGER.info(f"Teacher {path}: {n} parameters, nc={teacher.nc}, strides {_floats(teacher.stride)}, "
-                f"{'fp16' if half else 'fp32'}")
+    LOGGER.info(f"Teacher {path}: {n} parameters, nc={teacher.nc}, strides {_floats(teacher.stride)}")
+    LOGGER.info(f"Teacher precision: {chosen} ({why})")
     return teacher
 
 

@@ -38,6 +38,19 @@ def random_checkpoint(path: Path, cfg: str, seed: int = 0) -> Path:
     return save_checkpoint(build_checkpoint(m), path)
 
 
+def overflowing_checkpoint(path: Path, cfg: str) -> Path:
+    """A checkpoint with finite fp16 weights whose activations overflow fp32 after a few layers, so every
+    output map (and every loss computed from it) is non-finite."""
+    from utils.checkpoint import save_checkpoint, torch_load
+
+    ck = torch_load(random_checkpoint(path, cfg))
+    with torch.no_grad():
+        for m in ck["model"].modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(200)
+    return save_checkpoint(ck, path)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A dataset yaml over a handful of 64-px demo images (8 train, 4 val), made once per session."""

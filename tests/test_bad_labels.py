@@ -205,15 +205,21 @@ def test_val_run_image_deleted_during_run(bad_corpus, ckpt8, tmp_path, monkeypat
     assert any("1.jpg" in m and "excluded from evaluation" in m for m in _warnings(caplog))
 
 
+def _val_error(data_yaml: Path, weights: Path, tmp_path: Path) -> list[str]:
+    """val.py's ERROR lines for a run that must be refused in one line, without a traceback."""
+    r = run_cli([str(ROOT / "val.py"), "--data", str(data_yaml), "--weights", str(weights), "--imgsz", "64",
+                 "--project", str(tmp_path)], cwd=tmp_path)
+    err = [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(err) == 1
+    return err
+
+
 def test_val_cli_refuses_model_dataset_nc_mismatch(ckpt8, tmp_path):
     root = tmp_path / "four"
     _corpus(root)
     y = root / "data.yaml"
     y.write_text(f"path: {root}\ntrain: images\nval: images\nnames: [a, b, c, d]\n")
-    r = run_cli([str(ROOT / "val.py"), "--data", str(y), "--weights", str(ckpt8), "--imgsz", "64",
-                 "--project", str(tmp_path)], cwd=tmp_path)
-    err = [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(err) == 1
+    err = _val_error(y, ckpt8, tmp_path)
     assert "rand8.pt" in err[0] and "nc=8" in err[0] and "nc=4" in err[0]
 
 
@@ -222,10 +228,7 @@ def test_val_cli_refuses_contradicting_yaml(ckpt8, tmp_path):
     _corpus(root)
     y = root / "data.yaml"
     y.write_text(f"path: {root}\ntrain: images\nval: images\nnc: 3\nnames: {DEMO_NAMES}\n")
-    r = run_cli([str(ROOT / "val.py"), "--data", str(y), "--weights", str(ckpt8), "--imgsz", "64",
-                 "--project", str(tmp_path)], cwd=tmp_path)
-    err = [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(err) == 1
+    err = _val_error(y, ckpt8, tmp_path)
     assert str(y) in err[0] and "nc: 3" in err[0] and "8 entries" in err[0]
 
 

@@ -84,15 +84,9 @@ def test_non_finite_detection_loss_stops_cleanly(tiny_data, tmp_path):
     # starting weights whose activations overflow fp32: every detection loss is non-finite (an absurd lr0, the
     # old way to get there, is now refused by the hyp check)
     sys.path.insert(0, str(ROOT))
-    from conftest import random_checkpoint
-    from utils.checkpoint import save_checkpoint
+    from conftest import overflowing_checkpoint
 
-    ck = torch_load(random_checkpoint(tmp_path / "s.pt", "yolov5n.yaml"))
-    with torch.no_grad():
-        for m in ck["model"].modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.mul_(200)
-    save_checkpoint(ck, tmp_path / "s.pt")
+    overflowing_checkpoint(tmp_path / "s.pt", "yolov5n.yaml")
     r = run_cli([TRAIN, "--data", str(tiny_data), "--weights", str(tmp_path / "s.pt"), *COMMON[2:], "--project",
                  str(tmp_path), "--name", "nan", "--epochs", "3", "--noplots"], cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]

@@ -152,6 +152,54 @@ class EpochResult:
 MAX_NONFINITE = 3  # consecutive non-finite losses tolerated (each skipped) before training stops
 
 
+_AMP_NAMES = {torch.float16: "fp16 autocast with GradScaler", torch.bfloat16: "bf16 autocast", None: "off (fp32)"}
+
+
+def resolve_amp(flag: bool | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp/--no-amp (None: not given): fp16 on CUDA unless --no-amp, bf16 on CPU only
+    with --amp, None (fp32) otherwise."""
+    if device.type == "cuda":
+        dtype = None if flag is False else torch.float16
+    elif device.type == "cpu":
+        dtype = torch.bfloat16 if flag else None
+    else:
+        if flag:
+            LOGGER.warning(f"WARNING: --amp is not supported on {device.type}; training in fp32")
+        dtype = None
+    LOGGER.info(f"AMP: {_AMP_NAMES[dtype]}")
+    return dtype
+
+
+class CompiledForward:
+    """The student's forward through torch.compile; if compiling is unavailable or fails (no C++ compiler,
+    unsupported platform or Python, old torch) one warning is logged and the forward runs eagerly.
+
+    Only this callable holds the compiled wrapper: the module itself stays plain, so the EMA, the state_dict
+    keys and the pickled checkpoints never see it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.compiled: Callable | None = None
+        try:
+            self.compiled = torch.compile(model)
+        except Exception as e:  # torch.compile missing (AttributeError) or refusing this platform
+            self._fall_back(e)
+
+    def _fall_back(self, e: BaseException) -> None:
+        self.compiled = None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        LOGGER.warning(f"WARNING: --compile: torch.compile is unavailable or failed here ({type(e).__name__}: "
+                       f"{first}); training eagerly")
+
+    def __call__(self, x: torch.Tensor):
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as e:  # compilation is lazy: a missing compiler shows up at the first call
+                self._fall_back(e)
+        return self.model(x)
+
+
 def _warmup(optimizer, ni: int, nw: int, epoch: int, lf, hyp: dict, batch_size: int) -> int:
     xi = [0, nw]
     accumulate = max(1, round(float(np.interp(ni, xi, [1, NBS / batch_size]))))
@@ -185,11 +233,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     epoch: int, *, epochs: int, device: torch.device, hyp: dict, lf, batch_size: int, nw: int,
                     state: LoopState, imgsz: int, gs: int, amp: bool, world_size: int = 1,
                     multi_scale: bool = False, show_progress: bool = True,
-                    on_batch: Callable | None = None) -> EpochResult:
+                    on_batch: Callable | None = None, amp_dtype: torch.dtype | None = None,
+                    forward: Callable | None = None) -> EpochResult:
     """Train for one epoch (warmup, accumulation to 64 images, clipping, EMA) with one criterion.
 
     `criterion.before_forward(imgs)` runs before the student's forward and `criterion(pred, targets)` returns
-    (loss, parts); the parts, whatever they are, become the progress columns and the epoch means."""
+    (loss, parts); the parts, whatever they are, become the progress columns and the epoch means. With `amp`
+    the forward and loss run under autocast at `amp_dtype` (None: the device's default, fp16 on CUDA, bf16 on
+    CPU); `forward` (e.g. a CompiledForward) replaces model(imgs) for the student's forward pass."""
     model.train()
     nb = len(loader)
     names = tuple(criterion.parts)
@@ -214,8 +265,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             imgs = _multi_scale(imgs, imgsz, gs)
 
         criterion.before_forward(imgs)
-        with torch.autocast(device_type=device.type, enabled=amp):
-            pred = model(imgs)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
+            pred = (forward or model)(imgs)
             loss, parts = criterion(pred, targets.to(device))
         if world_size > 1:
             loss = loss * world_size  # DDP averages gradients across ranks

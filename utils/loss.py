@@ -88,6 +88,9 @@ class ComputeLoss:
 
     def __call__(self, p: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Total loss (1,) multiplied by batch size, and detached [lbox, lobj, lcls]."""
+        # bf16 (CPU --amp) keeps 8 bits of mantissa, too coarse for CIoU and the BCE sums: compute in fp32.
+        # fp16 maps (CUDA AMP) are left as they are, as in the reference.
+        p = [pi.float() if pi.dtype == torch.bfloat16 else pi for pi in p]
         dev = targets.device
         lbox = torch.zeros(1, device=dev)
         lobj = torch.zeros(1, device=dev)

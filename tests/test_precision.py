@@ -1,0 +1,342 @@
+"""Precision and speed flags: --teacher-precision, --amp (bf16 autocast on CPU) and --compile (eager fallback)."""
+import argparse
+import logging
+import sys
+from copy import deepcopy
+
+import pytest
+import torch
+import yaml
+
+import optimizer.teacher as teacher_mod
+from conftest import ROOT, random_checkpoint, run_cli
+from models.yolo import Model
+from optimizer.config import KD_SPECS, KDConfig, add_kd_args
+from optimizer.criterion import DetectionCriterion, Distiller
+from optimizer.teacher import Teacher, cpu_supports_bf16, load_teacher, resolve_teacher_precision
+from utils.checkpoint import build_checkpoint, torch_load
+from utils.engine import CompiledForward, LoopState, ModelEMA, build_optimizer, lr_lambda, resolve_amp, \
+    train_one_epoch
+from utils.errors import UserError
+from utils.hyp import load_hyp
+from utils.loss import ComputeLoss, scale_hyp
+
+TRAIN = str(ROOT / "train.py")
+LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
+CPU = torch.device("cpu")
+needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+
+
+def _bf16(monkeypatch, supported: bool) -> None:
+    monkeypatch.setattr(teacher_mod, "cpu_supports_bf16", lambda: supported)
+
+
+def _messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
+# ---------------------------------------------------------------------------------------------- teacher precision
+
+def test_auto_precision_follows_the_device(monkeypatch):
+    _bf16(monkeypatch, False)
+    assert resolve_teacher_precision("auto", "cpu") == ("fp32", "auto: CPU has no native bf16")
+    _bf16(monkeypatch, True)
+    assert resolve_teacher_precision("auto", "cpu") == ("bf16", "auto: CPU supports bf16")
+    assert resolve_teacher_precision("auto", torch.device("cuda", 0)) == ("fp16", "auto: CUDA device")
+
+
+@pytest.mark.parametrize("supported", [False, True])
+def test_explicit_precision_is_honoured_and_fp16_on_cpu_refused(monkeypatch, supported):
+    _bf16(monkeypatch, supported)
+    assert resolve_teacher_precision("fp32", "cpu") == ("fp32", "requested")
+    chosen, why = resolve_teacher_precision("bf16", "cpu")
+    assert chosen == "bf16" and ("emulated" in why) != supported  # honoured either way, slowness said once
+    assert resolve_teacher_precision("fp16", "cuda") == ("fp16", "requested")
+    with pytest.raises(UserError, match=r"^--teacher-precision fp16 needs a CUDA device \(this run uses cpu\); "
+                                        r"use bf16 or fp32$"):
+        resolve_teacher_precision("fp16", "cpu")
+    with pytest.raises(UserError, match="must be one of auto, fp32, bf16, fp16"):
+        resolve_teacher_precision("int8", "cpu")
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN: bf16 is never chosen")
+    monkeypatch.setattr(sys, "platform", "linux")
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(teacher_mod, "CPUINFO", info)
+    cases = {"flags\t\t: fpu sse avx2 avx512f avx512bw avx512vl\n": False,  # AVX512 alone: emulated bf16
+             "flags\t\t: fpu avx512f avx512_bf16\n": True,
+             "flags\t\t: fpu amx_tile amx_bf16\n": True,
+             "Features\t: fp asimd sve bf16 i8mm\n": True,  # aarch64
+             "Features\t: fp asimd sve\n": False,
+             "model name\t: something bf16-ish\n": False}  # only the flag lines count
+    for text, want in cases.items():
+        info.write_text("processor\t: 0\n" + text)
+        assert cpu_supports_bf16() is want, text
+    info.unlink()
+    assert cpu_supports_bf16() is False  # unreadable: fp32
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert cpu_supports_bf16() is False
+
+
+@pytest.mark.parametrize("supported", [False, True])
+def test_load_teacher_says_what_it_chose(monkeypatch, caplog, fixtures_dir, supported):
+    _bf16(monkeypatch, supported)
+    with caplog.at_level(logging.INFO, logger="yolov5kd"):
+        t = load_teacher(fixtures_dir / "teacher.pt", "cpu")
+    want = "Teacher precision: bf16 (auto: CPU supports bf16)" if supported else \
+        "Teacher precision: fp32 (auto: CPU has no native bf16)"
+    assert [m for m in _messages(caplog) if m.startswith("Teacher precision")] == [want]
+    assert t.precision == ("bf16" if supported else "fp32") and not t.half
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # bf16 autocasts; weights stay fp32
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        load_teacher(fixtures_dir / "teacher.pt", "cpu", precision="fp16")
+
+
+def test_teacher_runs_at_its_own_precision_under_any_autocast():
+    torch.manual_seed(0)
+    m = Model("yolov5n.yaml", nc=8).eval().fuse()
+    x = torch.rand(1, 3, 64, 64)
+    t32, t16 = Teacher(m, precision="fp32"), Teacher(deepcopy(m), precision="bf16")
+    plain = t32(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. the student's --amp region
+        again = t32(x)
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))
+    seen = []
+    hook = t16.model.model[0].register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    maps = t16(x)
+    hook.remove()
+    assert seen == [torch.bfloat16]
+    assert all(r.dtype == torch.float32 and not r.is_inference() for r in maps)
+    # train.py's teacher validation deep-copies the model and runs it in fp32: nothing of bf16 sticks to it
+    assert all(p.dtype == torch.float32 for p in deepcopy(t16.model).float().parameters())
+    with pytest.raises(ValueError):
+        Teacher(m, precision="auto")
+
+
+def _decode(raw: torch.Tensor, det, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes xywh in pixels, objectness and class probabilities from a raw map, YOLOv5's decoding."""
+    s = raw.sigmoid()
+    ny, nx = raw.shape[2:4]
+    yv, xv = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
+    grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).float()
+    stride, anchors = float(det.stride[i]), det.anchors[i].view(1, -1, 1, 1, 2)
+    xy = (s[..., :2] * 2 - 0.5 + grid) * stride
+    wh = (s[..., 2:4] * 2) ** 2 * anchors * stride
+    return torch.cat((xy, wh), -1), s[..., 4], s[..., 5:]
+
+
+# Measured (random yolov5n, nc=8, imgsz 64, batch 2, seeds 0-2, AMX CPU): raw logits differ by <= 0.016, boxes by
+# <= 0.025 px, objectness by <= 1.3e-4, class probabilities by <= 6e-4. Tolerances are about 4x those.
+BF16_TOL = {"raw": 0.06, "box_px": 0.1, "obj": 5e-4, "cls": 2.5e-3}
+
+
+@needs_bf16
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_teacher_maps_stay_close_to_fp32(seed):
+    torch.manual_seed(seed)
+    m = Model("yolov5n.yaml", nc=8).eval().fuse()
+    det = m.model[-1]
+    x = torch.rand(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    ref = Teacher(m, precision="fp32")(x)
+    low = Teacher(deepcopy(m), precision="bf16")(x)
+    for i, (a, b) in enumerate(zip(ref, low)):
+        assert b.dtype == torch.float32 and a.shape == b.shape
+        assert (a - b).abs().max() <= BF16_TOL["raw"]
+        (box_a, obj_a, cls_a), (box_b, obj_b, cls_b) = _decode(a, det, i), _decode(b, det, i)
+        assert (box_a - box_b).abs().max() <= BF16_TOL["box_px"]
+        assert (obj_a - obj_b).abs().max() <= BF16_TOL["obj"]
+        assert (cls_a - cls_b).abs().max() <= BF16_TOL["cls"]
+
+
+# ----------------------------------------------------------------------------------------------------- --amp, loop
+
+def test_resolve_amp():
+    cuda = torch.device("cuda", 0)
+    assert resolve_amp(None, cuda) == torch.float16 and resolve_amp(True, cuda) == torch.float16
+    assert resolve_amp(False, cuda) is None
+    assert resolve_amp(None, CPU) is None and resolve_amp(False, CPU) is None  # CPU default: fp32, as before
+    assert resolve_amp(True, CPU) == torch.bfloat16
+
+
+def _student(seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    m = Model("yolov5n.yaml", nc=8).to(memory_format=torch.channels_last)
+    m.nc, m.hyp = 8, scale_hyp(load_hyp(LOW, KD_SPECS), 3, 8, 64)
+    return m
+
+
+def test_detection_loss_is_fp32_under_cpu_bf16_autocast():
+    m = _student()
+    x = torch.rand(2, 3, 64, 64)
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 3, 0.3, 0.6, 0.2, 0.2]])
+    loss_fn = ComputeLoss(m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = m(x)
+        assert all(p.dtype == torch.bfloat16 for p in pred)
+        loss, items = loss_fn(pred, targets)
+        fp32_in_autocast, _ = loss_fn([p.float() for p in pred], targets)
+    assert loss.dtype == torch.float32 and items.dtype == torch.float32
+    ref, ref_items = loss_fn([p.detach().float() for p in pred], targets)  # outside autocast, fp32 throughout
+    assert torch.equal(loss.detach(), ref) and torch.equal(items, ref_items)
+    assert torch.equal(fp32_in_autocast.detach(), ref)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def _batches(n: int = 3, bs: int = 2, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        imgs = torch.randint(0, 256, (bs, 3, 64, 64), dtype=torch.uint8, generator=g)
+        targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 3, 0.3, 0.6, 0.2, 0.2], [1, 0, 0.7, 0.3, 0.4, 0.3]])
+        out.append((imgs, targets, [f"im{i}.jpg" for i in range(bs)], None))
+    return out
+
+
+def _train(model, criterion, **kw):
+    hyp = load_hyp(LOW, KD_SPECS)
+    opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    state = LoopState()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    res = train_one_epoch(model, _batches(), opt, torch.amp.GradScaler("cuda", enabled=False), criterion,
+                          ModelEMA(model), 0, epochs=1, device=CPU, hyp=hyp, lf=lr_lambda(1, hyp["lrf"]),
+                          batch_size=2, nw=100, state=state, imgsz=64, gs=32, show_progress=False, **kw)
+    moved = any(not torch.equal(before[k], v) for k, v in model.named_parameters())  # the optimizer stepped
+    return res, state, moved
+
+
+def test_cpu_amp_training_steps_pass_the_nonfinite_guard(caplog):
+    student = _student()
+    torch.manual_seed(1)
+    kd = Distiller(KDConfig(t_weights="t.pt"), ComputeLoss(student),
+                   Teacher(Model("yolov5n.yaml", nc=8).eval().fuse(), precision="bf16"), student, 64)
+    dtypes = []
+
+    def forward(x):
+        out = student(x)
+        dtypes.append(out[0].dtype)
+        return out
+
+    with caplog.at_level(logging.WARNING, logger="yolov5kd"):
+        res, state, moved = _train(student, kd, amp=True, amp_dtype=torch.bfloat16, forward=forward)
+    assert dtypes == [torch.bfloat16] * 3  # the student really ran under bf16 autocast
+    assert res.skipped == 0 and state.nonfinite == 0 and not any("non-finite" in m for m in _messages(caplog))
+    assert list(res.mloss) == list(kd.parts) and all(torch.isfinite(torch.tensor(list(res.mloss.values()))))
+    assert moved and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in student.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------- --compile
+
+def _boom(*a, **k):
+    raise RuntimeError("Compiler: cc not found\nmore detail that is not printed")
+
+
+def test_compile_unavailable_warns_once_and_trains_eagerly(monkeypatch, caplog):
+    monkeypatch.setattr(torch, "compile", _boom)
+    student = _student()
+    with caplog.at_level(logging.WARNING, logger="yolov5kd"):
+        fwd = CompiledForward(student)
+        res, state, moved = _train(student, DetectionCriterion(ComputeLoss(student)), amp=False, forward=fwd)
+    warns = [m for m in _messages(caplog) if "--compile" in m]
+    assert warns == ["WARNING: --compile: torch.compile is unavailable or failed here (RuntimeError: Compiler: cc "
+                     "not found); training eagerly"]
+    assert fwd.compiled is None and res.skipped == 0 and moved
+
+
+def test_compile_failing_at_the_first_call_falls_back(monkeypatch, caplog):
+    calls = []
+
+    def lazy_compile(model, **kw):  # torch.compile is lazy: a missing compiler shows at the first forward
+        def run(x):
+            calls.append(1)
+            _boom()
+        return run
+
+    monkeypatch.setattr(torch, "compile", lazy_compile)
+    student = _student()
+    with caplog.at_level(logging.WARNING, logger="yolov5kd"):
+        fwd = CompiledForward(student)
+        res, _, moved = _train(student, DetectionCriterion(ComputeLoss(student)), amp=False, forward=fwd)
+    assert len(calls) == 1 and len([m for m in _messages(caplog) if "--compile" in m]) == 1
+    assert res.skipped == 0 and moved
+
+
+def test_compiled_forward_is_used_and_never_reaches_the_checkpoint(monkeypatch):
+    wrapped = []
+
+    class FakeCompiled(torch.nn.Module):  # stands in for torch._dynamo's OptimizedModule
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+            wrapped.append(0)
+
+        def forward(self, x):
+            wrapped.append(1)
+            return self._orig_mod(x)
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: FakeCompiled(model))
+    student = _student()
+    fwd = CompiledForward(student)
+    res, _, moved = _train(student, DetectionCriterion(ComputeLoss(student)), amp=False, forward=fwd)
+    assert wrapped == [0, 1, 1, 1] and moved
+    ckpt = build_checkpoint(student, ema=deepcopy(student))
+    assert type(ckpt["model"]) is Model and not any("_orig_mod" in k for k in ckpt["model"].state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- flags and records
+
+def test_flags_and_resume_record():
+    p = add_kd_args(argparse.ArgumentParser())
+    assert p.parse_args([]).teacher_precision == "auto"
+    flags = vars(p.parse_args(["--teacher-precision", "bf16"]))
+    kd = KDConfig.resolve(flags, {}, {"teacher_precision"})
+    assert kd.teacher_precision == "bf16"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--teacher-precision", "int8"])
+    with pytest.raises(UserError, match="--teacher-precision 'int8'"):
+        KDConfig.resolve({**flags, "teacher_precision": "int8"}, {}, {"teacher_precision"})
+    kd = KDConfig(t_weights="t.pt", teacher_precision="fp32", t_sha256="ab")
+    assert KDConfig.from_record({**kd.as_dict(), "epochs": 3}) == kd
+    old = {k: v for k, v in kd.as_dict().items() if k != "teacher_precision"}  # a run recorded before the flag
+    assert KDConfig.from_record(old).teacher_precision == "auto"
+
+    import train
+    opt = train.parse_opt(["--teacher-precision", "fp32", "--amp", "--compile"])
+    assert (opt.teacher_precision, opt.amp, opt.compile) == ("fp32", True, True)
+    assert "teacher_precision" in opt.cli_given
+    opt = train.parse_opt([])
+    assert (opt.teacher_precision, opt.amp, opt.compile) == ("auto", None, False)  # defaults unchanged
+    assert train.parse_opt(["--no-amp"]).amp is False
+
+
+def test_cli_amp_compile_and_bf16_teacher_end_to_end(tiny_data, tmp_path):
+    """One epoch of KD with --amp --compile --teacher-precision bf16, torch.compile made to fail (so nothing is
+    compiled for real): the run finishes, validates the teacher, says what it chose, and records the settings
+    for --resume."""
+    teacher = random_checkpoint(tmp_path / "t.pt", "yolov5n.yaml")
+    args = ["--data", str(tiny_data), "--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers",
+            "0", "--noautoanchor", "--noplots", "--project", str(tmp_path), "--name", "run", "--epochs",
+            "1", "--t_weights", str(teacher), "--teacher-precision", "bf16", "--amp", "--compile"]
+    code = ("import sys, torch\n"
+            "def boom(*a, **k):\n    raise RuntimeError('no C++ compiler')\n"
+            "torch.compile = boom\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import train\n"
+            "sys.exit(train.main(sys.argv[1:]))\n")
+    r = run_cli(["-c", code, *args], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Teacher precision: bf16 (requested" in r.stderr and "AMP: bf16 autocast" in r.stderr
+    assert r.stderr.count("WARNING: --compile: torch.compile is unavailable or failed here (RuntimeError: no C++ "
+                          "compiler); training eagerly") == 1
+    assert "non-finite" not in r.stderr
+    assert "Teacher mAP50" in r.stderr  # the teacher's reference validation runs on an fp32 copy
+    run = tmp_path / "run"
+    opt = yaml.safe_load((run / "opt.yaml").read_text())
+    assert (opt["teacher_precision"], opt["amp"], opt["compile"]) == ("bf16", True, True)
+    ck = torch_load(run / "weights/last.pt")
+    assert type(ck["model"]) is Model
+    assert KDConfig.from_record(ck["opt"]).teacher_precision == "bf16" == KDConfig.from_record(opt).teacher_precision
