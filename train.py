@@ -2,6 +2,7 @@
 
     python train.py --data shapes.yaml --cfg yolov5n.yaml --weights '' --imgsz 320 --epochs 30
     python train.py --data coco.yaml --weights student.pt --t_weights teacher.pt --epochs 100
+    python train.py --data shapes.yaml --weights student.pt --epochs 10 --evolve 300    # tune the hyp yaml
     torchrun --nproc_per_node 2 train.py ...            # DDP (gloo on CPU, nccl on GPU)
 
 This file parses flags and wires the pieces; the loop itself is utils.engine.train_one_epoch and val.run.
@@ -399,6 +400,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: backbone=10, first3=0 1 2")
     p.add_argument("--save-period", type=int, default=-1, help="save checkpoint every x epochs (disabled if < 1)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument("--evolve", type=int, nargs="?", const=300, default=None,
+                   help="evolve the hyp yaml for x generations (default 300), see utils/evolve.py")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: on by default on CUDA (fp16 + GradScaler), opt-in on CPU (bf16 autocast)")
     p.add_argument("--compile", action="store_true",
@@ -479,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     info = dist_info_from_env()
     setup_logging(info.rank)
     try:
+        if opt.evolve is not None:  # many trainings of train() with mutated hyps, into runs/evolve/exp*
+            from utils.evolve import run_evolution
+            check_flags(opt)
+            return run_evolution(opt, info, train)
         if opt.resume:
             opt = prepare_resume(opt)
             hyp = load_hyp(opt.hyp, KD_SPECS)

@@ -30,7 +30,7 @@ LOGGER = logging.getLogger("yolov5kd")
 STRICT = os.environ.get('KD_PLOTS_STRICT', '0') == '1'
 
 __all__ = ['plot_images', 'output_to_target', 'plot_labels', 'plot_results', 'plot_pr_curve', 'plot_mc_curve',
-           'plot_confusion_matrix', 'class_colour', 'load_results_csv', 'STRICT', 'plt']
+           'plot_confusion_matrix', 'plot_evolve', 'class_colour', 'load_results_csv', 'STRICT', 'plt']
 
 F = TypeVar('F', bound=Callable[..., Any])
 
@@ -442,3 +442,41 @@ def plot_confusion_matrix(matrix: np.ndarray, nc: int, save_dir: Path | str = Pa
     ax.set_ylabel('Predicted')
     ax.set_title('Confusion Matrix' + (' (normalised per true class)' if normalize else ''))
     _save(fig, Path(save_dir) / 'confusion_matrix.png', dpi=200)
+
+
+# ------------------------------------------------------------------------------------------ hyperparameter evolution
+@_never_raise
+def plot_evolve(values: Mapping[str, Sequence[Any]], fit: Sequence[float], save_path: Path | str = 'evolve.png',
+                best: int | None = None) -> None:
+    """One panel per hyp key: fitness of every generation against the key's value, coloured by fitness, the
+    best generation (index `best`, else the highest fitness) marked with a cross and named in the title.
+    Categorical values (strings) are placed at their choice's index."""
+    f = np.asarray(fit, dtype=float)
+    keys = list(values)
+    if not keys or not len(f):
+        return
+    j = int(np.argmax(f)) if best is None else int(best)
+    ncols = min(6, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig = Figure(figsize=(2.3 * ncols, 2.2 * nrows + 0.3))
+    # fixed margins: tight_layout's solver costs more than the drawing on ~30 panels
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.05, top=1 - 0.35 / (2.2 * nrows + 0.3), wspace=0.35,
+                        hspace=0.5)
+    axs = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+    order = np.argsort(f)  # best drawn last, on top
+    for a, k in zip(axs, keys):
+        raw = list(values[k])
+        labels = sorted({str(v) for v in raw}) if any(isinstance(v, str) for v in raw) else None
+        x = np.array([labels.index(str(v)) for v in raw] if labels else raw, dtype=float)
+        a.scatter(x[order], f[order], c=f[order], cmap='viridis', s=12, edgecolors='none', alpha=0.8)
+        a.plot(x[j], f[j], 'k+', markersize=12, markeredgewidth=1.5)
+        shown = raw[j] if labels else f'{x[j]:.3g}'
+        a.set_title(f'{k} = {shown}', fontsize=8)
+        a.tick_params(labelsize=6)
+        if labels:
+            a.set_xticks(range(len(labels)))
+            a.set_xticklabels(labels)
+    for a in axs[len(keys):]:
+        a.axis('off')
+    axs[0].set_ylabel('fitness', fontsize=7)
+    _save(fig, Path(save_path), dpi=150)

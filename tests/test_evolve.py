@@ -1,0 +1,278 @@
+"""train.py --evolve: bounds, mutation and parent choice as pure functions; the run loop with a stand-in
+training (continuation, failures, outputs); two tiny real evolutions (with and without a teacher); refusals."""
+import collections
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import train
+from conftest import ROOT, random_checkpoint, run_cli
+from optimizer.config import KD_SPECS
+from utils import evolve as ev
+from utils.errors import UserError
+from utils.hyp import HYP_SPECS, load_hyp
+
+TRAIN = str(ROOT / "train.py")
+LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
+COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
+          "--noplots", "--epochs", "1"]
+KD = ("distill_ratio", "temperature", "dist_norm")
+
+
+def _low(**extra) -> dict:
+    return {**load_hyp(LOW, KD_SPECS), **extra}
+
+
+def _in_bounds(hyp: dict, keys) -> None:
+    for k in keys:
+        if k in ev.CHOICES:
+            assert hyp[k] in ev.CHOICES[k], (k, hyp[k])
+            continue
+        _, lo, hi = ev.BOUNDS[k]
+        assert lo <= hyp[k] <= hi, (k, hyp[k])
+        assert round(hyp[k], 5) == hyp[k], (k, hyp[k])
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------------- pure functions
+def test_bounds_lie_inside_the_valid_hyp_ranges():
+    specs = {**HYP_SPECS, **KD_SPECS}
+    assert set(ev.BOUNDS) | set(ev.CHOICES) == set(specs)
+    for k, (gain, lo, hi) in ev.BOUNDS.items():
+        s = specs[k]
+        assert gain >= 0 and lo <= hi, k
+        assert s.lo <= lo and hi <= s.hi and not (s.lo_open and lo == s.lo), k
+    assert ev.CHOICES["dist_norm"] == KD_SPECS["dist_norm"].choices
+
+
+def test_mutation_stays_within_bounds_over_many_draws():
+    hyp = _low(anchors=3)
+    assert ev.evolved_keys(hyp, teacher=False, autoanchor=True)[-1] == "anchors"
+    assert "anchors" not in ev.evolved_keys(hyp, teacher=True, autoanchor=True)  # the teacher's count is kept
+    keys = [*ev.evolved_keys(hyp, teacher=True, autoanchor=False), "anchors"]
+    assert set(KD) <= set(keys)
+    rng = np.random.default_rng(0)
+    lo_parent = {**hyp, **{k: ev.BOUNDS[k][1] for k in keys if k not in ev.CHOICES}, "anchors": 2}
+    hi_parent = {**hyp, **{k: ev.BOUNDS[k][2] for k in keys if k not in ev.CHOICES}, "anchors": 10}
+    changed = collections.Counter()
+    for i in range(600):
+        parent = (hyp, lo_parent, hi_parent)[i % 3]
+        child = ev.mutate(parent, keys, rng)
+        _in_bounds(child, keys)
+        assert isinstance(child["anchors"], int)
+        assert any(child[k] != parent[k] for k in keys)
+        for k in keys:
+            changed[k] += child[k] != parent[k]
+        for k, (gain, _, _) in ev.BOUNDS.items():
+            if gain == 0:
+                assert child[k] == parent[k], k
+    assert all(changed[k] > 0 for k in keys if ev.BOUNDS.get(k, (1,))[0] > 0), changed
+    assert load_hyp(child, KD_SPECS) == child  # a mutated hyp is a valid hyp
+    # the categorical key switches at about SWITCH_P, to every other choice
+    switched = collections.Counter()
+    n = 3000
+    for _ in range(n):
+        c = ev.mutate(hyp, keys, rng)["dist_norm"]
+        if c != hyp["dist_norm"]:
+            switched[c] += 1
+    assert abs(sum(switched.values()) / n - ev.SWITCH_P) < 0.03
+    assert set(switched) == set(ev.CHOICES["dist_norm"]) - {hyp["dist_norm"]}
+
+
+def test_kd_keys_are_evolved_only_with_a_teacher():
+    hyp = _low()
+    without = ev.evolved_keys(hyp, teacher=False, autoanchor=False)
+    assert not set(KD) & set(without) and "anchors" not in without
+    assert without == [k for k in hyp if k in ev.BOUNDS and k not in KD]  # the hyp file's order
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        child = ev.mutate(hyp, without, rng)
+        assert all(child[k] == hyp[k] for k in KD)
+    with_t = ev.evolved_keys(hyp, teacher=True, autoanchor=False)
+    moved = [ev.mutate(hyp, with_t, rng) for _ in range(50)]
+    assert any(c["distill_ratio"] != hyp["distill_ratio"] for c in moved)
+    assert any(c["temperature"] != hyp["temperature"] for c in moved)
+
+
+def test_parent_selection_is_fitness_weighted_over_the_top_five():
+    fit = [0.10, 0.50, 0.30, 0.05, 0.40, 0.45, 0.20]
+    rows = [{"fitness": f, "generation": i} for i, f in enumerate(fit)]
+    rng = np.random.default_rng(2)
+    counts = collections.Counter(ev.select_parent(rows, rng)["generation"] for _ in range(20000))
+    assert set(counts) <= {1, 2, 4, 5, 6}  # the top 5
+    w = {1: 0.30, 2: 0.10, 4: 0.20, 5: 0.25, 6: 1e-6}  # fitness - min of the top 5
+    for g, wg in w.items():
+        assert abs(counts[g] / 20000 - wg / sum(w.values())) < 0.015, (g, counts)
+    assert ev.select_parent(rows[:1], rng)["generation"] == 0
+    flat = [{"fitness": 0.0, "generation": i} for i in range(3)]  # all equal: uniform
+    c = collections.Counter(ev.select_parent(flat, rng)["generation"] for _ in range(3000))
+    assert set(c) == {0, 1, 2}
+
+
+def test_generation_randomness_depends_on_seed_and_index():
+    hyp = _low()
+    keys = ev.evolved_keys(hyp, teacher=True, autoanchor=False)
+    rows = [ev.make_row([0.5, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1], ev.constrain(hyp, keys), keys, 0)]
+    a = ev.next_hyp(hyp, rows, keys, seed=0, generation=1)
+    assert a == ev.next_hyp(hyp, rows, keys, seed=0, generation=1)  # a restarted generation draws the same
+    assert a != ev.next_hyp(hyp, rows, keys, seed=0, generation=2)
+    assert a != ev.next_hyp(hyp, rows, keys, seed=1, generation=1)
+    assert ev.next_hyp(hyp, [], keys, seed=0, generation=0) == ev.constrain(hyp, keys)  # generation 0: the start
+
+
+# --------------------------------------------------------------------------------------- the loop, stand-in training
+def _fake_train(calls, fail_at=()):
+    def fn(hyp, opt, device, info, kd):
+        calls.append((hyp, opt, kd))
+        if len(calls) - 1 in fail_at:
+            raise UserError("epoch 0: weights became non-finite")
+        assert not info.distributed and opt.noval and opt.nosave and opt.noplots
+        (Path(opt.save_dir) / "weights").mkdir(parents=True)
+        (Path(opt.save_dir) / "weights/last.pt").write_text("x")
+        m = 0.5 - abs(hyp["lr0"] - 0.013) * 10 - abs(kd.distill_ratio - 0.7) * 0.1
+        return (0.6, 0.5, m + 0.1, m, 0.05, 0.04, 0.03)
+    return fn
+
+
+def _opt(tmp_path, *args):
+    return train.parse_opt(["--data", "none.yaml", "--device", "cpu", "--project", str(tmp_path), "--name", "e",
+                            *args])
+
+
+@pytest.fixture
+def no_plot(monkeypatch):
+    """The stand-in runs skip evolve.png (about 1.5 s a plot); the real runs below draw it."""
+    monkeypatch.setattr(ev, "write_plot", lambda *a, **k: None)
+
+
+def test_loop_writes_rows_outputs_and_continues(tmp_path, teacher, no_plot):
+    calls = []
+    opt = _opt(tmp_path, "--evolve", "2", "--t_weights", str(teacher), "--distill_ratio", "0.9", "--noautoanchor")
+    assert ev.run_evolution(opt, train.DistInfo(), _fake_train(calls)) == 0
+    run = tmp_path / "e"
+    rows = _read_csv(run / "evolve.csv")
+    assert [r["generation"] for r in rows] == ["0", "1"]
+    assert calls[0][2].distill_ratio == 0.9 == float(rows[0]["distill_ratio"])  # the typed flag is the start
+    assert calls[1][2].distill_ratio == float(rows[1]["distill_ratio"])  # later: the evolved value, not the flag
+    assert calls[1][2].temperature == float(rows[1]["temperature"]) and calls[1][2].t_sha256
+    # a generation killed mid-training leaves gen/ behind: it is removed and the generation trained again
+    (run / "gen/weights").mkdir(parents=True)
+    opt = _opt(tmp_path, "--evolve", "4", "--t_weights", str(teacher), "--distill_ratio", "0.9", "--noautoanchor",
+               "--exist-ok")
+    assert ev.run_evolution(opt, train.DistInfo(), _fake_train(calls, fail_at=(3,))) == 0
+    rows2 = _read_csv(run / "evolve.csv")
+    assert rows2[:2] == rows and [r["generation"] for r in rows2] == ["0", "1", "2", "3"]
+    assert len({tuple(v for k, v in r.items() if k not in ev.METRIC_KEYS + ev.TAIL_KEYS) for r in rows2}) == 4
+    assert float(rows2[3]["fitness"]) == 0.0  # the failed generation scores 0 and the run goes on
+    assert sorted(p.name for p in run.iterdir()) == sorted(set(ev.OUTPUTS) - {"evolve.png"})
+    best = max(rows2, key=lambda r: float(r["fitness"]))
+    hyp = load_hyp(run / "hyp_evolve.yaml", KD_SPECS)
+    keys = [k for k in rows2[0] if k not in ev.METRIC_KEYS + ev.TAIL_KEYS]
+    assert {k: str(hyp[k]) if k in ev.CHOICES else hyp[k] for k in keys} == \
+        {k: best[k] if k in ev.CHOICES else float(best[k]) for k in keys}
+    assert f"Generation {best['generation']}," in (run / "hyp_evolve.yaml").read_text()
+    # asking for fewer generations than done trains nothing
+    n = len(calls)
+    opt = _opt(tmp_path, "--evolve", "3", "--t_weights", str(teacher), "--noautoanchor", "--exist-ok")
+    assert ev.run_evolution(opt, train.DistInfo(), _fake_train(calls)) == 0 and len(calls) == n
+    # other columns (no teacher now) are refused in one line
+    with pytest.raises(UserError, match="columns differ"):
+        ev.run_evolution(_opt(tmp_path, "--evolve", "5", "--noautoanchor", "--exist-ok"), train.DistInfo(),
+                         _fake_train(calls))
+
+
+def test_failing_start_and_repeated_failures_stop(tmp_path, no_plot):
+    with pytest.raises(UserError, match="non-finite"):
+        ev.run_evolution(_opt(tmp_path, "--evolve", "3"), train.DistInfo(), _fake_train([], fail_at=(0,)))
+    assert not (tmp_path / "e/evolve.csv").exists()
+    with pytest.raises(UserError, match="non-finite"):
+        ev.run_evolution(_opt(tmp_path, "--evolve", "9", "--exist-ok"), train.DistInfo(),
+                         _fake_train([], fail_at=(1, 2, 3)))
+    rows = _read_csv(tmp_path / "e/evolve.csv")
+    assert len(rows) == 3 and "anchors" in rows[0]  # AutoAnchor on: anchors is evolved, from 3
+
+
+@pytest.mark.parametrize("args,env,needle", [
+    (["--evolve", "0"], {}, "--evolve 0: must be >= 1"),
+    (["--evolve", "-2"], {}, "--evolve -2: must be >= 1"),
+    (["--evolve", "--resume"], {}, "--resume and --evolve cannot be combined"),
+    (["--evolve"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "not supported with DDP"),
+    (["--evolve", "3", "--hyp", "MISSING"], {}, "mutates hsv_h, mosaic, which this hyp file lacks"),
+])
+def test_refusals_are_one_line(tmp_path, monkeypatch, capsys, args, env, needle):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    hyp = yaml.safe_load(LOW.read_text())
+    del hyp["hsv_h"], hyp["mosaic"]
+    (tmp_path / "h.yaml").write_text(yaml.safe_dump(hyp))
+    args = [str(tmp_path / "h.yaml") if a == "MISSING" else a for a in args]
+    assert train.main(["--data", "none.yaml", "--project", str(tmp_path / "runs"), *args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ERROR:")]
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evolve_flag_defaults():
+    assert train.parse_opt([]).evolve is None
+    assert train.parse_opt(["--evolve"]).evolve == 300
+    assert train.parse_opt(["--evolve", "7"]).evolve == 7
+
+
+# -------------------------------------------------------------------------------------------- real tiny evolutions
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return random_checkpoint(tmp_path_factory.mktemp("t") / "teacher.pt", "yolov5s.yaml")
+
+
+def _check_run(run, n, teacher: bool):
+    rows = _read_csv(run / "evolve.csv")
+    assert [int(r["generation"]) for r in rows] == list(range(n))
+    keys = [k for k in rows[0] if k not in ev.METRIC_KEYS + ev.TAIL_KEYS]
+    assert list(rows[0])[:7] == list(ev.METRIC_KEYS)
+    assert bool(set(KD) & set(keys)) == teacher
+    values = [{k: r[k] if k in ev.CHOICES else float(r[k]) for k in keys} for r in rows]
+    assert len({tuple(v.values()) for v in values}) == n  # no generation repeated
+    for v in values:
+        _in_bounds(v, keys)
+    for r in rows:
+        assert all(math.isfinite(float(r[k])) for k in ev.METRIC_KEYS)
+    best = max(range(n), key=lambda i: (float(rows[i]["fitness"]), -i))
+    hyp = load_hyp(run / "hyp_evolve.yaml", KD_SPECS)
+    assert {k: hyp[k] for k in keys} == values[best]
+    assert sorted(p.name for p in run.iterdir()) == sorted(ev.OUTPUTS)  # gen/ removed, nothing else written
+    return rows, values, hyp
+
+
+def test_evolve_without_teacher_and_continue(tiny_data, tmp_path):
+    args = [TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "exp"]
+    r = run_cli([*args, "--evolve", "2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = _read_csv(tmp_path / "exp/evolve.csv")
+    assert len(first) == 2
+    (tmp_path / "exp/gen/weights").mkdir(parents=True)  # as a kill -9 during generation 2 leaves it
+    r = run_cli([*args, "--evolve", "3", "--exist-ok"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 of 3 generations already done" in r.stderr
+    rows, values, hyp = _check_run(tmp_path / "exp", 3, teacher=False)
+    assert rows[:2] == first
+    low = load_hyp(LOW, KD_SPECS)
+    assert all(hyp[k] == low[k] for k in KD)  # without a teacher the KD keys keep their starting values
+
+
+def test_evolve_with_teacher(tiny_data, teacher, tmp_path):
+    r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "kd",
+                 "--t_weights", str(teacher), "--evolve", "3"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows, values, _ = _check_run(tmp_path / "kd", 3, teacher=True)
+    start = values[0]
+    assert start["distill_ratio"] == 0.5 and start["temperature"] == 5.0 and start["dist_norm"] == "mean"
+    assert any(v[k] != start[k] for v in values[1:] for k in KD)  # seed 0: deterministic
+    assert (tmp_path / "kd/evolve.png").stat().st_size > 0

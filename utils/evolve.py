@@ -1,0 +1,378 @@
+"""Hyperparameter evolution for `train.py --evolve [N]`: YOLOv5 v7.0's scheme, extended to the KD keys.
+
+Generation 0 trains the starting hyp (clipped to the bounds below). Every later generation picks a parent
+from the best rows of evolve.csv (fitness-weighted), multiplies its values by random gains, clips them to
+the bounds and trains with the result for --epochs epochs (validation and saving in the final epoch only).
+The run folder keeps three files: evolve.csv (one row per finished generation), hyp_evolve.yaml (the best
+row as a hyp file for --hyp) and evolve.png. A generation trains in <run>/gen/, which is removed afterwards.
+
+Started again on the same folder (same --name with --exist-ok), an evolution continues after the last row
+of its evolve.csv. A row is written (whole file, temp + rename) only once its generation has finished, and
+generation g draws its random numbers from (seed, g), so nothing is lost, repeated or drawn twice.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from optimizer.config import KD_HYP_KEYS, KD_SPECS, KDConfig
+from optimizer.loss import DIST_NORMS
+from optimizer.teacher import file_sha256
+from utils.config import find_file, read_yaml
+from utils.distributed import DistInfo, select_device
+from utils.errors import UserError
+from utils.hyp import HYP_DIR, HYP_SPECS, load_hyp
+from utils.log import increment_path
+from utils.metrics import fitness
+
+LOGGER = logging.getLogger("yolov5kd")
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PROJECT = ROOT / "runs" / "evolve"
+
+MUTATION_P = 0.8  # chance that a numeric key takes part in a generation's mutation
+SIGMA = 0.2  # spread of the multiplicative gain
+GAIN_CLIP = (0.3, 3.0)  # a value changes by at most x0.3 .. x3 per generation
+SWITCH_P = 0.2  # chance that a categorical key (dist_norm) switches to another choice in a generation
+TOP_N = 5  # parents are drawn from this many best rows
+MAX_FAILED_IN_A_ROW = 3  # a mutated hyp that fails to train scores 0; this many failures in a row stop the run
+
+# key: (mutation gain, lower bound, upper bound). Gain 0: carried in evolve.csv, never mutated.
+# The first 29 rows are YOLOv5 v7.0's; the last two are this project's distillation keys (evolved only
+# when a teacher is given). Every range lies inside the key's valid range in utils/hyp.py / KD_SPECS.
+BOUNDS: dict[str, tuple[float, float, float]] = {
+    "lr0": (1, 1e-5, 1e-1),
+    "lrf": (1, 0.01, 1.0),
+    "momentum": (0.3, 0.6, 0.98),
+    "weight_decay": (1, 0.0, 0.001),
+    "warmup_epochs": (1, 0.0, 5.0),
+    "warmup_momentum": (1, 0.0, 0.95),
+    "warmup_bias_lr": (1, 0.0, 0.2),
+    "box": (1, 0.02, 0.2),
+    "cls": (1, 0.2, 4.0),
+    "cls_pw": (1, 0.5, 2.0),
+    "obj": (1, 0.2, 4.0),
+    "obj_pw": (1, 0.5, 2.0),
+    "iou_t": (0, 0.1, 0.7),
+    "anchor_t": (1, 2.0, 8.0),
+    "anchors": (2, 2.0, 10.0),
+    "fl_gamma": (0, 0.0, 2.0),
+    "hsv_h": (1, 0.0, 0.1),
+    "hsv_s": (1, 0.0, 0.9),
+    "hsv_v": (1, 0.0, 0.9),
+    "degrees": (1, 0.0, 45.0),
+    "translate": (1, 0.0, 0.9),
+    "scale": (1, 0.0, 0.9),
+    "shear": (1, 0.0, 10.0),
+    "perspective": (0, 0.0, 0.001),
+    "flipud": (1, 0.0, 1.0),
+    "fliplr": (0, 0.0, 1.0),
+    "mosaic": (1, 0.0, 1.0),
+    "mixup": (1, 0.0, 1.0),
+    "copy_paste": (1, 0.0, 1.0),
+    "distill_ratio": (1, 0.01, 5.0),
+    "temperature": (1, 1.0, 10.0),
+}
+CHOICES: dict[str, tuple[str, ...]] = {"dist_norm": tuple(DIST_NORMS)}  # categorical keys, switched at SWITCH_P
+KD_KEYS = tuple(KD_HYP_KEYS)  # distill_ratio, temperature, dist_norm: evolved only with --t_weights
+
+METRIC_KEYS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
+               "val/box_loss", "val/obj_loss", "val/cls_loss")
+TAIL_KEYS = ("generation", "fitness")
+OUTPUTS = ("evolve.csv", "hyp_evolve.yaml", "evolve.png")
+
+
+# --------------------------------------------------------------------------------------------- pure functions
+def evolved_keys(hyp: Mapping[str, Any], teacher: bool, autoanchor: bool) -> list[str]:
+    """The hyp keys evolve.csv carries, in the hyp's order: the table's keys (gain 0 included), the KD keys
+    only with a teacher, `anchors` only with AutoAnchor on and no teacher (output distillation needs the
+    teacher's number of anchors per level)."""
+    keys = []
+    for k in hyp:
+        if k not in BOUNDS and k not in CHOICES:
+            continue
+        if (k in KD_KEYS and not teacher) or (k == "anchors" and (teacher or not autoanchor)):
+            continue
+        keys.append(k)
+    return keys
+
+
+def constrain(hyp: Mapping[str, Any], keys: Sequence[str]) -> dict:
+    """A copy with every numeric evolved key clipped to its bounds and rounded to 5 decimals (whole numbers
+    for int keys such as anchors, as the hyp file requires)."""
+    out = dict(hyp)
+    for k in keys:
+        if k in CHOICES:
+            continue
+        _, lo, hi = BOUNDS[k]
+        v = round(min(max(float(out[k]), lo), hi), 5)
+        out[k] = int(round(v)) if HYP_SPECS.get(k) is not None and HYP_SPECS[k].kind is int else v
+    return out
+
+
+def select_parent(rows: Sequence[Mapping[str, Any]], rng: np.random.Generator) -> Mapping[str, Any]:
+    """One of the TOP_N best rows by fitness, drawn with probability ∝ fitness − min + 1e-6."""
+    if not rows:
+        raise ValueError("select_parent needs at least one row")
+    f = np.array([float(r["fitness"]) for r in rows])
+    order = np.argsort(-f, kind="stable")[:min(TOP_N, len(rows))]  # ties keep the earlier generation first
+    w = f[order] - f[order].min() + 1e-6
+    return rows[int(order[rng.choice(len(order), p=w / w.sum())])]
+
+
+def mutate(parent: Mapping[str, Any], keys: Sequence[str], rng: np.random.Generator) -> dict:
+    """The parent's values with the numeric keys multiplied by v = clip(g·[U<0.8]·N(0,1)·u·0.2 + 1, 0.3, 3)
+    (one u per draw, redrawn until some v differs from 1), categorical keys switched with probability
+    SWITCH_P to one of their other choices (uniformly), then constrained to the bounds. A draw that the
+    clipping and rounding turn back into the parent is drawn again (at most 100 times), so a generation does
+    not retrain its parent."""
+    numeric = [k for k in keys if k not in CHOICES]
+    g = np.array([float(BOUNDS[k][0]) for k in numeric])
+    child = dict(parent)
+    for _ in range(100):
+        out = dict(parent)
+        if numeric and (g > 0).any():
+            v = np.ones(len(numeric))
+            while (v == 1).all():
+                v = g * (rng.random(len(g)) < MUTATION_P) * rng.standard_normal(len(g)) * rng.random() * SIGMA + 1
+                v = v.clip(*GAIN_CLIP)
+            for k, x in zip(numeric, v):
+                out[k] = float(parent[k]) * float(x)
+        for k in keys:
+            if k in CHOICES and rng.random() < SWITCH_P:
+                others = [c for c in CHOICES[k] if c != parent[k]]
+                out[k] = others[int(rng.integers(len(others)))]
+        child = constrain(out, keys)
+        if any(child[k] != parent[k] for k in keys):
+            break
+    return child
+
+
+def generation_rng(seed: int, generation: int) -> np.random.Generator:
+    """The generator of one generation: the same (seed, generation) draws the same, another draws anew."""
+    return np.random.default_rng([int(seed) % 2**32, int(generation)])
+
+
+def next_hyp(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], keys: Sequence[str], seed: int,
+             generation: int) -> dict:
+    """Generation `generation`'s hyp: the (constrained) starting hyp when there are no rows yet, else a
+    mutated copy of a parent drawn from the rows. Keys outside `keys` keep the starting hyp's values."""
+    if not rows:
+        return constrain(base, keys)
+    rng = generation_rng(seed, generation)
+    parent = select_parent(rows, rng)
+    return mutate({**base, **{k: parent[k] for k in keys}}, keys, rng)
+
+
+def make_row(results: Sequence[float] | None, hyp: Mapping[str, Any], keys: Sequence[str], generation: int) -> dict:
+    """One evolve.csv row: the 7 results (zeros for a failed generation), the evolved values, index, fitness."""
+    res = [0.0] * len(METRIC_KEYS) if results is None else [float(x) for x in list(results)[:len(METRIC_KEYS)]]
+    res = [round(x, 6) if math.isfinite(x) else 0.0 for x in res]
+    row: dict[str, Any] = dict(zip(METRIC_KEYS, res))
+    row.update({k: hyp[k] for k in keys})
+    row["generation"] = int(generation)
+    row["fitness"] = round(float(fitness(np.array([res]))[0]), 6)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------------- files
+def _atomic_write(path: Path, text: str | bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_rows(path: Path, header: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """The whole evolve.csv (header + rows), replaced atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow([r[k] if isinstance(r[k], str) else repr(r[k]) for k in header])
+    _atomic_write(path, buf.getvalue())
+
+
+def _parse(key: str, text: str) -> Any:
+    if key in CHOICES:
+        if text not in CHOICES[key]:
+            raise ValueError(f"{key} {text!r} is not one of {', '.join(CHOICES[key])}")
+        return text
+    if key == "generation" or (key in HYP_SPECS and HYP_SPECS[key].kind is int):
+        return int(float(text))
+    return float(text)
+
+
+def read_rows(path: Path, header: Sequence[str]) -> list[dict]:
+    """The rows of an existing evolve.csv, checked against this evolution's columns and numbered 0, 1, …"""
+    with open(path, newline="") as f:
+        lines = [r for r in csv.reader(f) if r]
+    if not lines:
+        return []
+    if lines[0] != list(header):
+        raise UserError(f"{path}: its columns differ from this evolution's (another hyp file, --t_weights or "
+                        f"--noautoanchor than when it was started?); continue with the same options or use a "
+                        f"new --name")
+    rows = []
+    for i, line in enumerate(lines[1:]):
+        try:
+            if len(line) != len(header):
+                raise ValueError(f"{len(line)} values for {len(header)} columns")
+            row = {k: _parse(k, v) for k, v in zip(header, line)}
+        except ValueError as e:
+            raise UserError(f"{path}: row {i + 1} cannot be read ({e})") from None
+        if row["generation"] != i:
+            raise UserError(f"{path}: row {i + 1} is generation {row['generation']}, expected {i}")
+        rows.append(row)
+    return rows
+
+
+def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The row with the highest fitness (the earliest on ties)."""
+    return max(rows, key=lambda r: (float(r["fitness"]), -int(r["generation"])))
+
+
+def write_best_hyp(path: Path, base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], keys: Sequence[str],
+                   generations: int) -> dict:
+    """hyp_evolve.yaml: the starting hyp with the best row's values, headed by a comment naming that row."""
+    b = best_row(rows)
+    hyp = {**base, **{k: b[k] for k in keys}}
+    metrics = ", ".join(f"{k.split('/')[-1]} {b[k]:.5g}" for k in METRIC_KEYS)
+    head = (f"# Hyperparameter evolution (train.py --evolve), best of {len(rows)}/{generations} generations\n"
+            f"# Generation {b['generation']}, fitness {b['fitness']:.5g} (0.1 mAP_0.5 + 0.9 mAP_0.5:0.95)\n"
+            f"# {metrics}\n"
+            f"# Train with: python train.py --hyp {path.name}\n\n")
+    _atomic_write(path, head + yaml.safe_dump(hyp, sort_keys=False))
+    return hyp
+
+
+def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
+    """evolve.png: fitness against each evolved value (via a temp file, so an old plot is never half-replaced)."""
+    from utils.plots import plot_evolve
+
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    plot_evolve({k: [r[k] for r in rows] for k in keys if BOUNDS.get(k, (1,))[0] != 0},
+                [float(r["fitness"]) for r in rows], tmp, best=int(best_row(rows)["generation"]))
+    if tmp.exists():
+        os.replace(tmp, path)
+
+
+def check_evolvable(hyp_arg: Any) -> None:
+    """A hyp file must hold every key the table mutates (the KD keys and `anchors` have defaults)."""
+    if isinstance(hyp_arg, dict):
+        raw = hyp_arg
+        where = "hyp"
+    else:
+        p = find_file(hyp_arg, [HYP_DIR], "hyp yaml")
+        raw, where = read_yaml(p, "hyp yaml"), str(p)
+    missing = [k for k, (gain, _, _) in BOUNDS.items()
+               if gain and k not in raw and k not in KD_KEYS and k != "anchors"]
+    if missing:
+        raise UserError(f"{where}: --evolve mutates {', '.join(missing)}, which this hyp file lacks "
+                        f"(add them, e.g. from data/hyps/hyp.scratch-low.yaml)")
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+TrainFn = Callable[[dict, argparse.Namespace, Any, DistInfo, KDConfig], Sequence[float]]
+
+
+def run_evolution(opt: argparse.Namespace, info: DistInfo, train_fn: TrainFn) -> int:
+    """--evolve N: check the options, then train the remaining generations in-process with train_fn."""
+    n = opt.evolve
+    if info.world_size > 1:
+        raise UserError(f"--evolve is not supported with DDP (WORLD_SIZE {info.world_size}); run it as one process")
+    if opt.resume:
+        raise UserError("--resume and --evolve cannot be combined; an evolution continues from its evolve.csv "
+                        "when started again with the same --name and --exist-ok")
+    if n < 1:
+        raise UserError(f"--evolve {n}: must be >= 1 (the number of generations)")
+    autoanchor = not opt.noautoanchor
+    check_evolvable(opt.hyp)
+    base = load_hyp(opt.hyp, KD_SPECS)
+    # flag > hyp > default, as for training: a typed --distill_ratio/--temperature/--dist_norm is the value of
+    # generation 0, from which the later generations mutate
+    kd = KDConfig.resolve(vars(opt), base, opt.cli_given)
+    if kd.enabled:
+        kd = dataclasses.replace(kd, t_sha256=file_sha256(kd.t_weights))
+    base.update(kd.hyp_values())
+    if autoanchor and not kd.enabled and "anchors" not in base:
+        base["anchors"] = 3  # evolved from 3 per level; AutoAnchor then computes them for the data
+    keys = evolved_keys(base, kd.enabled, autoanchor)
+    header = [*METRIC_KEYS, *keys, *TAIL_KEYS]
+
+    project = opt.project if "project" in opt.cli_given else DEFAULT_PROJECT
+    run = increment_path(Path(project) / opt.name, exist_ok=opt.exist_ok)
+    csv_path, yaml_path, png_path, gen_dir = (run / "evolve.csv", run / "hyp_evolve.yaml", run / "evolve.png",
+                                              run / "gen")
+    rows = read_rows(csv_path, header) if csv_path.is_file() else []
+    device = select_device(opt.device, opt.batch_size)
+    run.mkdir(parents=True, exist_ok=True)
+    if rows:
+        LOGGER.info(f"Evolve: continuing {csv_path}, {len(rows)} of {n} generations already done")
+
+    def outputs() -> None:
+        write_best_hyp(yaml_path, base, rows, keys, n)
+        write_plot(png_path, rows, keys)
+
+    failed, trained = 0, 0
+    try:
+        for g in range(len(rows), n):
+            shutil.rmtree(gen_dir, ignore_errors=True)  # what a generation cut short left behind
+            hyp = next_hyp(base, rows, keys, opt.seed, g)
+            gkd = dataclasses.replace(kd, **{k: hyp[k] for k in KD_KEYS})  # the evolved values, never the flags
+            gopt = argparse.Namespace(**vars(opt))
+            gopt.save_dir, gopt.resume, gopt.hyp = str(gen_dir), False, dict(hyp)
+            gopt.noval = gopt.nosave = gopt.noplots = True  # validate and save the final epoch only
+            vars(gopt).update(gkd.as_dict())
+            LOGGER.info(f"\nEvolve: generation {g + 1}/{n} " + " ".join(f"{k}={hyp[k]}" for k in keys))
+            t0 = time.time()
+            try:
+                results = train_fn(dict(hyp), gopt, device, DistInfo(), gkd)
+                failed = 0
+            except UserError as e:
+                shutil.rmtree(gen_dir, ignore_errors=True)
+                failed += 1
+                if not rows or failed >= MAX_FAILED_IN_A_ROW:
+                    raise  # the starting hyp must train, and repeated failures are not the hyp's fault
+                LOGGER.warning(f"WARNING: evolve generation {g}: training failed ({e}); scored as fitness 0")
+                results = None
+            rows.append(make_row(results, hyp, keys, g))
+            write_rows(csv_path, header, rows)
+            shutil.rmtree(gen_dir, ignore_errors=True)
+            outputs()
+            trained += 1
+            b = best_row(rows)
+            LOGGER.info(f"Evolve: generation {g + 1}/{n} fitness {rows[-1]['fitness']:.5g} in "
+                        f"{time.time() - t0:.0f}s; best so far {b['fitness']:.5g} (generation {b['generation']})")
+    except KeyboardInterrupt:
+        LOGGER.warning(f"Interrupted; {csv_path} keeps the {len(rows)} finished generation(s): run the same command "
+                       f"with --name {run.name} --exist-ok to continue")
+        return 130
+    if rows and not trained:
+        outputs()  # nothing left to train: refresh the files (a kill may have come between csv and yaml)
+    b = best_row(rows) if rows else None
+    LOGGER.info(f"\nHyperparameter evolution complete: {len(rows)} generations in {csv_path}"
+                + (f"\nBest: generation {b['generation']}, fitness {b['fitness']:.5g}, saved as {yaml_path}\n"
+                   f"Use it with: python train.py --hyp {yaml_path}" if b else ""))
+    return 0
