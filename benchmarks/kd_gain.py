@@ -2,7 +2,7 @@
 """Does distillation help? Train the same student with and without the teacher, everything else equal.
 
     python benchmarks/kd_gain.py                       # main experiment: 2 arms x 3 seeds
-    python benchmarks/kd_gain.py --mode sweep          # dist_loss x temperature x ratio, one seed, shorter
+    python benchmarks/kd_gain.py --mode sweep          # dist_loss x temperature x ratio, continuing --start
     python benchmarks/kd_gain.py --mode finetune       # continue a baseline student with / without KD
     python benchmarks/kd_gain.py --mode converge       # plateaued shipped student: baseline vs each --dist_norm
 
@@ -142,20 +142,28 @@ def baseline_start(a, seed: int) -> tuple[Path, tuple[float, float]]:
 
 
 def sweep(a) -> list[str]:
-    # From scratch, a few epochs leave every arm near 0 mAP (noise decides the ranking); continuing the
-    # baseline for a short schedule gives each setting the same start and a measurable difference.
+    """dist_loss x temperature x distill_ratio, each continuing the plateaued student (--start) with --dist_norm."""
     seed = a.seeds[0]
-    start, b0 = baseline_start(a, seed)
-    base = best_row(train_run(f"sweep_base_s{seed}", a, seed=seed, epochs=a.sweep_epochs, kd=None, weights=str(start)))
-    lines = [f"Sweep: {a.student} continued from base_s{seed}/best.pt ({a.epochs} epochs from scratch, mAP50-95 "
-             f"{b0[1] * 100:.2f}) for {a.sweep_epochs} epochs at imgsz {a.imgsz}, seed {seed}. The same continuation "
-             f"without KD reaches mAP50-95 {base[1] * 100:.2f} (mAP50 {base[0] * 100:.2f}).", "",
+    start = a.start
+    base = best_row(train_run(f"sweep_base_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=None, weights=start))
+    s50, s0 = start_map(a, start)
+    lines = [f"Sweep: every setting continues `{Path(start).name}` (mAP50-95 {s0 * 100:.2f}) for {a.ft_epochs} "
+             f"epochs at imgsz {a.imgsz}, seed {seed}, --dist_norm {a.dist_norm}. The same continuation without KD "
+             f"reaches mAP50-95 {base[1] * 100:.2f} (mAP50 {base[0] * 100:.2f}).", "",
              "| dist_loss | T | distill_ratio | mAP50 | mAP50-95 | vs no KD |", "|---|---|---|---|---|---|"]
     grid = [("l2", 1.0, r) for r in a.ratios] + list(itertools.product(("kl", "bce"), a.temperatures, a.ratios))
+    jobs = [(loss, T, r) for loss, T, r in grid]
+
+    def one(job):
+        loss, T, r = job
+        return best_row(train_run(f"sweep_{a.dist_norm}_{loss}_T{T:g}_r{r:g}_s{seed}", a, seed=seed,
+                                  epochs=a.ft_epochs, kd={"dist_loss": loss, "T": T, "ratio": r,
+                                                          "norm": a.dist_norm}, weights=start))
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        rows = list(pool.map(one, jobs))
     results = []
-    for loss, T, r in grid:
-        m50, m = best_row(train_run(f"sweep_{loss}_T{T:g}_r{r:g}_s{seed}", a, seed=seed, epochs=a.sweep_epochs,
-                                    kd={"dist_loss": loss, "T": T, "ratio": r}, weights=str(start)))
+    for (loss, T, r), (m50, m) in zip(jobs, rows):
         results.append((m, loss, T, r))
         lines.append(f"| {loss} | {T:g}{' (unused)' if loss == 'l2' else ''} | {r:g} | {m50 * 100:.2f} | "
                      f"{m * 100:.2f} | {(m - base[1]) * 100:+.2f} |")
@@ -267,13 +275,14 @@ def main() -> int:
     ap.add_argument("--teacher", default=str(DEMO_TEACHER))
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--sweep-epochs", type=int, default=2)
-    ap.add_argument("--ft-epochs", type=int, default=5)
-    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--ft-epochs", type=int, default=6, help="finetune / converge: epochs of each continuation")
+    ap.add_argument("--imgsz", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--dist_loss", default="l2")
+    ap.add_argument("--dist_norm", default="mean", help="sweep: the normalisation every setting uses")
     ap.add_argument("--temperature", type=float, default=5.0)
     ap.add_argument("--distill_ratio", type=float, default=0.5)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 5.0])
