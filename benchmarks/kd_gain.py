@@ -48,6 +48,8 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
            "--batch-size", str(a.batch), "--workers", str(a.workers), "--seed", str(seed), "--project", a.project,
            "--name", name, "--exist-ok", "--noplots", "--device", a.device]
     cmd += ["--weights", weights] if weights else ["--cfg", a.student, "--weights", ""]
+    if weights and a.ft_hyp:  # continuing a trained model: the fine-tuning hyp (lower LR, gentle warmup)
+        cmd += ["--hyp", a.ft_hyp]
     if kd:
         cmd += ["--t_weights", a.teacher, "--dist_loss", kd["dist_loss"], "--temperature", str(kd["T"]),
                 "--distill_ratio", str(kd["ratio"]), "--dist_norm", kd.get("norm", "mean")]
@@ -281,6 +283,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ft-hyp", default="hyp.finetune.yaml", help="hyp for runs that continue a checkpoint ('' = default)")
     ap.add_argument("--dist_loss", default="l2")
     ap.add_argument("--dist_norm", default="mean", help="sweep: the normalisation every setting uses")
     ap.add_argument("--temperature", type=float, default=5.0)
