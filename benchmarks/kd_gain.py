@@ -206,6 +206,11 @@ def plateau_gain(res: dict) -> float:
     return max(y[-k:]) - max(y[:-k]) if len(y) > k else float("nan")
 
 
+def _conv_name(arm: str, kd: dict | None, seed: int) -> str:
+    """Run folder of a converge arm; KD arms carry their distill_ratio, so runs at other ratios sit beside them."""
+    return f"conv_{arm}_s{seed}" if kd is None else f"conv_{arm}_r{kd['ratio']:g}_s{seed}"
+
+
 def converge(a) -> list[str]:
     """Every arm continues the same plateaued student (same data, hyp, seed, epochs): baseline vs each norm."""
     arms = [("baseline", None)] + [(n, {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio,
@@ -213,7 +218,7 @@ def converge(a) -> list[str]:
     jobs = [(arm, kd, seed) for seed in a.seeds for arm, kd in arms]
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         res = dict(zip([(arm, seed) for arm, _, seed in jobs],
-                       pool.map(lambda j: train_run(f"conv_{j[0]}_s{j[2]}", a, seed=j[2], epochs=a.ft_epochs,
+                       pool.map(lambda j: train_run(_conv_name(j[0], j[1], j[2]), a, seed=j[2], epochs=a.ft_epochs,
                                                     kd=j[1], weights=a.start), jobs)))
     s50, s = start_map(a, a.start)
     t50, t = start_map(a, a.teacher)
@@ -240,7 +245,7 @@ def converge(a) -> list[str]:
               f"({statistics.mean(gains[best]) * 100:+.2f} on the mean, per seed " +
               ", ".join(f"{g * 100:+.2f}" for g in gains[best]) + ")."]
     curves = {n: [res[(n, sd)][M5095] for sd in a.seeds] for n in names}
-    plot_arms(curves, s, t, Path(a.out) / "kd_converge.png", a)
+    plot_arms(curves, s, t, Path(a.out) / f"kd_converge{a.tag}.png", a)
     return lines
 
 
@@ -293,11 +298,12 @@ def main() -> int:
     ap.add_argument("--start", default=str(DEMO_STUDENT), help="converge: the plateaued student every arm continues")
     ap.add_argument("--norms", nargs="+", default=["mean", "weighted", "soft"], help="converge: KD arms")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets one thread when > 1)")
+    ap.add_argument("--tag", default="", help="suffix of the docs files written (kd_<mode><tag>.md/.png)")
     ap.add_argument("--project", default=str(ROOT / "runs" / "kd_gain"))
     ap.add_argument("--out", default=str(ROOT / "docs"))
     a = ap.parse_args()
     lines = {"main": main_experiment, "sweep": sweep, "finetune": finetune, "converge": converge}[a.mode](a)
-    out = Path(a.out) / f"kd_{a.mode}.md"
+    out = Path(a.out) / f"kd_{a.mode}{a.tag}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/kd_gain.py " + " ".join(sys.argv[1:])
     out.write_text(f"# KD {a.mode}\n\nReproduce: `{cmd.strip()}`\n\n" + "\n".join(lines) + "\n")
