@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from optimizer.loss import OutputDistillationLoss, compute_distillation_output_loss
+from optimizer.loss import DIST_NORMS, OutputDistillationLoss, compute_distillation_output_loss
 from utils.errors import UserError
 
 GOLDEN_CASES = [("distill_l2_T1", "l2", 1.0), ("distill_l2_T5", "l2", 5.0),
@@ -116,9 +116,10 @@ def test_nc1_skips_class_term():
     assert total.item() == pytest.approx((parts["dbox"] + parts["dobj"]).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("norm", DIST_NORMS)
 @pytest.mark.parametrize("mode", ["l2", "kl", "bce", "reg_norm", "decoded"])
 @pytest.mark.parametrize("T", [1.0, 20.0])
-def test_extreme_logits_finite(mode, T):
+def test_extreme_logits_finite(mode, T, norm):
     torch.manual_seed(1)
     shape = (2, 3, 4, 4, 9)
     sign = torch.randint(0, 2, shape).float() * 2 - 1
@@ -131,7 +132,7 @@ def test_extreme_logits_finite(mode, T):
     if mode == "decoded":
         kw["teacher_anchors"] = anchors * 2
     loss = OutputDistillationLoss(fake_student(4, HYP, anchors), "l2" if mode in ("reg_norm", "decoded") else mode,
-                                  T=T, **kw)
+                                  T=T, norm=norm, **kw)
     assert loss.decoded_box == (mode == "decoded")
     total, parts = loss([p], [t])
     assert torch.isfinite(total).all() and all(torch.isfinite(v) for v in parts.values())

@@ -280,23 +280,11 @@ def test_bad_norm_is_a_user_error():
 
 
 @pytest.mark.parametrize("norm", ["weighted", "soft"])
-@pytest.mark.parametrize("mode", ["l2", "kl", "bce", "decoded", "reg_norm"])
-def test_extreme_logits_finite(norm, mode):
+def test_all_empty_teacher_is_finite(norm):
+    """Extreme logits are covered for every norm in test_distill.py; here Σw = 0 everywhere."""
     torch.manual_seed(1)
     shape = (2, 3, 4, 4, 8)
-    sign = torch.randint(0, 2, shape).float() * 2 - 1
-    p = (sign * 1e4).requires_grad_(True)
-    t = -sign * 1e4
-    anchors = torch.rand(1, 3, 2) + 0.5
-    kw = {"reg_norm": [torch.ones(3, 2)]} if mode == "reg_norm" else {}
-    if mode == "decoded":
-        kw["teacher_anchors"] = anchors * 2
-    loss = OutputDistillationLoss(fake_student(3, anchors), mode if mode in ("l2", "kl", "bce") else "l2", T=5.0,
-                                  norm=norm, **kw)
-    total, parts = loss([p], [t])
-    assert torch.isfinite(total).all() and all(torch.isfinite(v) for v in parts.values())
-    total.backward()
-    assert torch.isfinite(p.grad).all()
+    loss = OutputDistillationLoss(fake_student(3, torch.rand(1, 3, 2) + 0.5), "l2", T=5.0, norm=norm)
     # an all-empty teacher (every objectness logit -1e4): Σw = 0, the floor keeps it finite and ~0
     p2 = torch.randn(shape, requires_grad=True)
     t2 = torch.randn(shape)
