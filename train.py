@@ -320,10 +320,7 @@ def restore_ema(ckpt: dict, ema: ModelEMA) -> None:
 def resume_epochs(ckpt: dict, weights, epochs: int) -> tuple[float, int, int]:
     """Counters of a last.pt being resumed: (best_fitness, start_epoch, total epochs)."""
     best_fitness = float(ckpt.get("best_fitness") or 0.0)
-    start_epoch = int(ckpt["epoch"]) + 1
-    if start_epoch <= 0:
-        raise UserError(f"{weights}: training to {epochs} epochs is finished, nothing to resume "
-                        f"(start a new run with --weights {weights})")
+    start_epoch = int(ckpt["epoch"]) + 1  # >= 1: prepare_resume already refused finished checkpoints
     LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
     if epochs < start_epoch:
         LOGGER.info(f"{weights} has been trained for {ckpt['epoch']} epochs. Fine-tuning for {epochs} more epochs.")

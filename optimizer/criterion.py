@@ -32,6 +32,7 @@ class DetectionCriterion:
     """YOLOv5's detection loss as a criterion: (loss, {box, obj, cls})."""
 
     parts = DETECTION_PARTS
+    detection_parts = DETECTION_PARTS  # the parts of `parts` that come from the detection loss
 
     def __init__(self, compute_loss: Any):
         """Wrap a ComputeLoss (its call gives (loss * bs, tensor([box, obj, cls])))."""

@@ -244,6 +244,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     model.train()
     nb = len(loader)
     names = tuple(criterion.parts)
+    det_parts = set(criterion.detection_parts)  # the rest come from distillation
     mloss = torch.zeros(len(names), device=device)
     skipped = 0
     accumulate = max(round(NBS / batch_size), 1)
@@ -277,11 +278,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
             bad = [k for k, v in zip(names, items.tolist()) if not math.isfinite(v)]
-            LOGGER.warning(f"non-finite {_nonfinite_part(bad)} at epoch {epoch}, batch {i} "
+            LOGGER.warning(f"non-finite {_nonfinite_part(bad, det_parts)} at epoch {epoch}, batch {i} "
                            f"({dict(zip(names, items.tolist()))}); step skipped")
             if state.nonfinite >= MAX_NONFINITE:
-                raise UserError(f"training diverged: non-finite {_nonfinite_part(bad)} at epoch {epoch}, batch {i} "
-                                f"({state.nonfinite} batches in a row); {_nonfinite_advice(bad)}. "
+                raise UserError(f"training diverged: non-finite {_nonfinite_part(bad, det_parts)} at epoch {epoch}, batch {i} "
+                                f"({state.nonfinite} batches in a row); {_nonfinite_advice(bad, det_parts)}. "
                                 f"Checkpoints already written keep the last finite weights")
             continue
         state.nonfinite = 0
@@ -300,8 +301,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             on_batch(ni, imgs, targets, paths)
 
     if i >= 0 and skipped == i + 1:
-        raise UserError(f"training diverged: every batch of epoch {epoch} had a non-finite {_nonfinite_part(bad)} "
-                        f"({skipped} skipped); {_nonfinite_advice(bad)}. Checkpoints already written keep the last "
+        raise UserError(f"training diverged: every batch of epoch {epoch} had a non-finite {_nonfinite_part(bad, det_parts)} "
+                        f"({skipped} skipped); {_nonfinite_advice(bad, det_parts)}. Checkpoints already written keep the last "
                         f"finite weights")
     criterion.end_epoch()
     # Step what is left of the last accumulation now, so no gradient crosses the epoch's checkpoint.
@@ -313,19 +314,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     return EpochResult(mloss=dict(zip(names, mloss.cpu().tolist())), lrs=lrs, skipped=skipped)
 
 
-# Parts whose name starts with "d" come from the distillation loss (dbox, dobj, dcls).
-def _is_distillation(part: str) -> bool:
-    return part.startswith("d")
-
-
-def _nonfinite_part(bad: list[str]) -> str:
-    groups = [g for g, hit in (("detection loss", any(not _is_distillation(k) for k in bad)),
-                               ("distillation loss", any(_is_distillation(k) for k in bad))) if hit]
+def _nonfinite_part(bad: list[str], det_parts: set[str]) -> str:
+    groups = [g for g, hit in (("detection loss", any(k in det_parts for k in bad)),
+                               ("distillation loss", any(k not in det_parts for k in bad))) if hit]
     return f"{' and '.join(groups) or 'loss'} ({', '.join(bad)})" if bad else "loss"
 
 
-def _nonfinite_advice(bad: list[str]) -> str:
-    if not bad or any(not _is_distillation(k) for k in bad):
+def _nonfinite_advice(bad: list[str], det_parts: set[str]) -> str:
+    if not bad or any(k in det_parts for k in bad):
         return "lower lr0 in the hyp file, and check the labels and the starting weights"
     return ("the distillation loss is at fault: check the teacher checkpoint, and lower distill_ratio or "
             "temperature")
