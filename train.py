@@ -45,6 +45,7 @@ from utils.log import get_latest_run, increment_path, setup_logging  # noqa: E40
 from utils.loggers import RunLogger, trim_results_csv  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
+from utils.unlabeled import build_unlabeled_stream  # noqa: E402
 
 LOGGER = logging.getLogger("yolov5kd")
 DEFAULT_HYP = ROOT / "data/hyps/hyp.scratch-low.yaml"
@@ -103,11 +104,6 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     w = save_dir / "weights"
     last, best = w / "last.pt", w / "best.pt"
     main = info.is_main
-    if main:
-        w.mkdir(parents=True, exist_ok=True)
-        if not opt.resume:  # a resumed run keeps the files it was started with
-            yaml_save(save_dir / "hyp.yaml", hyp)
-            yaml_save(save_dir / "opt.yaml", vars(opt))
     plots = not opt.noplots
     cuda = device.type == "cuda"
 
@@ -116,6 +112,15 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     with main_process_first(info):
         data_dict = check_dataset(opt.data)
     train_path, val_path = data_dict["train"], data_dict["val"]
+    unlabeled_path = data_dict.get("unlabeled")
+    if unlabeled_path and not kd.enabled:
+        raise UserError(f"{opt.data}: 'unlabeled:' images need a teacher (--t_weights): without one they carry no "
+                        f"training signal; add a teacher or remove the key")
+    if main:
+        w.mkdir(parents=True, exist_ok=True)
+        if not opt.resume:  # a resumed run keeps the files it was started with
+            yaml_save(save_dir / "hyp.yaml", hyp)
+            yaml_save(save_dir / "opt.yaml", vars(opt))
     nc = 1 if opt.single_cls else int(data_dict["nc"])
     names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
 
@@ -155,6 +160,17 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise UserError(f"{opt.data}: label class {int(labels[:, 0].max())} exceeds nc={nc}")
     nb = len(train_loader)
+    unlabeled = None
+    if unlabeled_path:
+        with main_process_first(info):
+            unlabeled = build_unlabeled_stream(unlabeled_path, kd.unlabeled_ratio, batch_size // info.world_size,
+                                               imgsz, gs, hyp, workers=opt.workers, rank=info.rank,
+                                               world_size=info.world_size, seed=opt.seed, cache=opt.cache)
+        if unlabeled is not None:
+            both = len(set(dataset.im_files) & set(unlabeled.dataset.im_files))
+            if both:
+                LOGGER.warning(f"WARNING: {both} image(s) are listed under both 'train:' and 'unlabeled:'; they "
+                               f"are used both ways")
 
     val_loader = None
     if main:
@@ -206,6 +222,10 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     state = LoopState(last_opt_step=start_epoch * nb - 1)
     results = (0, 0, 0, 0, 0, 0, 0)
     t0 = time.time()
+    if unlabeled is not None:
+        LOGGER.info(f"Unlabelled images: {len(unlabeled)} ({unlabeled.batch_size} per step beside "
+                    f"{batch_size // info.world_size} labelled, unlabeled_ratio {kd.unlabeled_ratio:g}), distillation "
+                    f"only")
     LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
                 f"Logging results to {save_dir}\nStarting training for {opt.epochs} epochs...")
 
@@ -222,11 +242,14 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
             train_loader.generator.manual_seed(6148914691236517205 + opt.seed + max(info.rank, 0) + epoch)
         if info.distributed:
             train_loader.sampler.set_epoch(epoch)
+        if unlabeled is not None:
+            unlabeled.start_epoch(epoch)
         res = train_one_epoch(model, train_loader, optimizer, scaler, criterion, ema, epoch, epochs=opt.epochs,
                               device=device, hyp=hyp, lf=lf, batch_size=batch_size, nw=nw, state=state,
                               imgsz=imgsz, gs=gs, amp=amp, world_size=info.world_size,
                               multi_scale=opt.multi_scale, show_progress=main,
-                              on_batch=on_batch if epoch == 0 else None, amp_dtype=amp_dtype, forward=forward)
+                              on_batch=on_batch if epoch == 0 else None, amp_dtype=amp_dtype, forward=forward,
+                              unlabeled=unlabeled)
         scheduler.step()
         epochs_run += 1
 

@@ -17,6 +17,8 @@ KD_SPECS: dict[str, HypSpec] = {
     "distill_ratio": HypSpec(0.5, 0.0, 1e6),
     "temperature": HypSpec(5.0, 0.0, 1e4, lo_open=True),
     "dist_norm": HypSpec("mean", kind=str, choices=DIST_NORMS),
+    # unlabelled images per labelled image in each step, used when the dataset yaml has 'unlabeled:'
+    "unlabeled_ratio": HypSpec(1.0, 0.0, 64.0),
 }
 KD_HYP_KEYS = tuple(KD_SPECS)
 
@@ -30,6 +32,7 @@ class KDConfig:
     temperature: float = KD_SPECS["temperature"].default
     distill_ratio: float = KD_SPECS["distill_ratio"].default
     dist_norm: str = KD_SPECS["dist_norm"].default
+    unlabeled_ratio: float = KD_SPECS["unlabeled_ratio"].default
     t_sha256: str | None = None  # fingerprint of the teacher file, so a resumed run gets the same teacher
     teacher_precision: str = "auto"  # recorded as given: "auto" is resolved for the device each time it loads
 
@@ -79,7 +82,8 @@ class KDConfig:
 
 
 def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --t_weights, --dist_loss, --dist_norm, --temperature, --distill_ratio, --teacher-precision."""
+    """Add --t_weights, --dist_loss, --dist_norm, --temperature, --distill_ratio, --unlabeled_ratio and
+    --teacher-precision."""
     d = KDConfig()
     parser.add_argument("--t_weights", type=str, default=d.t_weights, help="teacher checkpoint; enables distillation")
     parser.add_argument("--dist_loss", type=str, choices=DIST_LOSSES, default=d.dist_loss,
@@ -90,6 +94,9 @@ def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="softening temperature for kl/bce (overrides hyp 'temperature')")
     parser.add_argument("--distill_ratio", type=float, default=d.distill_ratio,
                         help="weight of the distillation loss (overrides hyp 'distill_ratio')")
+    parser.add_argument("--unlabeled_ratio", type=float, default=d.unlabeled_ratio,
+                        help="unlabelled images per labelled image in each step, when the dataset yaml has "
+                             "'unlabeled:' (overrides hyp 'unlabeled_ratio')")
     parser.add_argument("--teacher-precision", dest="teacher_precision", type=str, choices=TEACHER_PRECISIONS,
                         default=d.teacher_precision,
                         help="teacher forward precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, "

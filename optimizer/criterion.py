@@ -3,6 +3,10 @@
     criterion.before_forward(imgs)          # distilled: the teacher runs here, before the student
     loss, parts = criterion(pred, targets)  # plain: {box, obj, cls}; distilled: + {dbox, dobj, dcls}
 
+With unlabelled images the teacher runs once on the labelled and unlabelled images together, and the call
+gets the student's maps of the unlabelled images as well: the detection loss sees only the labelled ones,
+the distillation loss all of them.
+
 The training loop knows nothing else about distillation: it logs whatever `parts` holds.
 """
 from __future__ import annotations
@@ -41,8 +45,11 @@ class DetectionCriterion:
     def before_forward(self, imgs: torch.Tensor) -> None:
         """Nothing to do before the student's forward pass."""
 
-    def __call__(self, pred: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, pred: list[torch.Tensor], targets: torch.Tensor,
+                 unlabeled_pred: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss (for backward) and its detached parts."""
+        if unlabeled_pred is not None:
+            raise ValueError("unlabelled images carry no loss without a teacher")
         loss, items = self.compute_loss(pred, targets)
         return loss, dict(zip(DETECTION_PARTS, items.detach()))
 
@@ -81,14 +88,19 @@ class Distiller(DetectionCriterion):
 
     def before_forward(self, imgs: torch.Tensor) -> None:
         """Run the teacher first: its activations are freed before the student's fill memory (measured on 2 CPU
-        cores, the KD step then costs ~2% over plain step + teacher forward, instead of ~6%)."""
+        cores, the KD step then costs ~2% over plain step + teacher forward, instead of ~6%). With unlabelled
+        images, `imgs` holds the labelled batch followed by the unlabelled one."""
         self._t_maps = self.teacher(imgs)
 
-    def __call__(self, pred: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Detection + distillation loss and the six parts; the teacher maps are those of before_forward."""
+    def __call__(self, pred: list[torch.Tensor], targets: torch.Tensor,
+                 unlabeled_pred: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Detection loss on `pred` (the labelled images) + distillation loss on `pred` and `unlabeled_pred`
+        together, and the six parts; the teacher maps are those of before_forward."""
         if self._t_maps is None:
             raise RuntimeError("Distiller: before_forward(imgs) must run before each loss call")
         loss, parts = super().__call__(pred, targets)
+        if unlabeled_pred is not None:
+            pred = [torch.cat((p, u), 0) for p, u in zip(pred, unlabeled_pred)]
         kd_loss, kd_parts = self.loss(pred, self._t_maps)  # fp32 inside, whatever the autocast state
         self._t_maps = None
         parts.update(kd_parts)

@@ -90,7 +90,7 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     if not path.is_absolute():
         path = (ROOT / path).resolve()
     d["path"] = path
-    for k in ("train", "val", "test"):
+    for k in ("train", "val", "test", "unlabeled"):
         v = d.get(k)
         if not v:
             continue
@@ -168,7 +168,7 @@ class LoadImagesAndLabels(Dataset):
                  augment: bool = False, hyp: dict | None = None, rect: bool = False,
                  cache_images: str | bool | None = None, single_cls: bool = False, stride: int = 32,
                  pad: float = 0.0, prefix: str = "", seed: int = 0, nc: int | None = None,
-                 substitute_failed: bool | None = None):
+                 substitute_failed: bool | None = None, labelled: bool = True):
         self.img_size = img_size
         self.augment = augment
         self.hyp = hyp or {}
@@ -191,26 +191,17 @@ class LoadImagesAndLabels(Dataset):
         if not self.im_files:
             raise UserError(f"{prefix}no images found in {path}")
         self.label_files = img2label_paths(self.im_files)
-        cache_file = _cache_path(path, self.label_files)
-        fhash = files_hash(self.label_files + self.im_files, extra=f"nc={nc}")
-        cache = load_cache(cache_file, fhash)
-        from_cache = cache is not None
-        if not from_cache:
-            cache = build_cache(self.im_files, self.label_files, nc, prefix, str(cache_file), fhash)
-            save_cache(cache_file, cache)
-        for m in cache["msgs"]:
-            LOGGER.warning(m)
-        nf, nm, ne, ncor, n_total = cache["results"]
-        orphans = _orphan_labels(self.im_files, self.label_files)
-        LOGGER.info(f"{prefix}Scanning {cache_file.with_suffix('')}... {n_total} images found, {nm} missing labels, "
-                    f"{ne} empty, {ncor} corrupt" + (f", {orphans} labels without image" if orphans else "")
-                    + (" (cached)" if from_cache else ""))
+        if labelled:
+            cache = self._scan_labelled(path, nc, prefix)
+        else:
+            cache = self._scan_unlabelled(prefix)
+        n_total, ncor = cache["results"][4], cache["results"][3]
 
         kept = [f for f in self.im_files if f in cache["labels"]]
         if not kept:
             raise UserError(f"{prefix}no usable images in {path} ({n_total} found, {ncor} corrupt)")
+        self.label_files = img2label_paths(kept) if labelled else [""] * len(kept)
         self.im_files = kept
-        self.label_files = img2label_paths(kept)
         self.labels = [cache["labels"][f] for f in kept]
         self.shapes = np.array([cache["shapes"][f] for f in kept], dtype=np.int64).reshape(-1, 2)
         self.segments = [cache["segments"][f] for f in kept]
@@ -245,6 +236,38 @@ class LoadImagesAndLabels(Dataset):
                 for i, x in enumerate(pool.imap(fn, range(n))):
                     if cache_images == "ram":
                         self.ims[i], self.im_hw0[i], self.im_hw[i] = x
+
+    def _scan_labelled(self, path: Any, nc: int | None, prefix: str) -> dict:
+        cache_file = _cache_path(path, self.label_files)
+        fhash = files_hash(self.label_files + self.im_files, extra=f"nc={nc}")
+        cache = load_cache(cache_file, fhash)
+        from_cache = cache is not None
+        if not from_cache:
+            cache = build_cache(self.im_files, self.label_files, nc, prefix, str(cache_file), fhash)
+            save_cache(cache_file, cache)
+        for m in cache["msgs"]:
+            LOGGER.warning(m)
+        nf, nm, ne, ncor, n_total = cache["results"]
+        orphans = _orphan_labels(self.im_files, self.label_files)
+        LOGGER.info(f"{prefix}Scanning {cache_file.with_suffix('')}... {n_total} images found, {nm} missing labels, "
+                    f"{ne} empty, {ncor} corrupt" + (f", {orphans} labels without image" if orphans else "")
+                    + (" (cached)" if from_cache else ""))
+        return cache
+
+    def _scan_unlabelled(self, prefix: str) -> dict:
+        """Images only: label files beside them are never read (one notice says how many were ignored).
+        Not cached: verifying images is cheap, and a cache file here could shadow a labelled scan's."""
+        beside = sum(os.path.isfile(f) for f in self.label_files)
+        cache = build_cache(self.im_files, [""] * len(self.im_files), None, prefix, "", "")
+        for m in cache["msgs"]:
+            LOGGER.warning(m)
+        ncor, n_total = cache["results"][3], cache["results"][4]
+        LOGGER.info(f"{prefix}{n_total} unlabelled images found, {ncor} corrupt (skipped)")
+        if beside:
+            LOGGER.info(f"{prefix}NOTE: {beside} label file(s) sit beside these images and are ignored: images "
+                        f"listed under 'unlabeled:' are labelled by the teacher only")
+        self.label_files = [""] * len(self.im_files)
+        return cache
 
     def _set_rect(self, batch_size: int, pad: float) -> None:
         ar = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
@@ -517,19 +540,21 @@ def create_dataloader(path: str | Path | Sequence[str | Path], imgsz: int, batch
                       single_cls: bool = False, hyp: dict | None = None, augment: bool = False,
                       cache: str | None = None, pad: float = 0.0, rect: bool = False, rank: int = -1,
                       world_size: int = 1, workers: int = 8, prefix: str = "", shuffle: bool = False,
-                      seed: int = 0, nc: int | None = None,
-                      substitute_failed: bool | None = None) -> tuple[DataLoader, LoadImagesAndLabels]:
+                      seed: int = 0, nc: int | None = None, substitute_failed: bool | None = None,
+                      labelled: bool = True) -> tuple[DataLoader, LoadImagesAndLabels]:
     """Build the dataset and its DataLoader (persistent workers, seeded generator, optional DDP sampler).
 
     nc: rows with a class id >= nc are dropped. substitute_failed: serve another sample for an image that
-    fails to load (training) instead of dropping it (evaluation); None means "when augmenting".
+    fails to load (training) instead of dropping it (evaluation); None means "when augmenting". labelled=False:
+    images only, every sample has no boxes (the 'unlabeled:' images of distillation).
     """
     if rect and shuffle:
         LOGGER.warning(f"{prefix}WARNING --rect is incompatible with DataLoader shuffle, setting shuffle=False")
         shuffle = False
     dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
                                   cache_images=cache, single_cls=single_cls, stride=int(stride), pad=pad,
-                                  prefix=prefix, seed=seed, nc=nc, substitute_failed=substitute_failed)
+                                  prefix=prefix, seed=seed, nc=nc, substitute_failed=substitute_failed,
+                                  labelled=labelled)
     batch_size = min(batch_size, len(dataset))
     nd = torch.cuda.device_count()
     nw = min(os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers)

@@ -234,13 +234,18 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     state: LoopState, imgsz: int, gs: int, amp: bool, world_size: int = 1,
                     multi_scale: bool = False, show_progress: bool = True,
                     on_batch: Callable | None = None, amp_dtype: torch.dtype | None = None,
-                    forward: Callable | None = None) -> EpochResult:
+                    forward: Callable | None = None, unlabeled=None) -> EpochResult:
     """Train for one epoch (warmup, accumulation to 64 images, clipping, EMA) with one criterion.
 
     `criterion.before_forward(imgs)` runs before the student's forward and `criterion(pred, targets)` returns
     (loss, parts); the parts, whatever they are, become the progress columns and the epoch means. With `amp`
     the forward and loss run under autocast at `amp_dtype` (None: the device's default, fp16 on CUDA, bf16 on
-    CPU); `forward` (e.g. a CompiledForward) replaces model(imgs) for the student's forward pass."""
+    CPU); `forward` (e.g. a CompiledForward) replaces model(imgs) for the student's forward pass.
+
+    `unlabeled` (a utils.unlabeled.UnlabeledStream, distillation only) adds one batch of unlabelled images to
+    every step: the teacher sees labelled + unlabelled images in one batch, the student runs them in two
+    forward passes so that batch-norm statistics, and with them the detection loss of the labelled images,
+    are exactly what they would be without the unlabelled ones."""
     model.train()
     nb = len(loader)
     names = tuple(criterion.parts)
@@ -253,6 +258,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         cols = ("Epoch", "GPU_mem", *(f"{k}_loss" for k in names), "Instances", "Size")
         LOGGER.info(("\n" + "%11s" * len(cols)) % cols)
         pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
+        if unlabeled is not None:
+            pbar.set_postfix_str(f"+{unlabeled.batch_size} of {len(unlabeled)} unlabelled/step", refresh=False)
     optimizer.zero_grad(set_to_none=True)
     i = -1
     bad: list[str] = []
@@ -264,11 +271,23 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             accumulate = _warmup(optimizer, ni, nw, epoch, lf, hyp, batch_size)
         if multi_scale:
             imgs = _multi_scale(imgs, imgsz, gs)
+        u_imgs = None
+        if unlabeled is not None:
+            u_imgs = unlabeled.next_batch().to(device, non_blocking=True, memory_format=torch.channels_last)
+            u_imgs = u_imgs.float() / 255
+            if u_imgs.shape[2:] != imgs.shape[2:]:  # multi-scale: one size for the teacher's combined batch
+                u_imgs = F.interpolate(u_imgs, size=imgs.shape[2:], mode="bilinear", align_corners=False)
 
-        criterion.before_forward(imgs)
+        criterion.before_forward(imgs if u_imgs is None else torch.cat((imgs, u_imgs), 0))
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
             pred = (forward or model)(imgs)
-            loss, parts = criterion(pred, targets.to(device))
+            if u_imgs is None:
+                loss, parts = criterion(pred, targets.to(device))
+            else:
+                # DDP allows one forward per backward, so the unlabelled pass runs on the wrapped module; its
+                # gradients join the labelled pass's before DDP's all-reduce
+                u_forward = de_parallel(model) if world_size > 1 else (forward or model)
+                loss, parts = criterion(pred, targets.to(device), unlabeled_pred=u_forward(u_imgs))
         if world_size > 1:
             loss = loss * world_size  # DDP averages gradients across ranks
         items = torch.stack([parts[k].reshape(()).float() for k in names])

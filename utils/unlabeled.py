@@ -1,0 +1,91 @@
+"""Unlabelled images for distillation: a stream of augmented batches drawn alongside the labelled loader.
+
+The labelled loader defines the epoch; this stream hands out one unlabelled batch per labelled batch. It is
+reseeded at the start of every epoch from (seed, rank, epoch), so which unlabelled images an epoch sees does
+not depend on earlier epochs and a resumed run replays exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from utils.datasets import GENERATOR_SEED, create_dataloader
+from utils.errors import UserError
+
+LOGGER = logging.getLogger("yolov5kd")
+# Keeps the unlabelled stream's shuffling independent of the labelled loader's (which uses GENERATOR_SEED + ...).
+STREAM_SEED_OFFSET = 7919
+# A restart within one epoch (fewer unlabelled batches than labelled ones) gets its own permutation.
+RESTARTS_PER_EPOCH = 1000
+
+
+def unlabeled_batch_size(ratio: float, labelled_batch: int) -> int:
+    """Unlabelled images per step: ratio x the per-process labelled batch, at least 1 when ratio > 0."""
+    return max(1, round(ratio * labelled_batch)) if ratio > 0 else 0
+
+
+class UnlabeledStream:
+    """Endless, per-epoch reseeded batches of unlabelled images (uint8 NCHW, like the labelled loader's)."""
+
+    def __init__(self, loader: DataLoader, seed: int, rank: int):
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.seed = seed
+        self.rank = max(rank, 0)
+        self._it: Iterator | None = None
+        self._epoch = 0
+        self._restarts = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def batch_size(self) -> int:
+        """Images per batch (per process)."""
+        return int(self.loader.batch_size)
+
+    def _reseed(self) -> None:
+        k = self._epoch * RESTARTS_PER_EPOCH + self._restarts
+        sampler = self.loader.sampler
+        if hasattr(sampler, "set_epoch"):  # DDP: each rank draws its own share of a common permutation
+            sampler.set_epoch(k)
+        self.loader.generator.manual_seed(GENERATOR_SEED + STREAM_SEED_OFFSET + self.seed + self.rank + k)
+        self._it = iter(self.loader)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Restart the stream for this epoch (call before the epoch's first batch)."""
+        self._epoch, self._restarts = epoch, 0
+        self._reseed()
+
+    def next_batch(self) -> torch.Tensor:
+        """The next unlabelled image batch; starts a new pass over the images when one runs out."""
+        if self._it is None:
+            self.start_epoch(self._epoch)
+        for _ in range(2):
+            try:
+                imgs = next(self._it)[0]
+            except StopIteration:
+                self._restarts += 1
+                self._reseed()
+                continue
+            if imgs.shape[0]:
+                return imgs
+        raise UserError("unlabeled: no image of the unlabelled set could be read; is the dataset still there?")
+
+
+def build_unlabeled_stream(paths: str | Path | Sequence[str | Path], ratio: float, labelled_batch: int, imgsz: int,
+                           stride: int, hyp: dict, *, workers: int, rank: int, world_size: int, seed: int,
+                           cache: str | None = None) -> UnlabeledStream | None:
+    """The stream for a dataset yaml's 'unlabeled:' entry, or None when unlabeled_ratio is 0."""
+    batch = unlabeled_batch_size(ratio, labelled_batch)
+    if batch == 0:
+        LOGGER.warning("WARNING: unlabeled_ratio is 0, so the 'unlabeled:' images are not used")
+        return None
+    loader, _ = create_dataloader(paths, imgsz, batch, stride, hyp=hyp, augment=True, cache=cache, rank=rank,
+                                  world_size=world_size, workers=workers, prefix="unlabeled: ", shuffle=True,
+                                  seed=seed, labelled=False)
+    return UnlabeledStream(loader, seed, rank)
