@@ -5,6 +5,7 @@
     python benchmarks/kd_gain.py --mode sweep          # dist_loss x temperature x ratio, continuing --start
     python benchmarks/kd_gain.py --mode finetune       # continue a baseline student with / without KD
     python benchmarks/kd_gain.py --mode converge       # plateaued shipped student: baseline vs each --dist_norm
+    python benchmarks/kd_gain.py --mode unlabeled      # 20 % labelled + the rest unlabelled: 4 arms
 
 Each run is a plain `train.py` subprocess (yolov5n from scratch on the demo data unless --student is
 given); the figures come from the runs' results.csv. Writes docs/kd_<mode>.md (+ .png for the main
@@ -18,8 +19,10 @@ import math
 import os
 import shutil
 import statistics
+import random
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,36 +36,47 @@ DEMO_STUDENT = ROOT / "checkpoint" / "yolov5n-shapes.pt"
 M50, M5095 = "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"
 
 
-def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights: str = "") -> dict:
-    """One training run (reused if its results.csv is complete); returns its results.csv columns."""
+def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights: str = "", data: str = "",
+              hyp: str | None = None) -> dict:
+    """One training run (reused if its results.csv is complete); returns its results.csv columns, plus
+    'seconds' (the run's wall time, recorded beside it) where known."""
     run = Path(a.project) / name
     csv = run / "results.csv"
+    timing = Path(a.project) / f"{name}.seconds"
     if csv.exists() and (run / "weights/best.pt").exists():
         res = read_results_csv(csv)
         if len(res.get("epoch", [])) == epochs:
             print(f"{name}: reusing {csv}")
+            if timing.exists():
+                res["seconds"] = float(timing.read_text())
             return res
     if run.exists():
         shutil.rmtree(run)  # an interrupted run: start it again rather than append to its results.csv
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data", a.data, "--imgsz", str(a.imgsz), "--epochs", str(epochs),
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", data or a.data, "--imgsz", str(a.imgsz), "--epochs", str(epochs),
            "--batch-size", str(a.batch), "--workers", str(a.workers), "--seed", str(seed), "--project", a.project,
            "--name", name, "--exist-ok", "--noplots", "--device", a.device]
     cmd += ["--weights", weights] if weights else ["--cfg", a.student, "--weights", ""]
-    if weights and a.ft_hyp:  # continuing a trained model: the fine-tuning hyp (lower LR, gentle warmup)
-        cmd += ["--hyp", a.ft_hyp]
+    hyp = a.ft_hyp if hyp is None and weights else hyp
+    if hyp:  # continuing a trained model: the fine-tuning hyp (lower LR, gentle warmup)
+        cmd += ["--hyp", hyp]
     if kd:
         cmd += ["--t_weights", a.teacher, "--dist_loss", kd["dist_loss"], "--temperature", str(kd["T"]),
                 "--distill_ratio", str(kd["ratio"]), "--dist_norm", kd.get("norm", "mean")]
+        if "unlabeled_ratio" in kd:
+            cmd += ["--unlabeled_ratio", str(kd["unlabeled_ratio"])]
     print(" ".join(cmd), flush=True)
     log = Path(a.project) / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     # runs side by side must each get one thread: oversubscribed OpenMP threads slow both many times over
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if a.jobs > 1 else None
+    t0 = time.perf_counter()
     with open(log, "w") as f:
         r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if r.returncode:
         raise SystemExit(f"{name} failed (exit {r.returncode}); see {log}")
-    return read_results_csv(csv)
+    seconds = time.perf_counter() - t0
+    timing.write_text(f"{seconds:.1f}\n")
+    return {**read_results_csv(csv), "seconds": seconds}
 
 
 def best_row(res: dict) -> tuple[float, float]:
@@ -213,20 +227,25 @@ def _conv_name(arm: str, kd: dict | None, seed: int) -> str:
 
 def converge(a) -> list[str]:
     """Every arm continues the same plateaued student (same data, hyp, seed, epochs): baseline vs each norm."""
-    arms = [("baseline", None)] + [(n, {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio,
-                                        "norm": n}) for n in a.norms]
+    arms = [("baseline", None)]
+    for n in a.norms:  # "soft" (at --distill_ratio) or "soft:0.05" (a ratio of its own)
+        norm, _, r = n.partition(":")
+        ratio = float(r) if r else a.distill_ratio
+        arms.append((f"{norm} r{ratio:g}", {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": ratio,
+                                            "norm": norm}))
     jobs = [(arm, kd, seed) for seed in a.seeds for arm, kd in arms]
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         res = dict(zip([(arm, seed) for arm, _, seed in jobs],
-                       pool.map(lambda j: train_run(_conv_name(j[0], j[1], j[2]), a, seed=j[2], epochs=a.ft_epochs,
-                                                    kd=j[1], weights=a.start), jobs)))
+                       pool.map(lambda j: train_run(_conv_name(j[1]["norm"] if j[1] else j[0], j[1], j[2]), a,
+                                                    seed=j[2], epochs=a.ft_epochs, kd=j[1], weights=a.start),
+                                jobs)))
     s50, s = start_map(a, a.start)
     t50, t = start_map(a, a.teacher)
     names = [arm for arm, _ in arms]
     lines = [f"Convergence regime: every arm continues `{Path(a.start).name}` (mAP50-95 {s * 100:.1f}) for "
              f"{a.ft_epochs} epochs at imgsz {a.imgsz}, batch {a.batch}, same data, hyp and seed; KD arms use "
              f"teacher `{Path(a.teacher).name}` (mAP50-95 {t * 100:.1f}), --dist_loss {a.dist_loss}, "
-             f"--temperature {a.temperature:g}, --distill_ratio {a.distill_ratio:g}. Figures: best.pt's epoch, "
+             f"--temperature {a.temperature:g}, the --distill_ratio in the column name. Figures: best.pt's epoch, "
              f"mAP50-95 in points; gap closed = (arm - baseline) / (teacher - baseline).", "",
              "| seed | " + " | ".join(names) + " | baseline gain in last 20 % of epochs |",
              "|---|" + "---|" * (len(names) + 1)]
@@ -249,7 +268,90 @@ def converge(a) -> list[str]:
     return lines
 
 
-def plot_arms(curves: dict, start: float, teacher: float, path: Path, a) -> None:
+def make_split(a) -> tuple[Path, Path, int, int]:
+    """Split the demo training images: --labelled-fraction keep their labels, the rest become 'unlabeled:'.
+    Returns the two dataset yamls (labelled part only; labelled part + unlabeled) and the two counts."""
+    sys.path.insert(0, str(ROOT))
+    import yaml
+
+    from utils.datasets import check_dataset, list_images
+
+    d = check_dataset(a.data)
+    images = list_images(d["train"])
+    rng = random.Random(a.split_seed)
+    order = images[:]
+    rng.shuffle(order)
+    k = round(a.labelled_fraction * len(order))
+    labelled, unlabelled = sorted(order[:k]), sorted(order[k:])
+    out = Path(a.project) / "unl_split"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, files in (("labelled.txt", labelled), ("unlabeled.txt", unlabelled)):
+        (out / name).write_text("".join(f"{f}\n" for f in files))
+    base = {"path": str(d["path"]), "train": str(out / "labelled.txt"), "val": d["val"], "names": d["names"]}
+    yl, yu = out / "labelled.yaml", out / "labelled+unlabeled.yaml"
+    yl.write_text(yaml.safe_dump(base))
+    yu.write_text(yaml.safe_dump({**base, "unlabeled": str(out / "unlabeled.txt")}))
+    return yl, yu, len(labelled), len(unlabelled)
+
+
+def unlabeled(a) -> list[str]:
+    """Four arms from one start: baseline on the labelled part, KD on it, KD on it + the unlabelled rest
+    (their label files unread), and the baseline on every label (the ceiling)."""
+    yl, yu, nl, nu = make_split(a)
+    start = Path(a.project) / "unl_start" / "weights" / "best.pt"
+    pre = train_run("unl_start", a, seed=0, epochs=a.pre_epochs, kd=None, data=str(yl))
+    kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio, "norm": a.dist_norm}
+    arms = [("baseline, labelled part", None, yl), ("KD, labelled part", kd, yl),
+            ("KD, labelled + unlabelled", {**kd, "unlabeled_ratio": a.unlabeled_ratio}, yu),
+            ("baseline, all labels", None, Path(a.data))]
+    folders = ["unl_base20", "unl_kd20", "unl_kd20u", "unl_base100"]
+    jobs = [(i, seed) for seed in a.seeds for i in range(len(arms))]
+
+    def one(job):
+        i, seed = job
+        return train_run(f"{folders[i]}_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=arms[i][1],
+                         weights=str(start), data=str(arms[i][2]))
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        res = dict(zip(jobs, pool.map(one, jobs)))
+    _, s = best_row(pre)
+    _, t = start_map(a, a.teacher)
+    names = [x[0] for x in arms]
+    lines = [f"Unlabelled images: {nl} training images keep their labels ({a.labelled_fraction:.0%}, split seed "
+             f"{a.split_seed}), the other {nu} are listed under `unlabeled:` (their label files are not read). Start "
+             f"for every arm: YOLOv5n trained {a.pre_epochs} epochs from scratch on the labelled part (mAP50-95 "
+             f"{s * 100:.2f}); each arm then runs {a.ft_epochs} epochs (an epoch is one pass over its labelled images) "
+             f"at imgsz {a.imgsz}, batch {a.batch}, hyp {a.ft_hyp}, same seed. KD: teacher `{Path(a.teacher).name}` "
+             f"(mAP50-95 {t * 100:.2f}), --dist_norm {a.dist_norm} --distill_ratio {a.distill_ratio:g} --dist_loss "
+             f"{a.dist_loss}; --unlabeled_ratio {a.unlabeled_ratio:g}. Figures: best.pt's epoch, mAP50-95 in points.",
+             "", "| seed | " + " | ".join(names) + " | gap recovered by arm 3 |", "|---|" + "---|" * (len(names) + 1)]
+    vals = {sd: [best_row(res[(i, sd)])[1] for i in range(len(arms))] for sd in a.seeds}
+    for sd in a.seeds:
+        v = vals[sd]
+        rec = (v[2] - v[0]) / (v[3] - v[0]) if v[3] > v[0] else float("nan")
+        lines.append(f"| {sd} | " + " | ".join(f"{x * 100:.2f}" for x in v) + f" | {rec:.0%} |")
+    m = [statistics.mean(vals[sd][i] for sd in a.seeds) for i in range(len(arms))]
+    rec = (m[2] - m[0]) / (m[3] - m[0]) if m[3] > m[0] else float("nan")
+    lines.append("| mean | " + " | ".join(f"{x * 100:.2f}" for x in m) + f" | {rec:.0%} |")
+    beats = all(vals[sd][2] > vals[sd][1] for sd in a.seeds)
+    lines += ["", f"Arm 3 recovers {rec:.0%} of the gap between arm 1 and arm 4 on the mean of {len(a.seeds)} seeds "
+              f"(target 50 %), and {'beats' if beats else 'does not beat'} arm 2 on every seed."]
+    secs = {i: [res[(i, sd)].get("seconds") for sd in a.seeds] for i in range(len(arms))}
+    if all(x for v in secs.values() for x in v):
+        per = {i: statistics.mean(secs[i]) / a.ft_epochs for i in secs}
+        lines += ["", "Wall time per epoch (training + validation, "
+                  f"{'one thread per run, ' + str(a.jobs) + ' runs at once' if a.jobs > 1 else 'one run at a time'}): "
+                  + ", ".join(f"{names[i]} {per[i]:.0f} s" for i in per) +
+                  f". The unlabelled images cost {per[2] / per[1]:.2f}x the KD epoch on the labelled part alone "
+                  f"({a.unlabeled_ratio:g} unlabelled per labelled image: the student's extra forward and backward "
+                  f"and the teacher's forward on them)."]
+    curves = {names[i]: [res[(i, sd)][M5095] for sd in a.seeds] for i in range(len(arms))}
+    plot_arms(curves, s, t, Path(a.out) / f"kd_unlabeled{a.tag}.png", a, start_label="start (labelled part only)")
+    return lines
+
+
+def plot_arms(curves: dict, start: float, teacher: float, path: Path, a,
+              start_label: str = "start (shipped student)") -> None:
     """mAP50-95 per epoch for every arm (thin: seeds, thick: mean), with the start and teacher levels."""
     import matplotlib
     matplotlib.use("Agg")
@@ -261,11 +363,12 @@ def plot_arms(curves: dict, start: float, teacher: float, path: Path, a) -> None
         n = min(len(y) for y in ys)
         ax.plot(range(1, n + 1), [statistics.mean(y[i] for y in ys) * 100 for i in range(n)], color=colour, lw=2.5,
                 label=f"{name} (mean of {len(ys)} seeds)")
-    ax.axhline(start * 100, color="grey", ls=":", label="start (shipped student)")
+    ax.axhline(start * 100, color="grey", ls=":", label=start_label)
     ax.axhline(teacher * 100, color="black", ls="--", label="teacher")
     ax.set_xlabel("epoch of the continuation")
     ax.set_ylabel("val mAP50-95 (points)")
-    ax.set_title(f"{Path(a.start).name} continued, imgsz {a.imgsz}")
+    ax.set_title(f"{Path(a.start).name if a.mode == 'converge' else 'the labelled-part student'} continued, "
+                 f"imgsz {a.imgsz}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +379,7 @@ def plot_arms(curves: dict, start: float, teacher: float, path: Path, a) -> None
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=["main", "sweep", "finetune", "converge"], default="main")
+    ap.add_argument("--mode", choices=["main", "sweep", "finetune", "converge", "unlabeled"], default="main")
     ap.add_argument("--data", default="shapes.yaml")
     ap.add_argument("--student", default="yolov5n.yaml")
     ap.add_argument("--teacher", default=str(DEMO_TEACHER))
@@ -290,19 +393,25 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ft-hyp", default="hyp.finetune.yaml", help="hyp for runs that continue a checkpoint ('' = default)")
     ap.add_argument("--dist_loss", default="l2")
-    ap.add_argument("--dist_norm", default="mean", help="sweep: the normalisation every setting uses")
+    ap.add_argument("--dist_norm", default="mean", help="sweep, unlabeled: the normalisation every KD run uses")
     ap.add_argument("--temperature", type=float, default=5.0)
     ap.add_argument("--distill_ratio", type=float, default=0.5)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 5.0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--start", default=str(DEMO_STUDENT), help="converge: the plateaued student every arm continues")
-    ap.add_argument("--norms", nargs="+", default=["mean", "weighted", "soft"], help="converge: KD arms")
+    ap.add_argument("--norms", nargs="+", default=["mean", "weighted", "soft"],
+                    help="converge: KD arms, each a --dist_norm, optionally with its own ratio (soft:0.05)")
+    ap.add_argument("--labelled-fraction", type=float, default=0.2, help="unlabeled: share that keeps its labels")
+    ap.add_argument("--split-seed", type=int, default=0, help="unlabeled: seed of the labelled/unlabelled split")
+    ap.add_argument("--pre-epochs", type=int, default=60, help="unlabeled: epochs of the start on the labelled part")
+    ap.add_argument("--unlabeled_ratio", type=float, default=1.0, help="unlabeled: unlabelled per labelled image")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets one thread when > 1)")
     ap.add_argument("--tag", default="", help="suffix of the docs files written (kd_<mode><tag>.md/.png)")
     ap.add_argument("--project", default=str(ROOT / "runs" / "kd_gain"))
     ap.add_argument("--out", default=str(ROOT / "docs"))
     a = ap.parse_args()
-    lines = {"main": main_experiment, "sweep": sweep, "finetune": finetune, "converge": converge}[a.mode](a)
+    lines = {"main": main_experiment, "sweep": sweep, "finetune": finetune, "converge": converge,
+             "unlabeled": unlabeled}[a.mode](a)
     out = Path(a.out) / f"kd_{a.mode}{a.tag}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/kd_gain.py " + " ".join(sys.argv[1:])
