@@ -15,7 +15,9 @@ import logging
 import sys
 import time
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,21 +33,21 @@ from optimizer.config import KD_SPECS, KDConfig, add_kd_args  # noqa: E402
 from optimizer.criterion import DetectionCriterion, Distiller, balance_ratios  # noqa: E402
 from optimizer.teacher import check_teacher_unchanged, file_sha256  # noqa: E402
 from utils.anchors import check_anchors  # noqa: E402
-from utils.checkpoint import (build_checkpoint, de_parallel, model_from_ckpt, save_checkpoint, strip_optimizer,  # noqa: E402
-                              torch_load)
-from utils.datasets import check_dataset, create_dataloader  # noqa: E402
-from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, dist_info_from_env,  # noqa: E402
-                               init_distributed, main_process_first, select_device)
-from utils.engine import (NBS, CompiledForward, EarlyStopping, LoopState, ModelEMA, build_optimizer,  # noqa: E402
-                          build_scheduler, init_seeds, lr_lambda, resolve_amp, train_one_epoch, weights_are_finite)
+from utils.checkpoint import model_from_ckpt, torch_load  # noqa: E402
+from utils.datasets import check_dataset, create_dataloader, reseed_loader  # noqa: E402
+from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel,  # noqa: E402
+                               dist_info_from_env, init_distributed, main_process_first, select_device)
+from utils.engine import (NBS, CompiledForward, EarlyStopping, LoopState, ModelEMA, accumulate_steps,  # noqa: E402
+                          build_optimizer, build_scheduler, init_seeds, lr_lambda, resolve_amp, train_one_epoch)
 from utils.errors import UserError  # noqa: E402
 from utils.config import read_yaml, yaml_save  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
 from utils.log import get_latest_run, increment_path, setup_logging  # noqa: E402
-from utils.loggers import RunLogger, trim_results_csv  # noqa: E402
+from utils.keeper import CheckpointKeeper, ResumePoint, restore_ema  # noqa: E402
+from utils.loggers import RunLogger  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
-from utils.unlabeled import build_unlabeled_stream  # noqa: E402
+from utils.unlabeled import UnlabeledStream, build_unlabeled_stream  # noqa: E402
 
 LOGGER = logging.getLogger("yolov5kd")
 DEFAULT_HYP = ROOT / "data/hyps/hyp.scratch-low.yaml"
@@ -98,110 +100,143 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> None:
             v.requires_grad_(False)
 
 
-def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo, kd: KDConfig) -> tuple:
-    """Run the whole training; returns the final validation results tuple."""
-    save_dir = Path(opt.save_dir)
-    w = save_dir / "weights"
-    last, best = w / "last.pt", w / "best.pt"
-    main = info.is_main
-    plots = not opt.noplots
-    cuda = device.type == "cuda"
+@dataclass
+class Setup:
+    """Everything the epoch loop needs, built once by setup()."""
 
-    init_seeds(opt.seed + 1 + info.rank, deterministic=True)
-    torch.set_flush_denormal(True)  # denormal activations/gradients make CPU kernels several % slower
+    save_dir: Path
+    data_dict: dict
+    names: dict
+    model: nn.Module  # the trained module (DDP-wrapped under torchrun)
+    ema: ModelEMA | None  # main process only
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    lf: Callable[[int], float]
+    hyp: dict  # this run's copy, weight decay scaled for the batch size
+    train_loader: Any
+    val_loader: Any
+    unlabeled: UnlabeledStream | None
+    compute_loss: ComputeLoss
+    criterion: DetectionCriterion
+    keeper: CheckpointKeeper
+    logger: RunLogger | None
+    stopper: EarlyStopping
+    scaler: torch.amp.GradScaler
+    forward: CompiledForward | None
+    imgsz: int
+    gs: int
+    batch_size: int
+    amp_dtype: torch.dtype | None
+    resume: ResumePoint
+    reference: dict[str, float] | None
+
+
+def load_data(opt: argparse.Namespace, info: DistInfo, kd: KDConfig) -> tuple[dict, int, dict]:
+    """The dataset dict, nc and class names; 'unlabeled:' images without a teacher are refused here."""
     with main_process_first(info):
         data_dict = check_dataset(opt.data)
-    train_path, val_path = data_dict["train"], data_dict["val"]
-    unlabeled_path = data_dict.get("unlabeled")
-    if unlabeled_path and not kd.enabled:
+    if data_dict.get("unlabeled") and not kd.enabled:
         raise UserError(f"{opt.data}: 'unlabeled:' images need a teacher (--t_weights): without one they carry no "
                         f"training signal; add a teacher or remove the key")
-    if main:
-        w.mkdir(parents=True, exist_ok=True)
-        if not opt.resume:  # a resumed run keeps the files it was started with
-            yaml_save(save_dir / "hyp.yaml", hyp)
-            yaml_save(save_dir / "opt.yaml", vars(opt))
     nc = 1 if opt.single_cls else int(data_dict["nc"])
     names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
+    return data_dict, nc, names
 
-    model, ckpt = build_student(opt, nc, hyp, device)
-    model = model.to(memory_format=torch.channels_last)  # faster convs on CPU (oneDNN) and tensor cores
-    amp_dtype = resolve_amp(opt.amp, device)  # CUDA: fp16 unless --no-amp; CPU: bf16 only with --amp
-    amp = amp_dtype is not None
-    freeze_layers(model, opt.freeze)
 
-    gs = max(int(model.stride.max()), 32)
-    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
-    batch_size = opt.batch_size
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: AutoBatch is not supported, give a positive batch size")
-
-    accumulate = max(round(NBS / batch_size), 1)
-    hyp["weight_decay"] *= batch_size * accumulate / NBS
-    optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    best_fitness, start_epoch = 0.0, 0
-    if opt.resume and ckpt is not None:
-        best_fitness, start_epoch, opt.epochs = resume_epochs(ckpt, opt.weights, opt.epochs)
-        if main:
-            clean_interrupted_saves(w, save_dir, start_epoch - 1)
-    lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
-    scheduler = build_scheduler(optimizer, lf, start_epoch,
-                                ckpt.get("optimizer") if opt.resume and ckpt is not None else None)
-
-    if opt.sync_bn and info.distributed and cuda:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
-
+def build_loaders(opt: argparse.Namespace, info: DistInfo, data_dict: dict, hyp: dict, kd: KDConfig, imgsz: int,
+                  gs: int, nc: int) -> tuple[Any, Any, Any, UnlabeledStream | None]:
+    """(train loader, its dataset, val loader (main process only), unlabelled stream or None)."""
+    batch = opt.batch_size // info.world_size
     with main_process_first(info):
         train_loader, dataset = create_dataloader(
-            train_path, imgsz, batch_size // info.world_size, gs, opt.single_cls, hyp=hyp, augment=True,
-            cache=opt.cache, rect=opt.rect, rank=info.rank, world_size=info.world_size, workers=opt.workers,
-            prefix="train: ", shuffle=True, seed=opt.seed, nc=nc)
+            data_dict["train"], imgsz, batch, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
+            rect=opt.rect, rank=info.rank, world_size=info.world_size, workers=opt.workers, prefix="train: ",
+            shuffle=True, seed=opt.seed, nc=nc)
     labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise UserError(f"{opt.data}: label class {int(labels[:, 0].max())} exceeds nc={nc}")
-    nb = len(train_loader)
     unlabeled = None
-    if unlabeled_path:
+    if data_dict.get("unlabeled"):
         with main_process_first(info):
-            unlabeled = build_unlabeled_stream(unlabeled_path, kd.unlabeled_ratio, batch_size // info.world_size,
-                                               imgsz, gs, hyp, workers=opt.workers, rank=info.rank,
-                                               world_size=info.world_size, seed=opt.seed, cache=opt.cache)
+            unlabeled = build_unlabeled_stream(data_dict["unlabeled"], kd.unlabeled_ratio, batch, imgsz, gs, hyp,
+                                               workers=opt.workers, rank=info.rank, world_size=info.world_size,
+                                               seed=opt.seed, cache=opt.cache)
         if unlabeled is not None:
             both = len(set(dataset.im_files) & set(unlabeled.dataset.im_files))
             if both:
                 LOGGER.warning(f"WARNING: {both} image(s) are listed under both 'train:' and 'unlabeled:'; they "
                                f"are used both ways")
-
     val_loader = None
-    if main:
-        val_loader, val_set = create_dataloader(val_path, imgsz, batch_size // info.world_size * 2, gs,
-                                                opt.single_cls, hyp=hyp, cache=None if opt.noval else opt.cache,
-                                                rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
-                                                prefix="val: ", nc=nc)
+    if info.is_main:
+        val_loader, val_set = create_dataloader(data_dict["val"], imgsz, batch * 2, gs, opt.single_cls, hyp=hyp,
+                                                cache=None if opt.noval else opt.cache, rect=True, rank=-1,
+                                                workers=opt.workers * 2, pad=0.5, prefix="val: ", nc=nc)
         if not any(len(x) for x in val_set.labels):
-            LOGGER.warning(f"WARNING: val: {val_path} has no labels, so mAP cannot be measured (fitness counts as 0); "
-                           f"training goes on and best.pt follows the latest epoch")
-        if not opt.resume:
-            if not opt.noautoanchor:
-                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
-            model.half().float()  # round weights to fp16 once, as the reference does, so saved = trained
-            if plots:
-                from utils.plots import plot_labels
-                plot_labels(labels, names, save_dir)
+            LOGGER.warning(f"WARNING: val: {data_dict['val']} has no labels, so mAP cannot be measured (fitness "
+                           f"counts as 0); training goes on and best.pt follows the latest epoch")
+    return train_loader, dataset, val_loader, unlabeled
+
+
+def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo, kd: KDConfig) -> Setup:
+    """Build the run: data, student, optimizer and schedule (restored on --resume), loaders, EMA, criterion,
+    logger and checkpoint keeper. Writes hyp.yaml/opt.yaml of a new run; changes neither `hyp` nor `opt`."""
+    hyp = dict(hyp)
+    save_dir = Path(opt.save_dir)
+    main = info.is_main
+    init_seeds(opt.seed + 1 + info.rank, deterministic=True)
+    torch.set_flush_denormal(True)  # denormal activations/gradients make CPU kernels several % slower
+    data_dict, nc, names = load_data(opt, info, kd)
+    keeper = CheckpointKeeper(save_dir, save_period=opt.save_period, nosave=opt.nosave)
+    if main:
+        keeper.dir.mkdir(parents=True, exist_ok=True)
+        if not opt.resume:  # a resumed run keeps the files it was started with
+            yaml_save(save_dir / "hyp.yaml", hyp)
+            yaml_save(save_dir / "opt.yaml", vars(opt))
+
+    model, ckpt = build_student(opt, nc, hyp, device)
+    ckpt = ckpt if opt.resume else None  # from here on, a checkpoint means "resume from it"
+    model = model.to(memory_format=torch.channels_last)  # faster convs on CPU (oneDNN) and tensor cores
+    amp_dtype = resolve_amp(opt.amp, device)  # CUDA: fp16 unless --no-amp; CPU: bf16 only with --amp
+    freeze_layers(model, opt.freeze)
+    gs = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
+    batch_size = opt.batch_size
+
+    hyp["weight_decay"] *= batch_size * accumulate_steps(batch_size) / NBS
+    optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+    resume = ResumePoint(epochs=opt.epochs)
+    if ckpt is not None:
+        resume = ResumePoint.from_checkpoint(ckpt, opt.weights, opt.epochs)
+        if main:
+            keeper.clean_interrupted(resume.start_epoch - 1)
+    lf = lr_lambda(resume.epochs, hyp["lrf"], opt.cos_lr)
+    scheduler = build_scheduler(optimizer, lf, resume.start_epoch, ckpt.get("optimizer") if ckpt else None)
+    if opt.sync_bn and info.distributed and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+
+    train_loader, dataset, val_loader, unlabeled = build_loaders(opt, info, data_dict, hyp, kd, imgsz, gs, nc)
+    labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
+    if main and ckpt is None:
+        if not opt.noautoanchor:
+            check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+        model.half().float()  # round weights to fp16 once, as the reference does, so saved = trained
+        if not opt.noplots:
+            from utils.plots import plot_labels
+            plot_labels(labels, names, save_dir)
     # the EMA starts from the model as trained: after AutoAnchor and the fp16 rounding
     ema = ModelEMA(model) if main else None
-    if ema is not None and opt.resume and ckpt is not None:
+    if ema is not None and ckpt is not None:
         restore_ema(ckpt, ema)
     del ckpt
     if info.distributed:
         # DDP broadcasts rank 0's parameters and buffers (AutoAnchor's anchors included) to every rank
+        cuda = device.type == "cuda"
         model = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if cuda else None,
                                                     output_device=info.local_rank if cuda else None)
 
-    nl = de_parallel(model).model[-1].nl
     base = de_parallel(model)
     base.nc = nc
-    base.hyp = scale_hyp(hyp, nl, nc, imgsz, opt.label_smoothing)
+    base.hyp = scale_hyp(hyp, base.model[-1].nl, nc, imgsz, opt.label_smoothing)
     base.names = names
     base.class_weights = labels_to_class_weights(labels, nc).to(device) * nc
     if ema is not None:
@@ -212,97 +247,99 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     reference = None
     if main and not opt.noval and not opt.resume:
         reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # bf16 needs no loss scaling
-    forward = CompiledForward(model) if opt.compile else None  # the module (and so every checkpoint) stays plain
     stopper = EarlyStopping(patience=opt.patience)
-    stopper.best_fitness = best_fitness if opt.resume else -1.0
-    logger = RunLogger(save_dir, hyp=hyp, opt=vars(opt), parts=criterion.parts,
-                       tensorboard=True, plots=plots) if main else None
-    nw = max(round(hyp["warmup_epochs"] * nb), 100)
-    state = LoopState(last_opt_step=start_epoch * nb - 1)
-    results = (0, 0, 0, 0, 0, 0, 0)
+    stopper.best_fitness = resume.best_fitness if opt.resume else -1.0
+    logger = RunLogger(save_dir, hyp=hyp, opt=vars(opt), parts=criterion.parts, tensorboard=True,
+                       plots=not opt.noplots) if main else None
+    return Setup(save_dir=save_dir, data_dict=data_dict, names=names, model=model, ema=ema, optimizer=optimizer,
+                 scheduler=scheduler, lf=lf, hyp=hyp, train_loader=train_loader, val_loader=val_loader,
+                 unlabeled=unlabeled, compute_loss=compute_loss, criterion=criterion, keeper=keeper, logger=logger,
+                 stopper=stopper, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+                 forward=CompiledForward(model) if opt.compile else None,  # the module (and checkpoints) stay plain
+                 imgsz=imgsz, gs=gs, batch_size=batch_size, amp_dtype=amp_dtype, resume=resume, reference=reference)
+
+
+def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo, kd: KDConfig) -> tuple:
+    """Run the whole training; returns the final validation results tuple."""
+    r = setup(hyp, opt, device, info, kd)
     t0 = time.time()
-    if unlabeled is not None:
-        LOGGER.info(f"Unlabelled images: {len(unlabeled)} ({unlabeled.batch_size} per step beside "
-                    f"{batch_size // info.world_size} labelled, unlabeled_ratio {kd.unlabeled_ratio:g}), distillation "
-                    f"only")
-    LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
-                f"Logging results to {save_dir}\nStarting training for {opt.epochs} epochs...")
+    results, epochs_run = run_epochs(r, opt, device, info)
+    if info.is_main:
+        LOGGER.info(f"\n{epochs_run} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        results = finish(r, opt, device, info, results)
+    return results
+
+
+def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: DistInfo) -> tuple[tuple, int]:
+    """The epoch loop: train, validate, log and save each epoch; returns (last results, epochs run)."""
+    main = info.is_main
+    nb = len(r.train_loader)
+    nw = max(round(r.hyp["warmup_epochs"] * nb), 100)
+    state = LoopState(last_opt_step=r.resume.start_epoch * nb - 1)
+    best_fitness = r.resume.best_fitness
+    results = (0, 0, 0, 0, 0, 0, 0)
+    if r.unlabeled is not None:
+        LOGGER.info(f"Unlabelled images: {len(r.unlabeled)} ({r.unlabeled.batch_size} per step beside "
+                    f"{r.batch_size // info.world_size} labelled, unlabeled_ratio "
+                    f"{r.criterion.config.unlabeled_ratio:g}), distillation only")
+    LOGGER.info(f"Image sizes {r.imgsz} train, {r.imgsz} val\nUsing {r.train_loader.num_workers} dataloader workers\n"
+                f"Logging results to {r.save_dir}\nStarting training for {r.resume.epochs} epochs...")
 
     def on_batch(ni, imgs, targets, paths):
-        if plots and logger is not None and ni < 3:
-            logger.log_batch_images(ni, imgs, targets, paths, names)
+        if r.logger is not None and not opt.noplots and ni < 3:
+            r.logger.log_batch_images(ni, imgs, targets, paths, r.names)
 
     epochs_run = 0
-    for epoch in range(start_epoch, opt.epochs):
+    for epoch in range(r.resume.start_epoch, r.resume.epochs):
         # reseeding per epoch makes an epoch's augmentation independent of earlier epochs, so a resumed run
         # (workers 0) replays exactly what an uninterrupted one would have done
         init_seeds(opt.seed + 1 + info.rank + 1000 * epoch)
-        if getattr(train_loader, "generator", None) is not None:
-            train_loader.generator.manual_seed(6148914691236517205 + opt.seed + max(info.rank, 0) + epoch)
-        if info.distributed:
-            train_loader.sampler.set_epoch(epoch)
-        if unlabeled is not None:
-            unlabeled.start_epoch(epoch)
-        res = train_one_epoch(model, train_loader, optimizer, scaler, criterion, ema, epoch, epochs=opt.epochs,
-                              device=device, hyp=hyp, lf=lf, batch_size=batch_size, nw=nw, state=state,
-                              imgsz=imgsz, gs=gs, amp=amp, world_size=info.world_size,
-                              multi_scale=opt.multi_scale, show_progress=main,
-                              on_batch=on_batch if epoch == 0 else None, amp_dtype=amp_dtype, forward=forward,
-                              unlabeled=unlabeled)
-        scheduler.step()
+        reseed_loader(r.train_loader, opt.seed, info.rank, epoch)
+        if r.unlabeled is not None:
+            r.unlabeled.start_epoch(epoch)
+        res = train_one_epoch(r.model, r.train_loader, r.optimizer, r.scaler, r.criterion, r.ema, epoch,
+                              epochs=r.resume.epochs, device=device, hyp=r.hyp, lf=r.lf, batch_size=r.batch_size,
+                              nw=nw, state=state, imgsz=r.imgsz, gs=r.gs, amp=r.amp_dtype is not None,
+                              world_size=info.world_size, multi_scale=opt.multi_scale, show_progress=main,
+                              on_batch=on_batch if epoch == 0 else None, amp_dtype=r.amp_dtype, forward=r.forward,
+                              unlabeled=r.unlabeled)
+        r.scheduler.step()
         epochs_run += 1
-
         stop = False
         if main:
-            ema.update_attr(model)
-            final_epoch = epoch + 1 == opt.epochs or stopper.possible_stop
+            r.ema.update_attr(r.model)
+            final_epoch = epoch + 1 == r.resume.epochs or r.stopper.possible_stop
             if not opt.noval or final_epoch:
-                results, _, _ = validate.run(data_dict, batch_size=batch_size // info.world_size * 2, imgsz=imgsz,
-                                             half=amp, model=validation_copy(ema.ema), single_cls=opt.single_cls,
-                                             dataloader=val_loader, save_dir=save_dir, plots=False,
-                                             compute_loss=compute_loss)
+                results = validate.evaluate(validation_copy(r.ema.ema), r.val_loader, r.data_dict,
+                                            compute_loss=r.compute_loss, half=r.amp_dtype is not None,
+                                            single_cls=opt.single_cls, plots=False, save_dir=r.save_dir).results
             fi = float(fitness(np.array(results).reshape(1, -1))[0])
             fi = fi if np.isfinite(fi) else 0.0  # no labels (or no predictions) must not block best.pt
-            stop = stopper(epoch=epoch, fitness=fi)
-            if fi > best_fitness:
-                best_fitness = fi
-            logger.log_epoch(epoch, res.mloss, results, res.lrs)
-            if kd.enabled:
-                logger.log_scalars({f"kd_balance/{k}": v for k, v in balance_ratios(res.mloss).items()}, epoch)
-            if not opt.nosave or final_epoch:
-                exact = {"model": _fp32_state(model), "ema": _fp32_state(ema.ema)}
-                ckpt = build_checkpoint(model, ema=ema.ema, updates=ema.updates, optimizer=optimizer, epoch=epoch,
-                                        best_fitness=best_fitness, opt=opt, extra={"resume_state": exact})
-                # checked on the fp16 copies: they are what gets saved, and weights beyond fp16's range become inf
-                if not (weights_are_finite(ckpt["model"]) and weights_are_finite(ckpt["ema"])):
-                    raise UserError(f"epoch {epoch}: weights became non-finite (or overflow fp16); nothing saved, "
-                                    f"{last} keeps the last finite weights (lower lr0)")
-                save_checkpoint(ckpt, last)
-                if best_fitness == fi:
-                    save_checkpoint(ckpt, best)
-                if opt.save_period > 0 and epoch % opt.save_period == 0:
-                    save_checkpoint(ckpt, w / f"epoch{epoch}.pt")
-                del ckpt
+            stop = r.stopper(epoch=epoch, fitness=fi)
+            best_fitness = max(best_fitness, fi)
+            r.logger.log_epoch(epoch, res.mloss, results, res.lrs)
+            if isinstance(r.criterion, Distiller):
+                r.logger.log_scalars({f"kd_balance/{k}": v for k, v in balance_ratios(res.mloss).items()}, epoch)
+            r.keeper.save(epoch, r.model, r.ema, r.optimizer, opt, best_fitness, fi, final_epoch)
         if broadcast_flag(stop, info):
             break
+    return results, epochs_run
 
-    if main:
-        LOGGER.info(f"\n{epochs_run} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        for f in (last, best):
-            if f.exists():
-                strip_optimizer(f)
-        if best.exists() and not opt.noval:
-            LOGGER.info(f"\nValidating {best}...")
-            results, _, _ = validate.run(data_dict, weights=best, batch_size=batch_size // info.world_size * 2,
-                                         imgsz=imgsz, model=validation_copy(_load_for_val(best, device)),
-                                         single_cls=opt.single_cls, dataloader=val_loader, save_dir=save_dir,
-                                         verbose=True, plots=plots, compute_loss=compute_loss)
-        logger.on_train_end()
-        logger.close()
-        if reference and best.exists() and not opt.noval:
-            LOGGER.info(summary_line(reference, results))
-        LOGGER.info(f"Results saved to {save_dir}")
+
+def finish(r: Setup, opt: argparse.Namespace, device: torch.device, info: DistInfo, results: tuple) -> tuple:
+    """Strip the checkpoints, validate best.pt with plots, close the logger and print the summary line."""
+    r.keeper.finish()
+    best = r.keeper.best
+    if best.exists() and not opt.noval:
+        LOGGER.info(f"\nValidating {best}...")
+        results = validate.evaluate(validation_copy(_load_for_val(best, device)), r.val_loader, r.data_dict,
+                                    compute_loss=r.compute_loss, single_cls=opt.single_cls, plots=not opt.noplots,
+                                    save_dir=r.save_dir, verbose=True, progress=True).results
+    r.logger.on_train_end()
+    r.logger.close()
+    if r.reference and best.exists() and not opt.noval:
+        LOGGER.info(summary_line(r.reference, results))
+    LOGGER.info(f"Results saved to {r.save_dir}")
     return results
 
 
@@ -326,31 +363,6 @@ def labels_to_class_weights(labels: np.ndarray, nc: int = 80) -> torch.Tensor:
     return torch.from_numpy(weights / weights.sum()).float()
 
 
-def _fp32_state(model: nn.Module) -> dict:
-    return {k: v.detach().contiguous().clone() for k, v in de_parallel(model).state_dict().items()}
-
-
-def restore_ema(ckpt: dict, ema: ModelEMA) -> None:
-    """EMA weights (fp32 when the checkpoint carries them) and its update count."""
-    exact = (ckpt.get("resume_state") or {}).get("ema")
-    if exact is not None:
-        ema.ema.load_state_dict(exact)
-    elif ckpt.get("ema") is not None:
-        ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
-    ema.updates = int(ckpt.get("updates") or 0)
-
-
-def resume_epochs(ckpt: dict, weights, epochs: int) -> tuple[float, int, int]:
-    """Counters of a last.pt being resumed: (best_fitness, start_epoch, total epochs)."""
-    best_fitness = float(ckpt.get("best_fitness") or 0.0)
-    start_epoch = int(ckpt["epoch"]) + 1  # >= 1: prepare_resume already refused finished checkpoints
-    LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
-    if epochs < start_epoch:
-        LOGGER.info(f"{weights} has been trained for {ckpt['epoch']} epochs. Fine-tuning for {epochs} more epochs.")
-        epochs += int(ckpt["epoch"])
-    return best_fitness, start_epoch, epochs
-
-
 def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module, imgsz: int, device: torch.device,
                     trust: bool) -> DetectionCriterion:
     """The loss the loop minimises: detection alone, or detection + distillation from the configured teacher."""
@@ -366,14 +378,14 @@ def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_
     out: dict[str, float] = {}
     if isinstance(criterion, Distiller):
         LOGGER.info(f"Teacher {criterion.config.t_weights} on the validation set (the ceiling for the student):")
-        r, _, _ = validate.run(data_dict, imgsz=imgsz, model=deepcopy(criterion.teacher.model).float(),
-                               dataloader=val_loader, plots=False, single_cls=opt.single_cls, half=False)
+        r = validate.evaluate(deepcopy(criterion.teacher.model).float(), val_loader, data_dict, plots=False,
+                              single_cls=opt.single_cls, half=False).results
         LOGGER.info(f"Teacher mAP50 {r[2]:.4f}, mAP50-95 {r[3]:.4f}")
         out["teacher"] = float(r[3])
     if str(opt.weights).endswith(".pt"):
         LOGGER.info(f"Student {opt.weights} before training:")
-        r, _, _ = validate.run(data_dict, imgsz=imgsz, model=validation_copy(model), dataloader=val_loader,
-                               plots=False, single_cls=opt.single_cls, half=False)
+        r = validate.evaluate(validation_copy(model), val_loader, data_dict, plots=False, single_cls=opt.single_cls,
+                              half=False).results
         out["student"] = float(r[3])
     return out
 
@@ -482,18 +494,6 @@ def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:
     if new.t_weights:
         check_teacher_unchanged(new.t_weights, getattr(new, "t_sha256", None))
     return new
-
-
-def clean_interrupted_saves(weights_dir: Path, save_dir: Path, last_epoch: int) -> None:
-    """Before a resumed run writes: remove temp files of saves cut short by a kill, and results.csv rows of
-    epochs the checkpoint does not hold (they are trained again, so they would appear twice)."""
-    stale = sorted(weights_dir.glob(".*.pt.*.tmp"))
-    for f in stale:
-        f.unlink(missing_ok=True)
-    dropped = trim_results_csv(save_dir / "results.csv", last_epoch)
-    if stale or dropped:
-        LOGGER.info(f"Resume: removed {len(stale)} unfinished checkpoint temp file(s) and {dropped} results.csv "
-                    f"row(s) of epochs after {last_epoch}, which the checkpoint does not hold")
 
 
 def main(argv: list[str] | None = None) -> int:

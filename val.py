@@ -1,6 +1,10 @@
 """Validate a YOLOv5 checkpoint (or an in-memory model during training) on a detection dataset.
 
     python val.py --data shapes.yaml --weights runs/train/exp/weights/best.pt --imgsz 320
+    python val.py --data shapes.yaml --weights best.pt --task speed   # time the model on the val images
+
+`evaluate` is the pass itself (an in-memory model over a given dataloader); `run` keeps YOLOv5's signature and
+wraps it with the checkpoint loading, dataloader, run folder and output files of the command line.
 """
 from __future__ import annotations
 
@@ -9,17 +13,21 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
-from utils.checkpoint import attempt_load, de_parallel  # noqa: E402
+from utils.checkpoint import attempt_load  # noqa: E402
+from utils.distributed import de_parallel  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from models.yolo import check_img_size  # noqa: E402
 from utils.log import increment_path, setup_logging  # noqa: E402
@@ -29,6 +37,11 @@ from utils.nms import non_max_suppression  # noqa: E402
 LOGGER = logging.getLogger("yolov5kd")
 COCO91 = ([*range(1, 12)] + [*range(13, 26)] + [27, 28] + [*range(31, 45)] + [*range(46, 66)] + [67, 70]
           + [*range(72, 83)] + [*range(84, 91)])  # COCO's 80 training classes in its 91-id numbering
+TASKS = ("train", "val", "test", "speed")
+
+# Called once per image that has detections: (detections [x1,y1,x2,y2,conf,cls] in original-image pixels,
+# image path, original (h, w)).
+PredictionSink = Callable[[torch.Tensor, Path, tuple], None]
 
 
 class Profile:
@@ -48,6 +61,23 @@ class Profile:
         if self.cuda:
             torch.cuda.synchronize()
         self.t += time.perf_counter() - self.start
+
+
+@dataclass
+class Evaluation:
+    """What one pass over a dataloader measured."""
+
+    results: tuple[float, ...]  # P, R, mAP50, mAP50-95, then the mean val box, obj, cls loss (0 without compute_loss)
+    class_map: dict[int, float]  # mAP50-95 of each class that has labels
+    times: tuple[float, float, float]  # pre-process, inference, NMS milliseconds per image
+    images: list[str]  # the images evaluated: those that failed to load are not among them
+
+    def maps(self, nc: int, fill: float | None = None) -> np.ndarray:
+        """Per-class mAP50-95 over all nc classes; classes without labels get `fill` (default: the mean)."""
+        maps = np.zeros(nc) + (self.results[3] if fill is None else fill)
+        for c, v in self.class_map.items():
+            maps[c] = v
+        return maps
 
 
 def save_one_txt(predn: torch.Tensor, save_conf: bool, shape: tuple, file: Path) -> None:
@@ -85,76 +115,40 @@ def _coco_eval(anno_json: Path, pred_json: Path, im_files: list[str]) -> tuple[f
     return ev.stats[1], ev.stats[0]
 
 
+def _is_coco(data: dict) -> bool:
+    val_path = data.get("val")
+    return isinstance(val_path, str) and val_path.replace("\\", "/").endswith("coco/val2017.txt")
+
+
 @torch.no_grad()
-def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: float = 0.001,
-        iou_thres: float = 0.6, max_det: int = 300, task: str = "val", device: str = "", workers: int = 8,
-        single_cls: bool = False, augment: bool = False, verbose: bool = False, save_txt: bool = False,
-        save_hybrid: bool = False, save_conf: bool = False, save_json: bool = False, project=ROOT / "runs/val",
-        name: str = "exp", exist_ok: bool = False, half: bool = True, dnn: bool = False, model=None,
-        dataloader=None, save_dir: Path = Path(""), plots: bool = True, callbacks=None, compute_loss=None,
-        trust_checkpoint: bool = False):
-    """Evaluate; returns ((P, R, mAP50, mAP50-95, box, obj, cls), per-class mAP50-95, (pre, inf, nms) ms)."""
-    from utils.datasets import check_dataset, create_dataloader
-    from utils.distributed import select_device
+def evaluate(model: nn.Module, dataloader: Iterable, data: dict, *, compute_loss: Callable | None = None,
+             half: bool = True, single_cls: bool = False, conf_thres: float = 0.001, iou_thres: float = 0.6,
+             max_det: int = 300, save_hybrid: bool = False, plots: bool = True, save_dir: Path = Path(""),
+             verbose: bool = False, progress: bool = False,
+             on_predictions: PredictionSink | None = None) -> Evaluation:
+    """One pass of an in-memory model over a dataloader: P, R, mAP, the val loss (with compute_loss), timings."""
+    from tqdm import tqdm
+
     from utils.plots import output_to_target, plot_images
 
-    training = model is not None
-    if training:
-        device = next(model.parameters()).device
-        half &= device.type != "cpu"
-        model.half() if half else model.float()
-    else:
-        device = select_device(device, batch_size)
-        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-        w = weights[0] if isinstance(weights, (list, tuple)) else weights
-        if not w:
-            raise UserError("--weights: give a checkpoint to validate")
-        model = attempt_load(w, device=device, fuse=True, trust=trust_checkpoint)
-        half &= device.type != "cpu"
-        model.half() if half else model.float()
-        stride = int(model.stride.max())
-        imgsz = check_img_size(imgsz, s=stride)
-        data = check_dataset(data)
+    device = next(model.parameters()).device
+    half &= device.type != "cpu"
+    model.half() if half else model.float()
     # NHWC is faster; in-training and standalone validation use the same layout so their numbers agree
     model.eval().to(memory_format=torch.channels_last)
-    if isinstance(data, (str, Path)):
-        data = check_dataset(data)
-    data_nc = int(data["nc"])
-    nc = 1 if single_cls else data_nc
+    nc = 1 if single_cls else int(data["nc"])
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
     niou = iouv.numel()
-
-    if not training:
-        # the Detect head decides how many classes are predicted; a model object need not carry .nc itself
-        layers = getattr(de_parallel(model), "model", None)
-        model_nc = getattr(layers[-1], "nc", None) if isinstance(layers, torch.nn.Sequential) else None
-        if model_nc is not None and int(model_nc) != nc and not single_cls:
-            w = weights[0] if isinstance(weights, (list, tuple)) else weights
-            raise UserError(f"{w}: model has nc={model_nc} classes but the dataset has nc={nc}; "
-                            f"pass the matching --data")
-        task = task if task in ("train", "val", "test") else "val"
-        if not data.get(task):
-            raise UserError(f"dataset has no '{task}' split")
-        pad, rect = (0.0, False) if task == "speed" else (0.5, True)
-        # nc drops label rows whose class the dataset does not have; no stand-in samples in evaluation
-        dataloader = create_dataloader(data[task], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
-                                       workers=workers, prefix=f"{task}: ", nc=data_nc,
-                                       substitute_failed=False)[0]
 
     seen = 0
     confusion = ConfusionMatrix(nc=nc)
     names = getattr(model, "names", None) or data["names"]
     names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else names
-    val_path = data.get("val")
-    is_coco = isinstance(val_path, str) and val_path.replace("\\", "/").endswith("coco/val2017.txt")
-    class_map = COCO91 if is_coco else list(range(1000))
     header = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
     dt = Profile(device), Profile(device), Profile(device)
     loss = torch.zeros(3, device=device)
-    jdict, stats, evaluated = [], [], []
-    from tqdm import tqdm
-    pbar = tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}", disable=training and not verbose)
+    stats, evaluated = [], []
+    pbar = tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}", disable=not progress)
     for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
         if not len(paths):  # every image of the batch failed to load (collate_fn dropped them)
             continue
@@ -200,20 +194,18 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
                 if plots:
                     confusion.process_batch(predn, labelsn)
             stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
-            if save_txt:
-                save_one_txt(predn, save_conf, shape, save_dir / "labels" / f"{path.stem}.txt")
-            if save_json:
-                jdict.extend(coco_records(predn, path, class_map))
+            if on_predictions is not None:
+                on_predictions(predn, path, shape)
 
         if plots and batch_i < 3:
             plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
             plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
 
     stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
-    tp = fp = p = r = f1 = ap = ap_class = None
+    p = r = ap50 = ap = ap_class = None
     mp = mr = map50 = map_ = 0.0
     if len(stats) and len(stats[0]):  # with no true positive every figure is 0, but the curves still get drawn
-        tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
+        _, _, p, r, _, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
         ap50, ap = ap[:, 0], ap.mean(1)
         mp, mr, map50, map_ = p.mean(), r.mean(), ap50.mean(), ap.mean()
     nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
@@ -231,46 +223,142 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     LOGGER.info(header)
     LOGGER.info(pf % ("all", seen, nt.sum(), mp, mr, map50, map_))
     if nt.sum() == 0:
-        LOGGER.warning(f"no labels found in {task} set, can not compute metrics without labels")
-    if (verbose or (nc < 50 and not training)) and nc > 1 and ap_class is not None:
+        LOGGER.warning("no labels found in the evaluated images, can not compute metrics without labels")
+    if verbose and nc > 1 and ap_class is not None:
         for i, c in enumerate(ap_class):
             LOGGER.info(pf % (names.get(int(c), str(c)), seen, nt[c], p[i], r[i], ap50[i], ap[i]))
-
-    t = tuple(x.t / max(seen, 1) * 1e3 for x in dt)
-    if not training:
-        shape = (batch_size, 3, imgsz, imgsz)
-        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % t)
-
     if plots:
         confusion.plot(save_dir=save_dir, names=list(names.values()))
-
-    if save_json and len(jdict):
-        w = Path(weights[0] if isinstance(weights, (list, tuple)) else weights or "model").stem
-        pred_json = save_dir / f"{w}_predictions.json"
-        pred_json.write_text(json.dumps(jdict))
-        LOGGER.info(f"Saved {len(jdict)} detections to {pred_json}")
-        anno_json = data.get("annotations") or ("annotations/instances_val2017.json" if is_coco else None)
-        if anno_json and not Path(anno_json).is_absolute():
-            anno_json = Path(data.get("path", ".")) / anno_json
-        if anno_json and Path(anno_json).exists():
-            try:
-                map50, map_ = _coco_eval(Path(anno_json), pred_json, evaluated)
-                LOGGER.info(f"pycocotools: mAP50 {map50:.4f}, mAP50-95 {map_:.4f} (these replace the figures above)")
-            except ImportError:
-                LOGGER.warning("pycocotools is not installed; COCO mAP skipped")
-            except Exception as e:  # a broken annotation file must not lose the metrics already computed
-                LOGGER.warning(f"{anno_json}: pycocotools evaluation failed: {e}")
-
     model.float()
-    if not training and save_txt:
-        LOGGER.info(f"{len(list(save_dir.glob('labels/*.txt')))} labels saved to {save_dir / 'labels'}")
-    if not training:
+
+    class_map = {} if ap_class is None else {c: ap[i] for i, c in enumerate(ap_class)}
+    losses = (loss.cpu() / max(len(dataloader), 1)).tolist()
+    times = tuple(x.t / max(seen, 1) * 1e3 for x in dt)
+    return Evaluation((mp, mr, map50, map_, *losses), class_map, times, evaluated)
+
+
+def _file_sink(save_dir: Path, save_txt: bool, save_conf: bool, records: list[dict] | None,
+               class_map: list[int]) -> PredictionSink | None:
+    """The per-image writer of --save-txt label files and --save-json records (None when neither is asked)."""
+    if not save_txt and records is None:
+        return None
+
+    def sink(predn: torch.Tensor, path: Path, shape: tuple) -> None:
+        if save_txt:
+            save_one_txt(predn, save_conf, shape, save_dir / "labels" / f"{path.stem}.txt")
+        if records is not None:
+            records.extend(coco_records(predn, path, class_map))
+
+    return sink
+
+
+def _save_json(records: list[dict], images: list[str], data: dict, save_dir: Path, stem: str,
+               map50: float, map_: float) -> tuple[float, float]:
+    """Write the COCO predictions file; with the dataset's annotation file, pycocotools' mAP50 and mAP50-95
+    replace the figures given."""
+    pred_json = save_dir / f"{stem}_predictions.json"
+    pred_json.write_text(json.dumps(records))
+    LOGGER.info(f"Saved {len(records)} detections to {pred_json}")
+    anno_json = data.get("annotations") or ("annotations/instances_val2017.json" if _is_coco(data) else None)
+    if anno_json and not Path(anno_json).is_absolute():
+        anno_json = Path(data.get("path", ".")) / anno_json
+    if anno_json and Path(anno_json).exists():
+        try:
+            map50, map_ = _coco_eval(Path(anno_json), pred_json, images)
+            LOGGER.info(f"pycocotools: mAP50 {map50:.4f}, mAP50-95 {map_:.4f} (these replace the figures above)")
+        except ImportError:
+            LOGGER.warning("pycocotools is not installed; COCO mAP skipped")
+        except Exception as e:  # a broken annotation file must not lose the metrics already computed
+            LOGGER.warning(f"{anno_json}: pycocotools evaluation failed: {e}")
+    return map50, map_
+
+
+def _standalone_setup(data, w, batch_size: int, imgsz: int, task: str, device: str, workers: int,
+                      single_cls: bool, save_txt: bool, project, name: str, exist_ok: bool,
+                      trust_checkpoint: bool) -> tuple[nn.Module, Iterable, dict, Path, int]:
+    """The command line's side of run(): device, run folder, checkpoint, dataset and its dataloader;
+    returns (model, dataloader, data, save_dir, imgsz)."""
+    from utils.datasets import check_dataset, create_dataloader
+    from utils.distributed import select_device
+
+    device = select_device(device, batch_size)
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    model = attempt_load(w, device=device, fuse=True, trust=trust_checkpoint)
+    stride = int(model.stride.max())
+    imgsz = check_img_size(imgsz, s=stride)
+    data = check_dataset(data)
+    data_nc = int(data["nc"])
+    # the Detect head decides how many classes are predicted; a model object need not carry .nc itself
+    layers = getattr(de_parallel(model), "model", None)
+    model_nc = getattr(layers[-1], "nc", None) if isinstance(layers, torch.nn.Sequential) else None
+    if model_nc is not None and int(model_nc) != data_nc and not single_cls:
+        raise UserError(f"{w}: model has nc={model_nc} classes but the dataset has nc={data_nc}; "
+                        f"pass the matching --data")
+    split = "val" if task == "speed" else task
+    if not data.get(split):
+        raise UserError(f"dataset has no '{split}' split")
+    # speed: square letterboxed batches without padding, as YOLOv5 times its models
+    pad, rect = (0.0, False) if task == "speed" else (0.5, True)
+    # nc drops label rows whose class the dataset does not have; no stand-in samples in evaluation
+    dataloader = create_dataloader(data[split], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
+                                   workers=workers, prefix=f"{split}: ", nc=data_nc, substitute_failed=False)[0]
+    return model, dataloader, data, save_dir, imgsz
+
+
+@torch.no_grad()
+def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: float = 0.001,
+        iou_thres: float = 0.6, max_det: int = 300, task: str = "val", device: str = "", workers: int = 8,
+        single_cls: bool = False, augment: bool = False, verbose: bool = False, save_txt: bool = False,
+        save_hybrid: bool = False, save_conf: bool = False, save_json: bool = False, project=ROOT / "runs/val",
+        name: str = "exp", exist_ok: bool = False, half: bool = True, dnn: bool = False, model=None,
+        dataloader=None, save_dir: Path = Path(""), plots: bool = True, callbacks=None, compute_loss=None,
+        trust_checkpoint: bool = False) -> tuple[tuple, np.ndarray, tuple]:
+    """Evaluate; returns ((P, R, mAP50, mAP50-95, box, obj, cls), per-class mAP50-95, (pre, inf, nms) ms).
+
+    With `model` (training) the caller's model, dataloader and save_dir are used and weights, batch_size,
+    imgsz, task, device, workers, project, name and exist_ok are ignored; without it the checkpoint
+    `weights` is loaded and evaluated on the `task` split. `callbacks` is accepted for YOLOv5 signature
+    compatibility and unused; augment=True and dnn=True are refused.
+    """
+    if augment:
+        raise UserError("augment=True: test-time augmentation is not supported")
+    if dnn:
+        raise UserError("dnn=True: OpenCV DNN (ONNX) inference is not supported; pass a .pt checkpoint")
+    standalone = model is None
+    w = weights[0] if isinstance(weights, (list, tuple)) else weights
+    if standalone:
+        if task not in TASKS:
+            raise UserError(f"--task {task}: not supported (one of {', '.join(TASKS)})")
+        if not w:
+            raise UserError("--weights: give a checkpoint to validate")
+        if isinstance(weights, (list, tuple)) and len(weights) > 1:
+            raise UserError("--weights: give one checkpoint (model ensembles are not supported)")
+        model, dataloader, data, save_dir, imgsz = _standalone_setup(
+            data, w, batch_size, imgsz, task, device, workers, single_cls, save_txt, project, name, exist_ok,
+            trust_checkpoint)
+    elif isinstance(data, (str, Path)):
+        from utils.datasets import check_dataset
+        data = check_dataset(data)
+    nc = 1 if single_cls else int(data["nc"])
+
+    records = [] if save_json else None
+    sink = _file_sink(save_dir, save_txt, save_conf, records, COCO91 if _is_coco(data) else list(range(1000)))
+    ev = evaluate(model, dataloader, data, compute_loss=compute_loss, half=half, single_cls=single_cls,
+                  conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, save_hybrid=save_hybrid,
+                  plots=plots, save_dir=save_dir, verbose=verbose or (standalone and nc < 50),
+                  progress=standalone or verbose, on_predictions=sink)
+    mp, mr, map50, map_, *losses = ev.results
+    if standalone:
+        shape = (batch_size, 3, imgsz, imgsz)
+        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % ev.times)
+    if records:
+        map50, map_ = _save_json(records, ev.images, data, save_dir, Path(w or "model").stem, map50, map_)
+    if standalone:
+        if save_txt:
+            LOGGER.info(f"{len(list(save_dir.glob('labels/*.txt')))} labels saved to {save_dir / 'labels'}")
         LOGGER.info(f"Results saved to {save_dir}")
-    maps = np.zeros(nc) + map_
-    if ap_class is not None:
-        for i, c in enumerate(ap_class):
-            maps[c] = ap[i]
-    return (mp, mr, map50, map_, *(loss.cpu() / max(len(dataloader), 1)).tolist()), maps, t
+    return (mp, mr, map50, map_, *losses), ev.maps(nc, map_), ev.times
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,7 +371,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
     p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
     p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
-    p.add_argument("--task", default="val", help="train, val, test or speed")
+    p.add_argument("--task", default="val", help="train, val, test or speed (time each --weights on the val "
+                                                 "images: conf 0.25, IoU 0.45, FP16 on CUDA, no plots)")
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers")
     p.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
@@ -309,7 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     opt = parse_opt(argv)
     try:
-        run(**{k: v for k, v in vars(opt).items()})
+        if opt.task == "speed":
+            # YOLOv5's speed settings: timing at deployment thresholds, FP16 where the device has it
+            opt.conf_thres, opt.iou_thres, opt.save_json, opt.half = 0.25, 0.45, False, True
+            for w in (opt.weights if isinstance(opt.weights, list) else [opt.weights]):
+                run(**{**vars(opt), "weights": w}, plots=False)
+        else:
+            run(**vars(opt))
     except UserError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2

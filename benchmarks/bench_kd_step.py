@@ -70,7 +70,7 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t = teacher(nc, device) if a.only == "kd" else None
-        step = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp)
+        step = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp, imgsz=a.imgsz)
         for _ in range(a.iters):
             step(imgs, targets)
         sync(device)
@@ -78,8 +78,8 @@ def main() -> int:
         return 0
 
     t = teacher(nc, device)
-    plain = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, amp=amp)
-    kd = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp)
+    plain = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, amp=amp, imgsz=a.imgsz)
+    kd = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp, imgsz=a.imgsz)
     timg = imgs.to(device, memory_format=torch.channels_last).float() / 255
     for _ in range(2):  # warm-up: allocator, kernels, first-call paths
         plain(imgs, targets), kd(imgs, targets), t(timg)
@@ -92,12 +92,12 @@ def main() -> int:
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     p, k, f = med(tp), med(tk), med(tt)
     print(f"device {device}, batch {a.batch}, imgsz {a.imgsz}, student yolov5n, teacher {t.path} "
-          f"({'fp16' if t.half else 'fp32'}, fused), {a.iters} iterations, medians")
+          f"({t.precision}, fused), {a.iters} iterations, medians")
     print(f"plain step      {p:8.1f} ms")
     print(f"KD step         {k:8.1f} ms")
     print(f"teacher forward {f:8.1f} ms")
     print(f"KD/plain        {k / p:8.3f}")
-    print(f"bound           {(p + f) / p:8.3f}   (plain + teacher forward) / plain")
+    print(f"bound           {(p + f) / p:8.3f}   (plain + teacher forward at {t.precision}) / plain")
     print(f"KD vs bound     {100 * (k / (p + f) - 1):+7.1f} %")
     mp, mk = measure_peak("plain", a), measure_peak("kd", a)
     kind = "max allocated" if device.type == "cuda" else "peak RSS"

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Training throughput: images/s over one full epoch on the demo data (yolov5n, imgsz 320, batch 16,
-2 workers, mosaic on), as train.py's loop runs it (warmup, EMA, clipping; fp32 on CPU, AMP on CUDA).
+2 workers, mosaic on), as train.py's loop runs it (warmup, EMA, clipping; fp32 on CPU unless --amp, AMP on CUDA).
 
     python benchmarks/bench_train.py [--imgsz 320] [--batch 16] [--workers 2] [--device cpu] [--kd]
+                                     [--teacher-precision auto|fp32|bf16|fp16] [--amp] [--compile]
+
+With --compile the first (untimed) epoch includes the compilation, and its time is printed as well.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from common import criterion_for, demo_data, load_hyp, peak_memory_mb, student, 
 
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
-from utils.engine import LoopState, ModelEMA, build_optimizer, lr_lambda, train_one_epoch  # noqa: E402
+from utils.engine import (CompiledForward, LoopState, ModelEMA, build_optimizer, lr_lambda, resolve_amp,  # noqa: E402
+                          train_one_epoch)
 
 
 def main() -> int:
@@ -26,6 +30,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kd", action="store_true", help="distil from the demo teacher while training")
+    ap.add_argument("--teacher-precision", default="auto", help="as train.py's --teacher-precision")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the student on CPU (as train.py --amp)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the student's forward (train.py --compile)")
     a = ap.parse_args()
     device = select_device(a.device)
     data, hyp = demo_data(), load_hyp()
@@ -34,24 +41,34 @@ def main() -> int:
     loader, _ = create_dataloader(data["train"], a.imgsz, a.batch, 32, hyp=hyp, augment=True, workers=a.workers,
                                   shuffle=True)
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    criterion = criterion_for(model, imgsz=a.imgsz, device=device, kd=a.kd)
+    criterion = criterion_for(model, imgsz=a.imgsz, device=device, kd=a.kd, teacher_precision=a.teacher_precision)
+    amp_dtype = resolve_amp(True if a.amp else None, device)
+    forward = CompiledForward(model) if a.compile else None
     common = dict(epochs=2, device=device, hyp=hyp, lf=lr_lambda(2, hyp["lrf"]), batch_size=a.batch, nw=100,
-                  imgsz=a.imgsz, gs=32, amp=device.type == "cuda", show_progress=False)
+                  imgsz=a.imgsz, gs=32, amp=amp_dtype is not None, amp_dtype=amp_dtype, forward=forward,
+                  show_progress=False)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     state = LoopState()
-    # epoch 0 warms up workers, allocator and page cache; epoch 1 is timed
+    # epoch 0 warms up workers, allocator and page cache (and compiles); epoch 1 is timed
+    t0 = time.perf_counter()
     train_one_epoch(model, loader, opt, scaler, criterion, ModelEMA(model), 0, state=state, **common)
     sync(device)
+    first = time.perf_counter() - t0
     t0 = time.perf_counter()
     train_one_epoch(model, loader, opt, scaler, criterion, ModelEMA(model), 1, state=state, **common)
     sync(device)
     dt = time.perf_counter() - t0
     n = len(loader.dataset)
-    print(f"train {'KD ' if a.kd else ''}yolov5n imgsz {a.imgsz} batch {a.batch} workers {a.workers} on {device}: "
+    what = (f"{'KD (teacher ' + criterion.teacher.precision + ') ' if a.kd else ''}"
+            f"{'amp ' if amp_dtype is not None else ''}{'compiled ' if a.compile else ''}")
+    print(f"train {what}yolov5n imgsz {a.imgsz} batch {a.batch} workers {a.workers} on {device}: "
           f"{n / dt:.1f} images/s ({n} images in {dt:.1f} s), peak {'CUDA memory' if device.type == 'cuda' else 'RSS'} "
           f"{peak_memory_mb(device):.0f} MB")
+    if a.compile:
+        print(f"first epoch (compiles) {first:.1f} s vs {dt:.1f} s per later epoch: compile overhead "
+              f"{first - dt:.1f} s")
     return 0
 
 

@@ -15,10 +15,9 @@ import yaml  # noqa: E402
 from models.yolo import Model  # noqa: E402
 from optimizer.config import KDConfig  # noqa: E402
 from optimizer.criterion import DetectionCriterion, Distiller  # noqa: E402
-from optimizer.loss import OutputDistillationLoss  # noqa: E402
-from optimizer.teacher import Teacher, load_teacher  # noqa: E402
+from optimizer.teacher import Teacher, load_teacher, resolve_teacher_precision  # noqa: E402
 from utils.datasets import check_dataset  # noqa: E402
-from utils.engine import ModelEMA, build_optimizer  # noqa: E402
+from utils.engine import ModelEMA, build_optimizer, optimizer_step, step_loss, to_input  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
@@ -42,51 +41,45 @@ def student(nc: int, imgsz: int, hyp: dict, device: torch.device, cfg: str = "yo
     return m
 
 
-def teacher(nc: int, device: torch.device) -> Teacher:
-    """The shipped demo teacher, or a random yolov5s of the same shape when it is absent."""
+def teacher(nc: int, device: torch.device, precision: str = "auto") -> Teacher:
+    """The shipped demo teacher at `precision` (as --teacher-precision), or a random yolov5s of the same shape
+    when it is absent."""
     if DEMO_TEACHER.exists():
-        t = load_teacher(DEMO_TEACHER, device=device)
+        t = load_teacher(DEMO_TEACHER, device=device, precision=precision)
     else:
         t = Teacher(Model("yolov5s.yaml", nc=nc).to(device).eval().fuse(), path="random yolov5s",
-                    half=device.type == "cuda")
+                    precision=resolve_teacher_precision(precision, device)[0])
     t.model.to(memory_format=torch.channels_last)  # as train.py sets it up
     return t
 
 
-def criterion_for(model: torch.nn.Module, imgsz: int, device: torch.device, kd: bool) -> DetectionCriterion:
+def criterion_for(model: torch.nn.Module, imgsz: int, device: torch.device, kd: bool,
+                  teacher_precision: str = "auto") -> DetectionCriterion:
     """train.py's criterion: the detection loss, or detection + distillation from the demo teacher."""
     if not kd:
         return DetectionCriterion(ComputeLoss(model))
-    t = teacher(int(model.nc), device)
+    t = teacher(int(model.nc), device, teacher_precision)
     return Distiller(KDConfig(t_weights=t.path), ComputeLoss(model), t, model, imgsz)
 
 
 class Stepper:
-    """One optimizer step of train.py's loop (no accumulation), optionally with distillation."""
+    """One optimizer step of train.py's loop (the engine's step_loss and optimizer_step, no accumulation),
+    with the plain criterion or, given a teacher, the distilling one."""
 
-    def __init__(self, model, hyp: dict, device: torch.device, teacher: Teacher | None = None, amp: bool = False):
-        self.model, self.device, self.teacher, self.amp = model, device, teacher, amp
+    def __init__(self, model, hyp: dict, device: torch.device, teacher: Teacher | None = None, amp: bool = False,
+                 imgsz: int = 320):
+        self.model, self.device, self.amp = model, device, amp
         self.opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-        self.loss = ComputeLoss(model)
-        self.kd = OutputDistillationLoss(model) if teacher is not None else None
+        self.criterion = (DetectionCriterion(ComputeLoss(model)) if teacher is None else
+                          Distiller(KDConfig(t_weights=teacher.path), ComputeLoss(model), teacher, model, imgsz))
         self.ema = ModelEMA(model)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor) -> float:
-        imgs = imgs.to(self.device, non_blocking=True, memory_format=torch.channels_last).float() / 255
-        t_maps = self.teacher(imgs) if self.kd is not None else None  # teacher first, as train_one_epoch does
-        with torch.autocast(device_type=self.device.type, enabled=self.amp):
-            pred = self.model(imgs)
-            loss, _ = self.loss(pred, targets.to(self.device))
-        if self.kd is not None:
-            loss = loss + self.kd(pred, t_maps)[0]
+        loss, _ = step_loss(self.model, self.criterion, to_input(imgs, self.device), targets, device=self.device,
+                            amp=self.amp)
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
+        optimizer_step(self.model, self.opt, self.scaler, self.ema)
         return float(loss.detach())
 
 

@@ -37,7 +37,7 @@ M50, M5095 = "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"
 
 
 def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights: str = "", data: str = "",
-              hyp: str | None = None) -> dict:
+              hyp: str | None = None, alone: bool = False) -> dict:
     """One training run (reused if its results.csv is complete); returns its results.csv columns, plus
     'seconds' (the run's wall time, recorded beside it) where known."""
     run = Path(a.project) / name
@@ -68,7 +68,7 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
     log = Path(a.project) / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     # runs side by side must each get one thread: oversubscribed OpenMP threads slow both many times over
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if a.jobs > 1 else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if a.jobs > 1 and not alone else None
     t0 = time.perf_counter()
     with open(log, "w") as f:
         r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -299,7 +299,7 @@ def unlabeled(a) -> list[str]:
     (their label files unread), and the baseline on every label (the ceiling)."""
     yl, yu, nl, nu = make_split(a)
     start = Path(a.project) / "unl_start" / "weights" / "best.pt"
-    pre = train_run("unl_start", a, seed=0, epochs=a.pre_epochs, kd=None, data=str(yl))
+    pre = train_run("unl_start", a, seed=0, epochs=a.pre_epochs, kd=None, data=str(yl), alone=True)
     kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio, "norm": a.dist_norm}
     arms = [("baseline, labelled part", None, yl), ("KD, labelled part", kd, yl),
             ("KD, labelled + unlabelled", {**kd, "unlabeled_ratio": a.unlabeled_ratio}, yu),

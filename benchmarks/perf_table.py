@@ -43,10 +43,16 @@ def main() -> int:
     print(machine, flush=True)
     benches = [
         ("training loader (mosaic, batch 16, 2 workers)", ["benchmarks/bench_loader.py"], ("imgsz",)),
-        ("training, yolov5n from scratch", ["benchmarks/bench_train.py", *dev], ("train",)),
-        ("training with KD, yolov5n ← demo yolov5s", ["benchmarks/bench_train.py", "--kd", *dev], ("train",)),
-        ("one optimizer step, plain vs KD", ["benchmarks/bench_kd_step.py", "--iters", "20", *dev],
-         ("plain step", "KD step", "teacher forward", "KD/plain", "bound", "KD vs bound", "peak memory")),
+        ("training, yolov5n from scratch (fp32)", ["benchmarks/bench_train.py", *dev], ("train",)),
+        ("training with KD, yolov5n ← demo yolov5s, teacher --teacher-precision auto (the default)",
+         ["benchmarks/bench_train.py", "--kd", *dev], ("train",)),
+        ("training with KD, teacher fp32", ["benchmarks/bench_train.py", "--kd", "--teacher-precision", "fp32", *dev],
+         ("train",)),
+        ("training, --amp (bf16 autocast on CPU)", ["benchmarks/bench_train.py", "--amp", *dev], ("train",)),
+        ("training with KD, --amp, teacher auto", ["benchmarks/bench_train.py", "--kd", "--amp", *dev], ("train",)),
+        ("training, --compile", ["benchmarks/bench_train.py", "--compile", *dev], ("train", "first epoch")),
+        ("one optimizer step, plain vs KD (teacher auto)", ["benchmarks/bench_kd_step.py", "--iters", "20", *dev],
+         ("device", "plain step", "KD step", "teacher forward", "KD/plain", "bound", "KD vs bound", "peak memory")),
         ("validation (val.run on the 200 demo val images)", ["benchmarks/bench_val.py", *dev], ("val",)),
     ]
     rows = []

@@ -88,6 +88,17 @@ class Detect(nn.Module):
             return x
         return (torch.cat(z, 1),) if self.export else (torch.cat(z, 1), x)
 
+    def set_pixel_anchors(self, anchors: torch.Tensor) -> None:
+        """Store anchors given in pixels as grid units of each level, levels reordered to rise with the stride."""
+        with torch.no_grad():
+            self.anchors[:] = torch.as_tensor(anchors).to(self.anchors).view_as(self.anchors)
+            area = self.anchors.prod(-1).mean(-1).view(-1)
+            da, ds = area[-1] - area[0], self.stride[-1] - self.stride[0]
+            if da and da.sign() != ds.sign():  # a yaml (or k-means) listing the big anchors first
+                LOGGER.info("AutoAnchor: reversing anchor order")
+                self.anchors[:] = self.anchors.flip(0)
+            self.anchors /= self.stride.to(self.anchors.device).view(-1, 1, 1)
+
     def _make_grid(self, nx: int, ny: int, i: int):
         d, t = self.anchors[i].device, self.anchors[i].dtype
         shape = 1, self.na, ny, nx, 2
@@ -200,8 +211,7 @@ class DetectionModel(BaseModel):
             with torch.no_grad():
                 out = self._forward_once(torch.zeros(1, ch, s, s))
             m.stride = torch.tensor([s / x.shape[-2] for x in out])
-            check_anchor_order(m)
-            m.anchors /= m.stride.view(-1, 1, 1)
+            m.set_pixel_anchors(m.anchors)  # the yaml gives them in pixels
             self.stride = m.stride
             self._initialize_biases()
         initialize_weights(self)
@@ -217,16 +227,6 @@ class DetectionModel(BaseModel):
 
 
 Model = DetectionModel  # name pickled by checkpoints of v6.1 and earlier
-
-
-def check_anchor_order(m: Detect) -> None:
-    """Reverse the anchor levels if their mean areas run against the strides."""
-    a = m.anchors.prod(-1).mean(-1).view(-1)
-    da = a[-1] - a[0]
-    ds = m.stride[-1] - m.stride[0]
-    if da and da.sign() != ds.sign():
-        LOGGER.info("AutoAnchor: reversing anchor order")
-        m.anchors[:] = m.anchors.flip(0)
 
 
 def initialize_weights(model: nn.Module) -> None:

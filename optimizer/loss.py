@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from utils.checkpoint import de_parallel
+from utils.distributed import de_parallel
 from utils.errors import UserError
 from utils.loss import BALANCE_3, BALANCE_N
 

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import attempt_load, de_parallel
+from utils.checkpoint import attempt_load
+from utils.distributed import de_parallel
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")

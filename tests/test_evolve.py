@@ -25,7 +25,7 @@ TRAIN = str(ROOT / "train.py")
 LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots", "--epochs", "1"]
-KD = ("distill_ratio", "temperature", "dist_norm")
+KD = ("distill_ratio", "temperature", "dist_norm", "unlabeled_ratio")
 
 
 def _low(**extra) -> dict:

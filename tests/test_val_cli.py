@@ -68,3 +68,69 @@ def test_val_cli_one_line_errors(numeric_val_set, fixtures_dir, tmp_path):
     r = run_cli([str(ROOT / "val.py"), "--data", str(tmp_path / "nope.yaml"), "--weights",
                  str(fixtures_dir / "student.pt"), "--project", str(tmp_path)], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nope.yaml" in r.stderr
+
+
+# ------------------------------------------------------------------------------------ run() refusals, speed
+@pytest.mark.parametrize("kwargs, word", [({"augment": True}, "augment"), ({"dnn": True}, "dnn"),
+                                          ({"task": "study"}, "study")])
+def test_val_run_refuses_unsupported_options(kwargs, word, random_student, tiny_data, tmp_path):
+    import val
+    from utils.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        val.run(str(tiny_data), weights=str(random_student), imgsz=64, workers=0, device="cpu",
+                project=tmp_path, name="v", **kwargs)
+    assert word in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "v").exists(), "a refused run must not leave a run folder"
+
+
+def test_val_run_refuses_an_ensemble(random_student, tiny_data, tmp_path):
+    import val
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="--weights"):
+        val.run(str(tiny_data), weights=[str(random_student)] * 2, imgsz=64, workers=0, device="cpu",
+                project=tmp_path)
+
+
+def test_val_speed_task_times_square_unpadded_val_batches(random_student, tiny_data, tmp_path, monkeypatch):
+    import val
+    import utils.datasets as D
+    from utils.datasets import check_dataset
+
+    seen = {}
+    real = D.create_dataloader
+
+    def spy(path, *a, **k):
+        seen.update(path=path, pad=k["pad"], rect=k["rect"])
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(D, "create_dataloader", spy)
+    (_, _, map50, _, *_), maps, t = val.run(str(tiny_data), weights=str(random_student), imgsz=64, workers=0,
+                                            device="cpu", task="speed", project=tmp_path, name="s", plots=False)
+    assert seen == {"path": check_dataset(str(tiny_data))["val"], "pad": 0.0, "rect": False}
+    assert len(t) == 3 and all(x >= 0 for x in t) and len(maps) == len(NAMES)
+
+
+def test_val_cli_speed_task(tiny_data, random_student, tmp_path):
+    r = run_cli([str(ROOT / "val.py"), "--data", str(tiny_data), "--weights", str(random_student), "--imgsz", "64",
+                 "--task", "speed", "--workers", "0", "--project", str(tmp_path), "--name", "s"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Speed:" in r.stderr and "per image at shape" in r.stderr
+    assert not list((tmp_path / "s").glob("*.png")), "speed runs draw no plots"
+
+
+def test_evaluate_is_what_run_with_a_model_returns(tiny_data, random_student, tmp_path):
+    """The in-training call run(model=...) is evaluate() on the caller's model and dataloader."""
+    import val
+    from utils.checkpoint import attempt_load
+    from utils.datasets import check_dataset, create_dataloader
+
+    data = check_dataset(str(tiny_data))
+    loader = create_dataloader(data["val"], 64, 4, 32, False, pad=0.5, rect=True, workers=0, nc=8,
+                               substitute_failed=False)[0]
+    model = attempt_load(random_student)
+    ev = val.evaluate(model, loader, data, half=False, plots=False)
+    results, maps, t = val.run(data, model=model, dataloader=loader, half=False, plots=False, callbacks=object())
+    assert results == ev.results and len(t) == 3
+    assert (maps == ev.maps(len(NAMES), results[3])).all()

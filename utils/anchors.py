@@ -7,8 +7,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.yolo import check_anchor_order
-from utils.checkpoint import de_parallel
+from utils.distributed import de_parallel
 
 LOGGER = logging.getLogger("yolov5kd")
 PREFIX = "AutoAnchor: "
@@ -65,10 +64,7 @@ def check_anchors(dataset, model: nn.Module, thr: float = 4.0, imgsz: int = 640,
     if new_bpr <= bpr:
         LOGGER.info(f"{PREFIX}new anchors not better (BPR {new_bpr:.3f}), keeping the original ones")
         return False
-    with torch.no_grad():
-        m.anchors[:] = torch.tensor(new, device=m.anchors.device).type_as(m.anchors).view_as(m.anchors)
-        check_anchor_order(m)  # pixel anchors vs strides
-        m.anchors /= stride
+    m.set_pixel_anchors(torch.tensor(new))
     LOGGER.info(f"{PREFIX}done, BPR {new_bpr:.3f}; the new anchors are saved in the model, "
                 f"update your model yaml to reuse them")
     return True

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from models import common, yolo
+from utils.distributed import de_parallel  # re-exported: older callers import it from here
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
@@ -176,11 +177,6 @@ def attempt_load(weights: str | Path, device: str | torch.device = "cpu", inplac
     if fuse and hasattr(model, "fuse"):
         model.eval().fuse()
     return model.eval()
-
-
-def de_parallel(model: nn.Module) -> nn.Module:
-    """The bare model inside a DataParallel / DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
 def plain_opt(opt: Any) -> dict:

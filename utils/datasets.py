@@ -27,7 +27,7 @@ from utils.labels import (IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img
                           save_cache)
 
 __all__ = ["IMG_FORMATS", "img2label_paths", "check_dataset", "LoadImagesAndLabels", "create_dataloader",
-           "seed_worker"]
+           "reseed_loader", "seed_worker"]
 
 LOGGER = logging.getLogger("yolov5kd")
 ROOT = Path(__file__).resolve().parents[1]  # repository root; relative dataset paths hang off it
@@ -534,6 +534,14 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(s)
     random.seed(s)
     cv2.setNumThreads(0)
+
+
+def reseed_loader(loader: DataLoader, seed: int, rank: int, epoch: int) -> None:
+    """Give an epoch its own shuffle, fixed by (seed, rank, epoch) alone, so a resumed run replays it."""
+    if getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(GENERATOR_SEED + seed + max(rank, 0) + epoch)
+    if isinstance(loader.sampler, distributed.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
 
 
 def create_dataloader(path: str | Path | Sequence[str | Path], imgsz: int, batch_size: int, stride: int,

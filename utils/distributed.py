@@ -12,10 +12,16 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The bare model inside a DataParallel / DistributedDataParallel wrapper."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
 @dataclass(frozen=True)

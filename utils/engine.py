@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.checkpoint import de_parallel
+from utils.distributed import de_parallel
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
@@ -200,8 +200,14 @@ class CompiledForward:
         return self.model(x)
 
 
+def accumulate_steps(batch_size: float) -> int:
+    """Batches whose gradients are summed before each optimizer step, so every step sees ~NBS images."""
+    return max(round(NBS / batch_size), 1)
+
+
 def _warmup(optimizer, ni: int, nw: int, epoch: int, lf, hyp: dict, batch_size: int) -> int:
     xi = [0, nw]
+    # during warmup the accumulation ramps from 1 batch up to accumulate_steps(), like the learning rate
     accumulate = max(1, round(float(np.interp(ni, xi, [1, NBS / batch_size]))))
     for j, x in enumerate(optimizer.param_groups):
         x["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0, x["initial_lr"] * lf(epoch)]))
@@ -219,7 +225,38 @@ def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
     return imgs
 
 
-def _optimizer_step(model, optimizer, scaler, ema) -> None:
+def to_input(imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loader's uint8 NCHW batch as the model's input: float in [0, 1] on `device`, channels_last."""
+    # channels_last: the conv kernels on CPU (oneDNN) and on GPU tensor cores run faster in NHWC
+    return imgs.to(device, non_blocking=True, memory_format=torch.channels_last).float() / 255
+
+
+def step_loss(model: nn.Module, criterion, imgs: torch.Tensor, targets: torch.Tensor, *, device: torch.device,
+              amp: bool = False, amp_dtype: torch.dtype | None = None, forward: Callable | None = None,
+              u_imgs: torch.Tensor | None = None, world_size: int = 1) -> tuple[torch.Tensor, dict]:
+    """One batch through the criterion (teacher first, then the student's forward under autocast):
+    (loss to back-propagate, the criterion's parts).
+
+    With `u_imgs` (unlabelled images, distillation only) the teacher sees labelled + unlabelled images in one
+    batch; the student runs them in two forward passes so that batch-norm statistics, and with them the
+    detection loss of the labelled images, are exactly what they would be without the unlabelled ones."""
+    criterion.before_forward(imgs if u_imgs is None else torch.cat((imgs, u_imgs), 0))
+    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
+        pred = (forward or model)(imgs)
+        if u_imgs is None:
+            loss, parts = criterion(pred, targets.to(device))
+        else:
+            # DDP allows one forward per backward, so the unlabelled pass runs on the wrapped module; its
+            # gradients join the labelled pass's before DDP's all-reduce
+            u_forward = de_parallel(model) if world_size > 1 else (forward or model)
+            loss, parts = criterion(pred, targets.to(device), unlabeled_pred=u_forward(u_imgs))
+    if world_size > 1:
+        loss = loss * world_size  # DDP averages gradients across ranks
+    return loss, parts
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ema: ModelEMA | None) -> None:
+    """Unscale, clip the gradient norm to 10, step, zero the gradients and update the EMA."""
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
     scaler.step(optimizer)
@@ -241,18 +278,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     (loss, parts); the parts, whatever they are, become the progress columns and the epoch means. With `amp`
     the forward and loss run under autocast at `amp_dtype` (None: the device's default, fp16 on CUDA, bf16 on
     CPU); `forward` (e.g. a CompiledForward) replaces model(imgs) for the student's forward pass.
-
     `unlabeled` (a utils.unlabeled.UnlabeledStream, distillation only) adds one batch of unlabelled images to
-    every step: the teacher sees labelled + unlabelled images in one batch, the student runs them in two
-    forward passes so that batch-norm statistics, and with them the detection loss of the labelled images,
-    are exactly what they would be without the unlabelled ones."""
+    every step (see step_loss)."""
     model.train()
     nb = len(loader)
     names = tuple(criterion.parts)
     det_parts = set(criterion.detection_parts)  # the rest come from distillation
     mloss = torch.zeros(len(names), device=device)
     skipped = 0
-    accumulate = max(round(NBS / batch_size), 1)
+    accumulate = accumulate_steps(batch_size)
     pbar = enumerate(loader)
     if show_progress:
         cols = ("Epoch", "GPU_mem", *(f"{k}_loss" for k in names), "Instances", "Size")
@@ -265,31 +299,18 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     bad: list[str] = []
     for i, (imgs, targets, paths, _) in pbar:
         ni = i + nb * epoch
-        # channels_last: the conv kernels on CPU (oneDNN) and on GPU tensor cores run faster in NHWC
-        imgs = imgs.to(device, non_blocking=True, memory_format=torch.channels_last).float() / 255
+        imgs = to_input(imgs, device)
         if ni <= nw:
             accumulate = _warmup(optimizer, ni, nw, epoch, lf, hyp, batch_size)
         if multi_scale:
             imgs = _multi_scale(imgs, imgsz, gs)
         u_imgs = None
         if unlabeled is not None:
-            u_imgs = unlabeled.next_batch().to(device, non_blocking=True, memory_format=torch.channels_last)
-            u_imgs = u_imgs.float() / 255
+            u_imgs = to_input(unlabeled.next_batch(), device)
             if u_imgs.shape[2:] != imgs.shape[2:]:  # multi-scale: one size for the teacher's combined batch
                 u_imgs = F.interpolate(u_imgs, size=imgs.shape[2:], mode="bilinear", align_corners=False)
-
-        criterion.before_forward(imgs if u_imgs is None else torch.cat((imgs, u_imgs), 0))
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
-            pred = (forward or model)(imgs)
-            if u_imgs is None:
-                loss, parts = criterion(pred, targets.to(device))
-            else:
-                # DDP allows one forward per backward, so the unlabelled pass runs on the wrapped module; its
-                # gradients join the labelled pass's before DDP's all-reduce
-                u_forward = de_parallel(model) if world_size > 1 else (forward or model)
-                loss, parts = criterion(pred, targets.to(device), unlabeled_pred=u_forward(u_imgs))
-        if world_size > 1:
-            loss = loss * world_size  # DDP averages gradients across ranks
+        loss, parts = step_loss(model, criterion, imgs, targets, device=device, amp=amp, amp_dtype=amp_dtype,
+                                forward=forward, u_imgs=u_imgs, world_size=world_size)
         items = torch.stack([parts[k].reshape(()).float() for k in names])
 
         if not torch.isfinite(loss).all():
@@ -308,7 +329,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         scaler.scale(loss).backward()
 
         if ni - state.last_opt_step >= accumulate:
-            _optimizer_step(model, optimizer, scaler, ema)
+            optimizer_step(model, optimizer, scaler, ema)
             state.last_opt_step = ni
 
         mloss = (mloss * (i - skipped) + items) / (i - skipped + 1)
@@ -327,7 +348,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     # Step what is left of the last accumulation now, so no gradient crosses the epoch's checkpoint.
     last_ni = i + nb * epoch
     if i >= 0 and state.last_opt_step < last_ni and any(p.grad is not None for p in model.parameters()):
-        _optimizer_step(model, optimizer, scaler, ema)
+        optimizer_step(model, optimizer, scaler, ema)
         state.last_opt_step = last_ni
     lrs = [x["lr"] for x in optimizer.param_groups]
     return EpochResult(mloss=dict(zip(names, mloss.cpu().tolist())), lrs=lrs, skipped=skipped)

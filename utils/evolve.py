@@ -51,8 +51,10 @@ TOP_N = 5  # parents are drawn from this many best rows
 MAX_FAILED_IN_A_ROW = 3  # a mutated hyp that fails to train scores 0; this many failures in a row stop the run
 
 # key: (mutation gain, lower bound, upper bound). Gain 0: carried in evolve.csv, never mutated.
-# The first 29 rows are YOLOv5 v7.0's; the last two are this project's distillation keys (evolved only
-# when a teacher is given). Every range lies inside the key's valid range in utils/hyp.py / KD_SPECS.
+# The first 29 rows are YOLOv5 v7.0's; the last three are this project's distillation keys (evolved only
+# when a teacher is given; unlabeled_ratio is carried, not mutated: it sets the cost of a step, and the
+# fitness would simply favour more compute). Every range lies inside the key's valid range in utils/hyp.py
+# / KD_SPECS.
 BOUNDS: dict[str, tuple[float, float, float]] = {
     "lr0": (1, 1e-5, 1e-1),
     "lrf": (1, 0.01, 1.0),
@@ -85,9 +87,10 @@ BOUNDS: dict[str, tuple[float, float, float]] = {
     "copy_paste": (1, 0.0, 1.0),
     "distill_ratio": (1, 0.01, 5.0),
     "temperature": (1, 1.0, 10.0),
+    "unlabeled_ratio": (0, 0.0, 64.0),
 }
 CHOICES: dict[str, tuple[str, ...]] = {"dist_norm": tuple(DIST_NORMS)}  # categorical keys, switched at SWITCH_P
-KD_KEYS = tuple(KD_HYP_KEYS)  # distill_ratio, temperature, dist_norm: evolved only with --t_weights
+KD_KEYS = tuple(KD_HYP_KEYS)  # distill_ratio, temperature, dist_norm, unlabeled_ratio: only with --t_weights
 
 METRIC_KEYS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
                "val/box_loss", "val/obj_loss", "val/cls_loss")

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from utils.boxes import bbox_iou
-from utils.checkpoint import de_parallel
+from utils.distributed import de_parallel
 
 # Objectness weight per detection level, small strides first.
 BALANCE_3 = [4.0, 1.0, 0.4]

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from utils.boxes import box_iou
+from utils.smoothing import smooth
 
 LOGGER = logging.getLogger("yolov5kd")
 
@@ -20,14 +21,6 @@ def fitness(x: np.ndarray) -> np.ndarray:
     """Model fitness per row of [P, R, mAP@0.5, mAP@0.5:0.95, ...]: 0.1*mAP50 + 0.9*mAP50-95."""
     w = np.array([0.0, 0.0, 0.1, 0.9])
     return (np.asarray(x)[:, :4] * w).sum(1)
-
-
-def smooth(y: np.ndarray, f: float = 0.05) -> np.ndarray:
-    """Box-filter y with a window of about 2*f*len(y) taps, edge values repeated."""
-    nf = round(len(y) * f * 2) // 2 + 1  # always odd
-    pad = nf // 2
-    yp = np.concatenate((np.full(pad, y[0]), y, np.full(pad, y[-1])))
-    return np.convolve(yp, np.ones(nf) / nf, mode="valid")
 
 
 def compute_ap(recall: np.ndarray, precision: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:

@@ -17,20 +17,20 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import matplotlib
 
 matplotlib.use('Agg')  # headless workers: never try to open a window
-import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402  (must follow the backend choice)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from utils.boxes import xyxy2xywh  # noqa: E402
+from utils.smoothing import smooth  # noqa: E402
 
 LOGGER = logging.getLogger("yolov5kd")
 STRICT = os.environ.get('KD_PLOTS_STRICT', '0') == '1'
 
 __all__ = ['plot_images', 'output_to_target', 'plot_labels', 'plot_results', 'plot_pr_curve', 'plot_mc_curve',
-           'plot_confusion_matrix', 'plot_evolve', 'class_colour', 'load_results_csv', 'STRICT', 'plt']
+           'plot_confusion_matrix', 'plot_evolve', 'class_colour', 'load_results_csv', 'STRICT']
 
 F = TypeVar('F', bound=Callable[..., Any])
 
@@ -81,20 +81,6 @@ def _name_of(names: Mapping[int, str] | Sequence[str] | None, c: int) -> str:
 
 def _names_list(names: Mapping[int, str] | Sequence[str] | None, nc: int) -> list[str]:
     return [_name_of(names, i) for i in range(nc)]
-
-
-def _box_smooth(y: np.ndarray, frac: float = 0.05) -> np.ndarray:
-    """Moving average over a window of ~2*frac of the length, edges padded with the end values."""
-    y = np.asarray(y, dtype=float)
-    n = len(y)
-    if n < 3:
-        return y.copy()
-    taps = int(round(n * frac * 2)) // 2 + 1  # always odd, so the output stays centred
-    if taps < 2:
-        return y.copy()
-    half = taps // 2
-    padded = np.concatenate([np.full(half, y[0]), y, np.full(half, y[-1])])
-    return np.convolve(padded, np.ones(taps) / taps, mode='valid')
 
 
 def _gauss_smooth(y: np.ndarray, sigma: float = 3.0) -> np.ndarray:
@@ -395,7 +381,7 @@ def plot_mc_curve(px: np.ndarray, py: np.ndarray, save_dir: Path | str = Path('m
         for y in py:
             ax.plot(px, y, linewidth=1, color='grey')
     if len(py):
-        y = _box_smooth(py.mean(0), 0.05)
+        y = smooth(py.mean(0), 0.05)
         j = int(np.argmax(y))
         ax.plot(px, y, linewidth=3, color='blue', label=f'all classes {y[j]:.2f} at {px[j]:.3f}')
         ax.legend(bbox_to_anchor=(1.04, 1), loc='upper left', fontsize=8)

@@ -1,0 +1,99 @@
+"""A run's weights/ folder: what a resumed run restores from it, and the last/best/periodic saves into it."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from utils.checkpoint import build_checkpoint, save_checkpoint, strip_optimizer
+from utils.distributed import de_parallel
+from utils.engine import ModelEMA, weights_are_finite
+from utils.errors import UserError
+from utils.loggers import trim_results_csv
+
+LOGGER = logging.getLogger("yolov5kd")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run picks up: its first epoch, its total epochs and the best fitness so far."""
+
+    start_epoch: int = 0
+    epochs: int = 0
+    best_fitness: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, weights: Any, epochs: int) -> ResumePoint:
+        """The counters of a last.pt being resumed (prepare_resume has already refused finished ones)."""
+        start_epoch = int(ckpt["epoch"]) + 1
+        LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
+        if epochs < start_epoch:
+            LOGGER.info(f"{weights} has been trained for {ckpt['epoch']} epochs. Fine-tuning for {epochs} more epochs.")
+            epochs += int(ckpt["epoch"])
+        return cls(start_epoch, epochs, float(ckpt.get("best_fitness") or 0.0))
+
+
+def restore_ema(ckpt: dict, ema: ModelEMA) -> None:
+    """EMA weights (fp32 when the checkpoint carries them) and its update count."""
+    exact = (ckpt.get("resume_state") or {}).get("ema")
+    if exact is not None:
+        ema.ema.load_state_dict(exact)
+    elif ckpt.get("ema") is not None:
+        ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
+    ema.updates = int(ckpt.get("updates") or 0)
+
+
+def _fp32_state(model: nn.Module) -> dict:
+    return {k: v.detach().contiguous().clone() for k, v in de_parallel(model).state_dict().items()}
+
+
+class CheckpointKeeper:
+    """Owns <run>/weights: last.pt every epoch, best.pt when fitness improves, epochN.pt every save_period
+    epochs, all written through a temp file and a rename; the final strip; and, before a resumed run writes,
+    the removal of what an interrupted one left behind."""
+
+    def __init__(self, save_dir: Path, save_period: int = -1, nosave: bool = False):
+        self.save_dir = Path(save_dir)
+        self.dir = self.save_dir / "weights"
+        self.last, self.best = self.dir / "last.pt", self.dir / "best.pt"
+        self.save_period = save_period
+        self.nosave = nosave
+
+    def clean_interrupted(self, last_epoch: int) -> None:
+        """Remove temp files of saves cut short by a kill, and results.csv rows of epochs the checkpoint does
+        not hold (they are trained again, so they would appear twice)."""
+        stale = sorted(self.dir.glob(".*.pt.*.tmp"))
+        for f in stale:
+            f.unlink(missing_ok=True)
+        dropped = trim_results_csv(self.save_dir / "results.csv", last_epoch)
+        if stale or dropped:
+            LOGGER.info(f"Resume: removed {len(stale)} unfinished checkpoint temp file(s) and {dropped} results.csv "
+                        f"row(s) of epochs after {last_epoch}, which the checkpoint does not hold")
+
+    def save(self, epoch: int, model: nn.Module, ema: ModelEMA, optimizer: torch.optim.Optimizer, opt: Any,
+             best_fitness: float, fitness: float, final_epoch: bool) -> None:
+        """The epoch's checkpoint (with the fp32 state an exact resume needs) to last, best and periodic files."""
+        if self.nosave and not final_epoch:
+            return
+        exact = {"model": _fp32_state(model), "ema": _fp32_state(ema.ema)}
+        ckpt = build_checkpoint(model, ema=ema.ema, updates=ema.updates, optimizer=optimizer, epoch=epoch,
+                                best_fitness=best_fitness, opt=opt, extra={"resume_state": exact})
+        # checked on the fp16 copies: they are what gets saved, and weights beyond fp16's range become inf
+        if not (weights_are_finite(ckpt["model"]) and weights_are_finite(ckpt["ema"])):
+            raise UserError(f"epoch {epoch}: weights became non-finite (or overflow fp16); nothing saved, "
+                            f"{self.last} keeps the last finite weights (lower lr0)")
+        save_checkpoint(ckpt, self.last)
+        if best_fitness == fitness:
+            save_checkpoint(ckpt, self.best)
+        if self.save_period > 0 and epoch % self.save_period == 0:
+            save_checkpoint(ckpt, self.dir / f"epoch{epoch}.pt")
+
+    def finish(self) -> None:
+        """Strip last.pt and best.pt down to inference checkpoints (EMA weights, fp16, no optimizer)."""
+        for f in (self.last, self.best):
+            if f.exists():
+                strip_optimizer(f)
