@@ -70,3 +70,26 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env_extra: dict | No
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def teacher8(tmp_path_factory) -> Path:
+    """A yolov5s teacher for the 8 demo classes (random weights: the tests using it check the plumbing)."""
+    return random_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pt", "yolov5s.yaml")
+
+
+def kill9_when(args: list[str], cwd: Path, ready, timeout: float = 300) -> None:
+    """Start a project CLI (one thread), wait until ready() is true, then kill -9 it; fails if it ended first."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the process finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -1,27 +1,16 @@
 """Distillation end to end: an epoch with the KD columns, option precedence, resume, 2-process DDP."""
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
 
-from conftest import ROOT, random_checkpoint, run_cli
+from conftest import ROOT, kill9_when, run_cli
 from utils.checkpoint import torch_load
 from utils.loggers import KD_KEYS, read_results_csv
 
 TRAIN = str(ROOT / "train.py")
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots"]
-
-
-@pytest.fixture(scope="module")
-def teacher8(tmp_path_factory):
-    """A yolov5s teacher for the 8 demo classes (random weights: these tests check the plumbing)."""
-    return random_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pt", "yolov5s.yaml")
 
 
 def test_distill_one_epoch(tiny_data, teacher8, tmp_path):
@@ -61,17 +50,9 @@ def test_preflight_error_is_one_line(tiny_data, fixtures_dir, tmp_path):
 def test_kd_resume_and_missing_teacher(tiny_data, teacher8, tmp_path):
     t = tmp_path / "t.pt"
     shutil.copy(teacher8, t)
-    cmd = [sys.executable, TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "kd",
-           "--epochs", "3", "--t_weights", str(t)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "kd" / "weights" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill9_when([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "kd", "--epochs", "3",
+                "--t_weights", str(t)], tmp_path, last.exists)
 
     t.rename(tmp_path / "elsewhere.pt")
     r = run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path)

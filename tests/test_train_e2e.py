@@ -1,15 +1,11 @@
 """Tiny end-to-end runs (imgsz 64, a handful of images): run folder, val reproduction, resume, divergence."""
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, kill9_when, run_cli
 from utils.checkpoint import torch_load
 from utils.loggers import read_results_csv
 
@@ -58,16 +54,9 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_data, tmp_path):
     args = ["--epochs", "3", "--seed", "7", "--noplots"]
     full = _train(tiny_data, tmp_path, "full", *args)
 
-    cmd = [sys.executable, TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "cut", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "cut" / "weights" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill9_when([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "cut", *args], tmp_path,
+               last.exists)
     ck = torch_load(last)  # loadable after kill -9
     assert ck["epoch"] in (0, 1) and ck["optimizer"] is not None
 

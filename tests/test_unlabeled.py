@@ -1,27 +1,17 @@
 """Distillation on unlabelled images: the 'unlabeled:' yaml key, the loop's split of the two losses, and runs."""
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import DEMO_NAMES, ROOT, random_checkpoint, run_cli
+from conftest import DEMO_NAMES, ROOT, kill9_when, run_cli
 from utils.checkpoint import torch_load
 from utils.loggers import KD_KEYS, read_results_csv
 
 TRAIN = str(ROOT / "train.py")
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots"]
-
-
-@pytest.fixture(scope="module")
-def teacher8(tmp_path_factory):
-    return random_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pt", "yolov5s.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -224,16 +214,8 @@ def test_train_with_unlabelled_images_and_resume_is_exact(unl_data, teacher8, tm
         assert d["unlabeled_ratio"] == 0.5, f
     assert torch_load(tmp_path / "full" / "weights" / "last.pt")["opt"]["unlabeled_ratio"] == 0.5
 
-    cmd = [sys.executable, *_kd_args(data, tmp_path, "cut", teacher8, *args)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "cut" / "weights" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill9_when(_kd_args(data, tmp_path, "cut", teacher8, *args), tmp_path, last.exists)
     r = run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     a = torch_load(tmp_path / "full" / "weights" / "last.pt")["model"].state_dict()
