@@ -6,7 +6,7 @@ import math
 import os
 import random
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -137,7 +137,6 @@ class LoopState:
 
     last_opt_step: int = -1
     nonfinite: int = 0  # consecutive batches whose loss was not finite
-    lrs: list[float] = field(default_factory=list)
 
 
 @dataclass
