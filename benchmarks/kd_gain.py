@@ -64,6 +64,7 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
                 "--distill_ratio", str(kd["ratio"]), "--dist_norm", kd.get("norm", "mean")]
         if "unlabeled_ratio" in kd:
             cmd += ["--unlabeled_ratio", str(kd["unlabeled_ratio"])]
+        cmd += ["--teacher-precision", a.teacher_precision]
     print(" ".join(cmd), flush=True)
     log = Path(a.project) / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -220,9 +221,12 @@ def plateau_gain(res: dict) -> float:
     return max(y[-k:]) - max(y[:-k]) if len(y) > k else float("nan")
 
 
-def _conv_name(arm: str, kd: dict | None, seed: int) -> str:
-    """Run folder of a converge arm; KD arms carry their distill_ratio, so runs at other ratios sit beside them."""
-    return f"conv_{arm}_s{seed}" if kd is None else f"conv_{arm}_r{kd['ratio']:g}_s{seed}"
+def _conv_name(arm: str, kd: dict | None, seed: int, precision: str = "auto") -> str:
+    """Run folder of a converge arm; KD arms carry their distill_ratio (and a teacher precision other than
+    auto), so runs at other settings sit beside them."""
+    if kd is None:
+        return f"conv_{arm}_s{seed}"
+    return f"conv_{arm}_r{kd['ratio']:g}{'' if precision == 'auto' else '_t' + precision}_s{seed}"
 
 
 def converge(a) -> list[str]:
@@ -236,7 +240,8 @@ def converge(a) -> list[str]:
     jobs = [(arm, kd, seed) for seed in a.seeds for arm, kd in arms]
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         res = dict(zip([(arm, seed) for arm, _, seed in jobs],
-                       pool.map(lambda j: train_run(_conv_name(j[1]["norm"] if j[1] else j[0], j[1], j[2]), a,
+                       pool.map(lambda j: train_run(_conv_name(j[1]["norm"] if j[1] else j[0], j[1], j[2],
+                                                               a.teacher_precision), a,
                                                     seed=j[2], epochs=a.ft_epochs, kd=j[1], weights=a.start),
                                 jobs)))
     s50, s = start_map(a, a.start)
@@ -245,7 +250,8 @@ def converge(a) -> list[str]:
     lines = [f"Convergence regime: every arm continues `{Path(a.start).name}` (mAP50-95 {s * 100:.1f}) for "
              f"{a.ft_epochs} epochs at imgsz {a.imgsz}, batch {a.batch}, same data, hyp and seed; KD arms use "
              f"teacher `{Path(a.teacher).name}` (mAP50-95 {t * 100:.1f}), --dist_loss {a.dist_loss}, "
-             f"--temperature {a.temperature:g}, the --distill_ratio in the column name. Figures: best.pt's epoch, "
+             f"--temperature {a.temperature:g}, --teacher-precision {a.teacher_precision}, the --distill_ratio in "
+             f"the column name. Figures: best.pt's epoch, "
              f"mAP50-95 in points; gap closed = (arm - baseline) / (teacher - baseline).", "",
              "| seed | " + " | ".join(names) + " | baseline gain in last 20 % of epochs |",
              "|---|" + "---|" * (len(names) + 1)]
@@ -393,6 +399,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ft-hyp", default="hyp.finetune.yaml", help="hyp for runs that continue a checkpoint ('' = default)")
     ap.add_argument("--dist_loss", default="l2")
+    ap.add_argument("--teacher-precision", default="auto", help="KD runs' --teacher-precision (auto: bf16 on a CPU "
+                                                                "with native bf16)")
     ap.add_argument("--dist_norm", default="mean", help="sweep, unlabeled: the normalisation every KD run uses")
     ap.add_argument("--temperature", type=float, default=5.0)
     ap.add_argument("--distill_ratio", type=float, default=0.5)
