@@ -19,6 +19,7 @@ from common import criterion_for, demo_data, load_hyp, peak_memory_mb, student, 
 
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
+from utils.unlabeled import build_unlabeled_stream  # noqa: E402
 from utils.engine import (CompiledForward, LoopState, ModelEMA, build_optimizer, lr_lambda, resolve_amp,  # noqa: E402
                           train_one_epoch)
 
@@ -33,6 +34,9 @@ def main() -> int:
     ap.add_argument("--teacher-precision", default="auto", help="as train.py's --teacher-precision")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the student on CPU (as train.py --amp)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the student's forward (train.py --compile)")
+    ap.add_argument("--unlabeled-ratio", type=float, default=0.0,
+                    help="with --kd: also draw this many unlabelled images per labelled one (the demo training "
+                         "images, their labels unread), as a dataset yaml's 'unlabeled:' does")
     a = ap.parse_args()
     device = select_device(a.device)
     data, hyp = demo_data(), load_hyp()
@@ -43,10 +47,14 @@ def main() -> int:
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     criterion = criterion_for(model, imgsz=a.imgsz, device=device, kd=a.kd, teacher_precision=a.teacher_precision)
     amp_dtype = resolve_amp(True if a.amp else None, device)
+    unlabeled = None
+    if a.kd and a.unlabeled_ratio > 0:
+        unlabeled = build_unlabeled_stream(data["train"], a.unlabeled_ratio, a.batch, a.imgsz, 32, hyp,
+                                           workers=a.workers, rank=-1, world_size=1, seed=0)
     forward = CompiledForward(model) if a.compile else None
     common = dict(epochs=2, device=device, hyp=hyp, lf=lr_lambda(2, hyp["lrf"]), batch_size=a.batch, nw=100,
                   imgsz=a.imgsz, gs=32, amp=amp_dtype is not None, amp_dtype=amp_dtype, forward=forward,
-                  show_progress=False)
+                  show_progress=False, unlabeled=unlabeled)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -62,6 +70,7 @@ def main() -> int:
     dt = time.perf_counter() - t0
     n = len(loader.dataset)
     what = (f"{'KD (teacher ' + criterion.teacher.precision + ') ' if a.kd else ''}"
+            f"{f'+ {unlabeled.batch_size} unlabelled per step ' if unlabeled is not None else ''}"
             f"{'amp ' if amp_dtype is not None else ''}{'compiled ' if a.compile else ''}")
     print(f"train {what}yolov5n imgsz {a.imgsz} batch {a.batch} workers {a.workers} on {device}: "
           f"{n / dt:.1f} images/s ({n} images in {dt:.1f} s), peak {'CUDA memory' if device.type == 'cuda' else 'RSS'} "

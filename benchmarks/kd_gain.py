@@ -37,7 +37,7 @@ M50, M5095 = "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"
 
 
 def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights: str = "", data: str = "",
-              hyp: str | None = None, alone: bool = False) -> dict:
+              hyp: str | None = None, alone: bool = False, extra: tuple[str, ...] = ()) -> dict:
     """One training run (reused if its results.csv is complete); returns its results.csv columns, plus
     'seconds' (the run's wall time, recorded beside it) where known."""
     run = Path(a.project) / name
@@ -56,6 +56,7 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
            "--batch-size", str(a.batch), "--workers", str(a.workers), "--seed", str(seed), "--project", a.project,
            "--name", name, "--exist-ok", "--noplots", "--device", a.device]
     cmd += ["--weights", weights] if weights else ["--cfg", a.student, "--weights", ""]
+    cmd += list(extra)
     hyp = a.ft_hyp if hyp is None and weights else hyp
     if hyp:  # continuing a trained model: the fine-tuning hyp (lower LR, gentle warmup)
         cmd += ["--hyp", hyp]
@@ -305,7 +306,9 @@ def unlabeled(a) -> list[str]:
     (their label files unread), and the baseline on every label (the ceiling)."""
     yl, yu, nl, nu = make_split(a)
     start = Path(a.project) / "unl_start" / "weights" / "best.pt"
-    pre = train_run("unl_start", a, seed=0, epochs=a.pre_epochs, kd=None, data=str(yl), alone=True)
+    # the start is only its final weights: validating it once, at the end, saves a third of its time
+    train_run("unl_start", a, seed=0, epochs=a.pre_epochs, kd=None, data=str(yl), alone=True,
+              extra=("--noval",))
     kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio, "norm": a.dist_norm}
     arms = [("baseline, labelled part", None, yl), ("KD, labelled part", kd, yl),
             ("KD, labelled + unlabelled", {**kd, "unlabeled_ratio": a.unlabeled_ratio}, yu),
@@ -320,7 +323,7 @@ def unlabeled(a) -> list[str]:
 
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         res = dict(zip(jobs, pool.map(one, jobs)))
-    _, s = best_row(pre)
+    _, s = start_map(a, str(start))
     _, t = start_map(a, a.teacher)
     names = [x[0] for x in arms]
     lines = [f"Unlabelled images: {nl} training images keep their labels ({a.labelled_fraction:.0%}, split seed "

@@ -46,6 +46,8 @@ def main() -> int:
         ("training, yolov5n from scratch (fp32)", ["benchmarks/bench_train.py", *dev], ("train",)),
         ("training with KD, yolov5n ← demo yolov5s, teacher --teacher-precision auto (the default)",
          ["benchmarks/bench_train.py", "--kd", *dev], ("train",)),
+        ("training with KD + unlabelled images (unlabeled_ratio 1), teacher auto",
+         ["benchmarks/bench_train.py", "--kd", "--unlabeled-ratio", "1", *dev], ("train",)),
         ("training with KD, teacher fp32", ["benchmarks/bench_train.py", "--kd", "--teacher-precision", "fp32", *dev],
          ("train",)),
         ("training, --amp (bf16 autocast on CPU)", ["benchmarks/bench_train.py", "--amp", *dev], ("train",)),
