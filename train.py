@@ -181,6 +181,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     """Build the run: data, student, optimizer and schedule (restored on --resume), loaders, EMA, criterion,
     logger and checkpoint keeper. Writes hyp.yaml/opt.yaml of a new run; changes neither `hyp` nor `opt`."""
     hyp = dict(hyp)
+    resuming = bool(opt.resume)
     save_dir = Path(opt.save_dir)
     main = info.is_main
     init_seeds(opt.seed + 1 + info.rank, deterministic=True)
@@ -189,12 +190,12 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     keeper = CheckpointKeeper(save_dir, save_period=opt.save_period, nosave=opt.nosave)
     if main:
         keeper.dir.mkdir(parents=True, exist_ok=True)
-        if not opt.resume:  # a resumed run keeps the files it was started with
+        if not resuming:  # a resumed run keeps the files it was started with
             yaml_save(save_dir / "hyp.yaml", hyp)
             yaml_save(save_dir / "opt.yaml", vars(opt))
 
     model, ckpt = build_student(opt, nc, hyp, device)
-    ckpt = ckpt if opt.resume else None  # from here on, a checkpoint means "resume from it"
+    ckpt = ckpt if resuming else None  # from here on, a checkpoint means "resume from it"
     model = model.to(memory_format=torch.channels_last)  # faster convs on CPU (oneDNN) and tensor cores
     amp_dtype = resolve_amp(opt.amp, device)  # CUDA: fp16 unless --no-amp; CPU: bf16 only with --amp
     freeze_layers(model, opt.freeze)
@@ -245,10 +246,10 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     compute_loss = ComputeLoss(base)
     criterion = build_criterion(kd, compute_loss, base, imgsz, device, opt.trust_checkpoint)
     reference = None
-    if main and not opt.noval and not opt.resume:
+    if main and not opt.noval and not resuming:
         reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
     stopper = EarlyStopping(patience=opt.patience)
-    stopper.best_fitness = resume.best_fitness if opt.resume else -1.0
+    stopper.best_fitness = resume.best_fitness if resuming else -1.0
     logger = RunLogger(save_dir, hyp=hyp, opt=vars(opt), parts=criterion.parts, tensorboard=True,
                        plots=not opt.noplots) if main else None
     return Setup(save_dir=save_dir, data_dict=data_dict, names=names, model=model, ema=ema, optimizer=optimizer,
