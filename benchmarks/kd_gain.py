@@ -56,7 +56,7 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
            "--batch-size", str(a.batch), "--workers", str(a.workers), "--seed", str(seed), "--project", a.project,
            "--name", name, "--exist-ok", "--noplots", "--device", a.device]
     cmd += ["--weights", weights] if weights else ["--cfg", a.student, "--weights", ""]
-    cmd += list(extra)
+    cmd += list(extra) + a.train_flags.split()
     hyp = a.ft_hyp if hyp is None and weights else hyp
     if hyp:  # continuing a trained model: the fine-tuning hyp (lower LR, gentle warmup)
         cmd += ["--hyp", hyp]
@@ -222,12 +222,18 @@ def plateau_gain(res: dict) -> float:
     return max(y[-k:]) - max(y[:-k]) if len(y) > k else float("nan")
 
 
-def _conv_name(arm: str, kd: dict | None, seed: int, precision: str = "auto") -> str:
+def _flags_tag(flags: str) -> str:
+    """'--amp --compile' -> '_amp_compile': runs with extra train.py flags get folders of their own."""
+    return "".join("_" + f.lstrip("-").replace("=", "") for f in flags.split())
+
+
+def _conv_name(arm: str, kd: dict | None, seed: int, precision: str = "auto", a_flags: str = "") -> str:
     """Run folder of a converge arm; KD arms carry their distill_ratio (and a teacher precision other than
     auto), so runs at other settings sit beside them."""
     if kd is None:
-        return f"conv_{arm}_s{seed}"
-    return f"conv_{arm}_r{kd['ratio']:g}{'' if precision == 'auto' else '_t' + precision}_s{seed}"
+        return f"conv_{arm}{_flags_tag(a_flags)}_s{seed}"
+    return (f"conv_{arm}_r{kd['ratio']:g}{'' if precision == 'auto' else '_t' + precision}{_flags_tag(a_flags)}"
+            f"_s{seed}")
 
 
 def converge(a) -> list[str]:
@@ -242,7 +248,7 @@ def converge(a) -> list[str]:
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         res = dict(zip([(arm, seed) for arm, _, seed in jobs],
                        pool.map(lambda j: train_run(_conv_name(j[1]["norm"] if j[1] else j[0], j[1], j[2],
-                                                               a.teacher_precision), a,
+                                                               a.teacher_precision, a.train_flags), a,
                                                     seed=j[2], epochs=a.ft_epochs, kd=j[1], weights=a.start),
                                 jobs)))
     s50, s = start_map(a, a.start)
@@ -266,10 +272,12 @@ def converge(a) -> list[str]:
         f"{means[n] * 100:.2f} ({statistics.mean(gains[n]) * 100:+.2f}, gap closed "
         f"{(means[n] - means['baseline']) / (t - means['baseline']) * 100:.0f} %)" if t > means["baseline"] else
         f"{means[n] * 100:.2f}" for n in names[1:]]) + " | |")
-    best = max(names[1:], key=lambda n: means[n])
-    lines += ["", f"Start {s * 100:.2f}, teacher {t * 100:.2f}. Best KD arm: `{best}` "
-              f"({statistics.mean(gains[best]) * 100:+.2f} on the mean, per seed " +
-              ", ".join(f"{g * 100:+.2f}" for g in gains[best]) + ")."]
+    lines += ["", f"Start {s * 100:.2f}, teacher {t * 100:.2f}."
+              + (f" Extra train.py flags in every run: `{a.train_flags}`." if a.train_flags else "")]
+    if len(names) > 1:
+        best = max(names[1:], key=lambda n: means[n])
+        lines[-1] += (f" Best KD arm: `{best}` ({statistics.mean(gains[best]) * 100:+.2f} on the mean, per seed "
+                      + ", ".join(f"{g * 100:+.2f}" for g in gains[best]) + ").")
     curves = {n: [res[(n, sd)][M5095] for sd in a.seeds] for n in names}
     plot_arms(curves, s, t, Path(a.out) / f"kd_converge{a.tag}.png", a)
     return lines
@@ -402,6 +410,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ft-hyp", default="hyp.finetune.yaml", help="hyp for runs that continue a checkpoint ('' = default)")
     ap.add_argument("--dist_loss", default="l2")
+    ap.add_argument("--train-flags", default="", help="extra train.py flags for every run, e.g. '--amp' (converge "
+                                                       "run folders are named after them)")
     ap.add_argument("--teacher-precision", default="auto", help="KD runs' --teacher-precision (auto: bf16 on a CPU "
                                                                 "with native bf16)")
     ap.add_argument("--dist_norm", default="mean", help="sweep, unlabeled: the normalisation every KD run uses")
@@ -410,7 +420,7 @@ def main() -> int:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 5.0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--start", default=str(DEMO_STUDENT), help="converge: the plateaued student every arm continues")
-    ap.add_argument("--norms", nargs="+", default=["mean", "weighted", "soft"],
+    ap.add_argument("--norms", nargs="*", default=["mean", "weighted", "soft"],
                     help="converge: KD arms, each a --dist_norm, optionally with its own ratio (soft:0.05)")
     ap.add_argument("--labelled-fraction", type=float, default=0.2, help="unlabeled: share that keeps its labels")
     ap.add_argument("--split-seed", type=int, default=0, help="unlabeled: seed of the labelled/unlabelled split")
