@@ -107,8 +107,9 @@ def test_hyp_files():
     for name in ("low", "med", "high"):
         h = yaml.safe_load((ROOT / "data" / "hyps" / f"hyp.scratch-{name}.yaml").read_text())
         keys = keys or set(h)
-        assert set(h) == keys and len(h) == 31
-        assert h["distill_ratio"] == 0.5 and h["temperature"] == 5.0 and h["dist_norm"] in ("mean", "weighted", "soft")
+        assert set(h) == keys and len(h) == 32
+        assert h["distill_ratio"] == 0.5 and h["temperature"] == 5.0 and h["dist_norm"] == "mean"
+        assert h["unlabeled_ratio"] == 1.0
         assert h["lr0"] == 0.01 and h["momentum"] == 0.937 and h["anchor_t"] == 4.0 and h["fliplr"] == 0.5
         if name == "low":
             assert (h["lrf"], h["cls"], h["obj"], h["scale"], h["mixup"], h["copy_paste"]) == (0.01, 0.5, 1.0, 0.5, 0.0, 0.0)
