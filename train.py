@@ -144,8 +144,8 @@ def load_data(opt: argparse.Namespace, info: DistInfo, kd: KDConfig) -> tuple[di
 
 
 def build_loaders(opt: argparse.Namespace, info: DistInfo, data_dict: dict, hyp: dict, kd: KDConfig, imgsz: int,
-                  gs: int, nc: int) -> tuple[Any, Any, Any, UnlabeledStream | None]:
-    """(train loader, its dataset, val loader (main process only), unlabelled stream or None)."""
+                  gs: int, nc: int) -> tuple[Any, Any, np.ndarray, Any, UnlabeledStream | None]:
+    """(train loader, its dataset, all its label rows, val loader (main process only), unlabelled stream or None)."""
     batch = opt.batch_size // info.world_size
     with main_process_first(info):
         train_loader, dataset = create_dataloader(
@@ -174,7 +174,7 @@ def build_loaders(opt: argparse.Namespace, info: DistInfo, data_dict: dict, hyp:
         if not any(len(x) for x in val_set.labels):
             LOGGER.warning(f"WARNING: val: {data_dict['val']} has no labels, so mAP cannot be measured (fitness "
                            f"counts as 0); training goes on and best.pt follows the latest epoch")
-    return train_loader, dataset, val_loader, unlabeled
+    return train_loader, dataset, labels, val_loader, unlabeled
 
 
 def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo, kd: KDConfig) -> Setup:
@@ -215,8 +215,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     if opt.sync_bn and info.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
 
-    train_loader, dataset, val_loader, unlabeled = build_loaders(opt, info, data_dict, hyp, kd, imgsz, gs, nc)
-    labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
+    train_loader, dataset, labels, val_loader, unlabeled = build_loaders(opt, info, data_dict, hyp, kd, imgsz, gs, nc)
     if main and ckpt is None:
         if not opt.noautoanchor:
             check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
