@@ -10,6 +10,7 @@ from utils.checkpoint import torch_load
 from utils.loggers import KD_KEYS, read_results_csv
 
 TRAIN = str(ROOT / "train.py")
+KD_KEYS_SHORT = ("dbox", "dobj", "dcls")  # the distillation parts of a criterion's `parts`
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots"]
 
@@ -156,8 +157,6 @@ def test_detection_loss_untouched_by_unlabelled_images(teacher8):
         assert with_u[k] == plain[k], k  # bit-identical: the student runs the labelled batch alone
     assert any(with_u[k] != plain[k] for k in KD_KEYS_SHORT)  # ... while distillation sees the extra images
 
-
-KD_KEYS_SHORT = ("dbox", "dobj", "dcls")
 
 
 def test_distillation_reaches_the_unlabelled_images(teacher8):
