@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Every speed/memory figure of the README's performance table, measured back to back in one run.
 
-    python benchmarks/perf_table.py [--device cpu|0]
+    python benchmarks/perf_table.py [--device cpu|0] [--reference DIR [--reference-pythonpath P]]
 
 Runs each benchmark script as a subprocess (one at a time, so they do not share the machine), writes
-docs/perf_table.md (figure + the command that reproduces it) and prints the table.
+docs/perf_table.md (figure + the command that reproduces it) and prints the table. With --reference (a
+reference YOLOv5 checkout; see benchmarks/bench_reference.py) it also times the reference trainer against
+this one, interleaved, and adds the side-by-side ratios.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "docs" / "perf_table.md"))
+    ap.add_argument("--reference", default="", help="folder of a reference YOLOv5 train.py: add the side-by-side rows")
+    ap.add_argument("--reference-pythonpath", default="", help="extra PYTHONPATH the reference needs")
+    ap.add_argument("--reference-pairs", type=int, default=3)
     a = ap.parse_args()
     dev = [] if a.device == "cpu" else ["--device", a.device]
     import torch
@@ -57,6 +62,11 @@ def main() -> int:
          ("device", "plain step", "KD step", "teacher forward", "KD/plain", "bound", "KD vs bound", "peak memory")),
         ("validation (val.run on the 200 demo val images)", ["benchmarks/bench_val.py", *dev], ("val",)),
     ]
+    if a.reference:
+        ref = ["benchmarks/bench_reference.py", "--reference", a.reference, "--pairs", str(a.reference_pairs)]
+        ref += ["--pythonpath", a.reference_pythonpath] if a.reference_pythonpath else []
+        benches.append(("training time vs the reference YOLOv5 (yolov5n from scratch, 2 epochs, whole processes, "
+                        "interleaved)", ref, ("project",)))
     rows = []
     for what, args, prefixes in benches:
         print(f"running {' '.join(args)}", flush=True)
@@ -65,8 +75,9 @@ def main() -> int:
     lines = [f"Machine: {machine}.", "", "| what | figures | command |", "|---|---|---|", *rows]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# Performance, one run\n\nReproduce: `python benchmarks/perf_table.py"
-                   f"{'' if a.device == 'cpu' else ' --device ' + a.device}`\n\n" + "\n".join(lines) + "\n")
+    flags = ("" if a.device == "cpu" else " --device " + a.device) + (" --reference REF" if a.reference else "")
+    out.write_text(f"# Performance, one run\n\nReproduce: `python benchmarks/perf_table.py{flags}`\n\n"
+                   + "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwritten {out}")
     return 0
