@@ -321,7 +321,11 @@ def unlabeled(a) -> list[str]:
     arms = [("baseline, labelled part", None, yl), ("KD, labelled part", kd, yl),
             ("KD, labelled + unlabelled", {**kd, "unlabeled_ratio": a.unlabeled_ratio}, yu),
             ("baseline, all labels", None, Path(a.data))]
-    folders = ["unl_base20", "unl_kd20", "unl_kd20u", "unl_base100"]
+    # KD folders carry their settings (the defaults keep the plain names) so that runs of several settings
+    # in one --project share the two baseline arms instead of reusing each other's KD runs
+    tag = "" if (a.dist_norm, a.distill_ratio, a.dist_loss, a.unlabeled_ratio) == ("mean", 0.5, "l2", 1.0) else \
+        f"_{a.dist_norm}{a.distill_ratio:g}_{a.dist_loss}T{a.temperature:g}_u{a.unlabeled_ratio:g}"
+    folders = ["unl_base20", f"unl_kd20{tag}", f"unl_kd20u{tag}", "unl_base100"]
     jobs = [(i, seed) for seed in a.seeds for i in range(len(arms))]
 
     def one(job):
