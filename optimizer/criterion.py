@@ -99,11 +99,15 @@ class Distiller(DetectionCriterion):
         if self._t_maps is None:
             raise RuntimeError("Distiller: before_forward(imgs) must run before each loss call")
         loss, parts = super().__call__(pred, targets)
+        bs = pred[0].shape[0]
         if unlabeled_pred is not None:
             pred = [torch.cat((p, u), 0) for p, u in zip(pred, unlabeled_pred)]
         kd_loss, kd_parts = self.loss(pred, self._t_maps)  # fp32 inside, whatever the autocast state
         self._t_maps = None
-        parts.update(kd_parts)
+        # The detection parts are per-image means (the loss is their sum x batch size) while the seed's KD
+        # parts already carry the batch size: put them on the detection parts' scale, so that logged columns
+        # and balance ratios compare what each part weighs in the gradient (sum(parts) x bs == loss).
+        parts.update({k: v / bs for k, v in kd_parts.items()})
         if not self.reported:
             self._accumulate(parts)
         return loss + kd_loss.to(loss.dtype), parts

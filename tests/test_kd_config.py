@@ -119,3 +119,29 @@ def test_distiller_reports_balance_once(caplog):
     plain = DetectionCriterion(ComputeLoss(student))
     plain.before_forward(imgs)
     assert list(plain(student(imgs), targets)[1]) == ["box", "obj", "cls"]
+
+
+@pytest.mark.parametrize("n_unlabeled", [0, 3])
+def test_distiller_parts_share_the_detection_scale(n_unlabeled):
+    """The logged parts are per-image like YOLOv5's loss items: their sum x the labelled batch size is the loss
+    that is back-propagated, so dbox/box etc. compare what each part weighs in the gradient."""
+    from models.yolo import Model
+    from utils.loss import ComputeLoss, scale_hyp
+
+    torch.manual_seed(0)
+    student = Model("yolov5n.yaml", nc=8)
+    student.hyp = scale_hyp(load_hyp(LOW, KD_SPECS), 3, 8, 64)
+    bs = 4
+    imgs = torch.rand(bs + n_unlabeled, 3, 64, 64)
+    d = Distiller(KDConfig(t_weights="t.pt", distill_ratio=0.5), ComputeLoss(student),
+                  Teacher(Model("yolov5n.yaml", nc=8)), student, 64)
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2], [2, 3, 0.3, 0.6, 0.1, 0.3]])
+    d.before_forward(imgs)
+    t_maps = [m.clone() for m in d._t_maps]
+    pred = student(imgs)
+    lab, unl = [p[:bs] for p in pred], ([p[bs:] for p in pred] if n_unlabeled else None)
+    loss, parts = d(lab, targets, unl)
+    assert float(loss.detach()) == pytest.approx(sum(float(v) for v in parts.values()) * bs, rel=1e-5)
+    _, raw = d.loss(pred, t_maps)  # the seed-scaled parts (x the batch size of all images the KD saw)
+    for k in ("dbox", "dobj", "dcls"):
+        assert float(parts[k]) == pytest.approx(float(raw[k]) / bs, rel=1e-5)
