@@ -100,8 +100,7 @@ def main() -> int:
                f"{torch.__version__}, load average {os.getloadavg()[0]:.2f} at start")
     print(machine, flush=True)
     job = f"YOLOv5n from scratch, imgsz {a.imgsz}, batch {a.batch}, {a.workers} workers, {a.epochs} epochs"
-    rows, commands = [], {}
-    ref_times: list[float] = []
+    rows = []
     for variant in a.variants:
         t_ref, t_proj = [], []
         for i in range(a.pairs):
@@ -109,13 +108,11 @@ def main() -> int:
                     *job_args(str(data), a.imgsz, a.batch, a.workers, a.epochs, str(work / "ref"), f"{variant}{i}")]
             pcmd = [a.python, str(ROOT / "train.py"), *VARIANT_FLAGS[variant],
                     *job_args(str(data), a.imgsz, a.batch, a.workers, a.epochs, str(work / "proj"), f"{variant}{i}")]
-            commands[variant] = pcmd
             t_ref.append(timed(rcmd, ref, ref_env, work / f"ref_{variant}{i}.log"))
             t_proj.append(timed(pcmd, ROOT, env, work / f"proj_{variant}{i}.log"))
             print(f"pair {i} ({variant}): reference {t_ref[-1]:.1f} s, project {t_proj[-1]:.1f} s, "
                   f"ratio {t_ref[-1] / t_proj[-1]:.3f}", flush=True)
         ratios = [r / p for r, p in zip(t_ref, t_proj)]
-        ref_times += t_ref
         line = (f"project {variant}: {statistics.median(t_proj):.1f} s per process (min {min(t_proj):.1f}, "
                 f"max {max(t_proj):.1f}); reference {statistics.median(t_ref):.1f} s (min {min(t_ref):.1f}, "
                 f"max {max(t_ref):.1f}); speed ratio project/reference {statistics.median(ratios):.2f}x "

@@ -323,9 +323,13 @@ def unlabeled(a) -> list[str]:
             ("baseline, all labels", None, Path(a.data))]
     # KD folders carry their settings (the defaults keep the plain names) so that runs of several settings
     # in one --project share the two baseline arms instead of reusing each other's KD runs
-    tag = "" if (a.dist_norm, a.distill_ratio, a.dist_loss, a.unlabeled_ratio) == ("mean", 0.5, "l2", 1.0) else \
+    # (extra train.py flags name every folder, as in converge; a teacher precision other than auto the KD ones)
+    flags = _flags_tag(a.train_flags)
+    settings = (a.dist_norm, a.distill_ratio, a.dist_loss, a.temperature, a.unlabeled_ratio)
+    tag = "" if settings == ("mean", 0.5, "l2", 5.0, 1.0) else \
         f"_{a.dist_norm}{a.distill_ratio:g}_{a.dist_loss}T{a.temperature:g}_u{a.unlabeled_ratio:g}"
-    folders = ["unl_base20", f"unl_kd20{tag}", f"unl_kd20u{tag}", "unl_base100"]
+    tag += ("" if a.teacher_precision == "auto" else "_t" + a.teacher_precision) + flags
+    folders = [f"unl_base20{flags}", f"unl_kd20{tag}", f"unl_kd20u{tag}", f"unl_base100{flags}"]
     jobs = [(i, seed) for seed in a.seeds for i in range(len(arms))]
 
     def one(job):

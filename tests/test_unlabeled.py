@@ -158,7 +158,6 @@ def test_detection_loss_untouched_by_unlabelled_images(teacher8):
     assert any(with_u[k] != plain[k] for k in KD_KEYS_SHORT)  # ... while distillation sees the extra images
 
 
-
 def test_distillation_reaches_the_unlabelled_images(teacher8):
     model, crit, _, loader, _, u, _ = _one_step_setup(teacher8)
     imgs, targets = loader[0][0].float() / 255, loader[0][1]
