@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import val as validate  # noqa: E402
-from models.yolo import Model, check_img_size  # noqa: E402
+from models.yolo import Model, check_img_size, set_inplace_activations, to_training_layout  # noqa: E402
 from optimizer.config import KD_SPECS, KDConfig, add_kd_args  # noqa: E402
 from optimizer.criterion import DetectionCriterion, Distiller, balance_ratios  # noqa: E402
 from optimizer.teacher import check_teacher_unchanged, file_sha256  # noqa: E402
@@ -196,7 +196,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
 
     model, ckpt = build_student(opt, nc, hyp, device)
     ckpt = ckpt if resuming else None  # from here on, a checkpoint means "resume from it"
-    model = model.to(memory_format=torch.channels_last)  # faster convs on CPU (oneDNN) and tensor cores
+    model = to_training_layout(model)
     amp_dtype = resolve_amp(opt.amp, device)  # CUDA: fp16 unless --no-amp; CPU: bf16 only with --amp
     freeze_layers(model, opt.freeze)
     gs = max(int(model.stride.max()), 32)
@@ -225,6 +225,8 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
             plot_labels(labels, names, save_dir)
     # the EMA starts from the model as trained: after AutoAnchor and the fp16 rounding
     ema = ModelEMA(model) if main else None
+    if ema is not None:
+        set_inplace_activations(ema.ema, True)  # evaluated without autograd: in place saves a copy
     if ema is not None and ckpt is not None:
         restore_ema(ckpt, ema)
     del ckpt

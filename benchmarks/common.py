@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from models.yolo import Model  # noqa: E402
+from models.yolo import Model, to_training_layout  # noqa: E402
 from optimizer.config import KDConfig  # noqa: E402
 from optimizer.criterion import DetectionCriterion, Distiller  # noqa: E402
 from optimizer.teacher import Teacher, load_teacher, resolve_teacher_precision  # noqa: E402
@@ -36,7 +36,7 @@ def load_hyp() -> dict:
 
 def student(nc: int, imgsz: int, hyp: dict, device: torch.device, cfg: str = "yolov5n.yaml") -> torch.nn.Module:
     """A from-scratch student with the train-time hyp attached, as train.py builds it."""
-    m = Model(cfg, nc=nc).to(device).to(memory_format=torch.channels_last)
+    m = to_training_layout(Model(cfg, nc=nc).to(device))
     m.nc, m.hyp = nc, scale_hyp(hyp, 3, nc, imgsz)
     return m
 

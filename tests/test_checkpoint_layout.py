@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, random_checkpoint, run_cli
-from models.yolo import Model
+from models.yolo import INPLACE_TYPES, Model, to_training_layout
 from utils.checkpoint import attempt_load, build_checkpoint, save_checkpoint, strip_optimizer, torch_load
 from utils.errors import UserError
 
@@ -31,6 +31,8 @@ def assert_official_layout(ckpt: dict, where: str) -> None:
             if isinstance(mod, torch.nn.Conv2d):
                 w = mod.weight
                 w.clone().view(w.shape[0], -1)  # raises on channels_last storage
+            if isinstance(mod, INPLACE_TYPES):  # training runs them out of place; saved ones are as YOLOv5's
+                assert mod.inplace, f"{where}: {key}.{name} saved with inplace=False"
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,14 @@ def test_training_checkpoints_have_the_official_layout(trained_run, name):
 
 
 def test_unstripped_checkpoint_of_a_channels_last_model(tmp_path):
-    m = Model("yolov5n.yaml", nc=8).to(memory_format=torch.channels_last)
+    m = to_training_layout(Model("yolov5n.yaml", nc=8))
     assert not m.model[0].conv.weight.is_contiguous()  # the premise: training layout is channels_last
+    assert not m.model[0].act.inplace
     ck = build_checkpoint(m, ema=m, updates=1, epoch=0)
     f = save_checkpoint(ck, tmp_path / "last.pt")
     assert_official_layout(torch_load(f), "last.pt")
     assert not m.model[0].conv.weight.is_contiguous(), "saving must not change the model being trained"
+    assert not m.model[0].act.inplace, "saving must not change the model being trained"
     strip_optimizer(f)
     assert_official_layout(torch_load(f), "stripped last.pt")
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models.yolo import Detect, Model, parse_model
+from models.common import Conv
+from models.yolo import Detect, Model, parse_model, set_inplace_activations, to_training_layout
 from utils.checkpoint import attempt_load
 from utils.errors import UserError
 
@@ -43,6 +44,24 @@ def test_train_forward_returns_raw_maps():
     m = Model("yolov5n.yaml", nc=4).train()
     out = m(torch.zeros(2, 3, 64, 64))
     assert isinstance(out, list) and [o.shape for o in out] == [(2, 3, 8, 8, 9), (2, 3, 4, 4, 9), (2, 3, 2, 2, 9)]
+
+
+def test_training_layout_runs_activations_out_of_place_with_equal_results():
+    torch.manual_seed(0)
+    ref = Model("yolov5n.yaml", nc=3).train().to(memory_format=torch.channels_last)
+    acts = {id(m.act) for m in ref.modules() if isinstance(m, Conv)}
+    assert len(acts) == 1 and ref.model[0].act.inplace  # one shared in-place SiLU, as YOLOv5 pickles it
+    m = to_training_layout(Model("yolov5n.yaml", nc=3).train())
+    m.load_state_dict(ref.state_dict())
+    new = {id(c.act) for c in m.modules() if isinstance(c, Conv)}
+    assert len(new) == 1 and not m.model[0].act.inplace  # still one module, now the model's own
+    assert Conv.default_act.inplace, "the class-wide instance other models share must not change"
+    x = torch.rand(2, 3, 64, 64)
+    for net in (ref, m):
+        sum(o.sum() for o in net(x.clone())).backward()
+    for (k, a), b in zip(ref.named_parameters(), m.parameters()):
+        assert torch.equal(b.grad, a.grad), k  # same kernels, the activation only writes elsewhere
+    assert set_inplace_activations(m, True).model[0].act.inplace
 
 
 def test_bias_init():

@@ -204,6 +204,11 @@ def make_contiguous(model: nn.Module) -> nn.Module:
     return model
 
 
+def _as_saved(model: nn.Module) -> nn.Module:
+    """A copy as YOLOv5 pickles it: fp16, contiguous, in-place activations (training runs them out of place)."""
+    return make_contiguous(yolo.set_inplace_activations(model, True).half())
+
+
 def build_checkpoint(model: nn.Module, ema: nn.Module | None = None, updates: int | None = None,
                      optimizer: torch.optim.Optimizer | None = None, epoch: int = -1,
                      best_fitness: float | None = None, opt: Any = None, extra: dict | None = None) -> dict:
@@ -211,8 +216,8 @@ def build_checkpoint(model: nn.Module, ema: nn.Module | None = None, updates: in
     ckpt = {
         "epoch": epoch,
         "best_fitness": None if best_fitness is None else float(best_fitness),
-        "model": make_contiguous(deepcopy(de_parallel(model)).half()),
-        "ema": make_contiguous(deepcopy(ema).half()) if ema is not None else None,
+        "model": _as_saved(deepcopy(de_parallel(model))),
+        "ema": _as_saved(deepcopy(ema)) if ema is not None else None,
         "updates": updates,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "opt": plain_opt(opt),

@@ -227,7 +227,8 @@ def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
 def to_input(imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A loader's uint8 NCHW batch as the model's input: float in [0, 1] on `device`, channels_last."""
     # channels_last: the conv kernels on CPU (oneDNN) and on GPU tensor cores run faster in NHWC
-    return imgs.to(device, non_blocking=True, memory_format=torch.channels_last).float() / 255
+    # uint8 crosses to the device (4x less to copy), then one pass converts layout and type
+    return imgs.to(device, non_blocking=True).to(torch.float32, memory_format=torch.channels_last).div_(255)
 
 
 def step_loss(model: nn.Module, criterion, imgs: torch.Tensor, targets: torch.Tensor, *, device: torch.device,
