@@ -232,18 +232,27 @@ def _conv_name(arm: str, kd: dict | None, seed: int, precision: str = "auto", a_
     auto), so runs at other settings sit beside them."""
     if kd is None:
         return f"conv_{arm}{_flags_tag(a_flags)}_s{seed}"
-    return (f"conv_{arm}_r{kd['ratio']:g}{'' if precision == 'auto' else '_t' + precision}{_flags_tag(a_flags)}"
-            f"_s{seed}")
+    loss = "" if (kd["dist_loss"], kd["T"]) == ("l2", 5.0) else f"_{kd['dist_loss']}T{kd['T']:g}"
+    return (f"conv_{arm}_r{kd['ratio']:g}{loss}{'' if precision == 'auto' else '_t' + precision}"
+            f"{_flags_tag(a_flags)}_s{seed}")
+
+
+def parse_arm(spec: str, a) -> tuple[str, dict]:
+    """A converge arm 'norm[:ratio[:loss[:T]]]' ('soft:0.5:bce:1'); what it leaves out comes from the flags."""
+    parts = spec.split(":")
+    if len(parts) > 4 or not parts[0]:
+        raise SystemExit(f"--norms {spec!r}: expected norm[:ratio[:loss[:T]]], e.g. soft:0.5:bce:1")
+    norm, ratio, loss, t = (parts + [""] * 3)[:4]
+    kd = {"dist_loss": loss or a.dist_loss, "T": float(t) if t else a.temperature,
+          "ratio": float(ratio) if ratio else a.distill_ratio, "norm": norm}
+    label = f"{norm} r{kd['ratio']:g}" + ("" if (loss, t) == ("", "") else f" {kd['dist_loss']} T{kd['T']:g}")
+    return label, kd
 
 
 def converge(a) -> list[str]:
     """Every arm continues the same plateaued student (same data, hyp, seed, epochs): baseline vs each norm."""
     arms = [("baseline", None)]
-    for n in a.norms:  # "soft" (at --distill_ratio) or "soft:0.05" (a ratio of its own)
-        norm, _, r = n.partition(":")
-        ratio = float(r) if r else a.distill_ratio
-        arms.append((f"{norm} r{ratio:g}", {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": ratio,
-                                            "norm": norm}))
+    arms += [parse_arm(n, a) for n in a.norms]  # "soft" (the flags' settings), "soft:0.05", "soft:0.5:bce:1"
     jobs = [(arm, kd, seed) for seed in a.seeds for arm, kd in arms]
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         res = dict(zip([(arm, seed) for arm, _, seed in jobs],
@@ -257,8 +266,8 @@ def converge(a) -> list[str]:
     lines = [f"Convergence regime: every arm continues `{Path(a.start).name}` (mAP50-95 {s * 100:.1f}) for "
              f"{a.ft_epochs} epochs at imgsz {a.imgsz}, batch {a.batch}, same data, hyp and seed; KD arms use "
              f"teacher `{Path(a.teacher).name}` (mAP50-95 {t * 100:.1f}), --dist_loss {a.dist_loss}, "
-             f"--temperature {a.temperature:g}, --teacher-precision {a.teacher_precision}, the --distill_ratio in "
-             f"the column name. Figures: best.pt's epoch, "
+             f"--temperature {a.temperature:g}, --teacher-precision {a.teacher_precision}, the --distill_ratio "
+             f"(and a loss and temperature other than these) in the column name. Figures: best.pt's epoch, "
              f"mAP50-95 in points; gap closed = (arm - baseline) / (teacher - baseline).", "",
              "| seed | " + " | ".join(names) + " | baseline gain in last 20 % of epochs |",
              "|---|" + "---|" * (len(names) + 1)]
@@ -429,7 +438,8 @@ def main() -> int:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--start", default=str(DEMO_STUDENT), help="converge: the plateaued student every arm continues")
     ap.add_argument("--norms", nargs="*", default=["mean", "weighted", "soft"],
-                    help="converge: KD arms, each a --dist_norm, optionally with its own ratio (soft:0.05)")
+                    help="converge: KD arms, each a --dist_norm, optionally with its own ratio, loss and T "
+                         "(soft:0.05, soft:0.5:bce:1)")
     ap.add_argument("--labelled-fraction", type=float, default=0.2, help="unlabeled: share that keeps its labels")
     ap.add_argument("--split-seed", type=int, default=0, help="unlabeled: seed of the labelled/unlabelled split")
     ap.add_argument("--pre-epochs", type=int, default=60, help="unlabeled: epochs of the start on the labelled part")

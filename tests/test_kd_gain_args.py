@@ -1,0 +1,38 @@
+"""benchmarks/kd_gain.py: converge arms and their run folders (no training)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import kd_gain  # noqa: E402
+
+FLAGS = argparse.Namespace(dist_loss="l2", temperature=5.0, distill_ratio=0.5)
+
+
+def test_arm_takes_what_it_omits_from_the_flags() -> None:
+    assert kd_gain.parse_arm("mean", FLAGS) == ("mean r0.5", {"dist_loss": "l2", "T": 5.0, "ratio": 0.5,
+                                                              "norm": "mean"})
+    assert kd_gain.parse_arm("soft:0.05", FLAGS)[1]["ratio"] == 0.05
+    label, kd = kd_gain.parse_arm("soft:0.5:bce:1", FLAGS)
+    assert label == "soft r0.5 bce T1"
+    assert kd == {"dist_loss": "bce", "T": 1.0, "ratio": 0.5, "norm": "soft"}
+
+
+@pytest.mark.parametrize("bad", ["", "soft:0.5:bce:1:x", ":0.5"])
+def test_malformed_arm_is_refused(bad: str) -> None:
+    with pytest.raises(SystemExit, match="norm\\[:ratio"):
+        kd_gain.parse_arm(bad, FLAGS)
+
+
+def test_runs_at_other_loss_or_temperature_get_their_own_folder() -> None:
+    default = kd_gain._conv_name("soft", kd_gain.parse_arm("soft:0.5", FLAGS)[1], 0)
+    other = kd_gain._conv_name("soft", kd_gain.parse_arm("soft:0.5:bce:1", FLAGS)[1], 0)
+    assert default == "conv_soft_r0.5_s0"  # the folders earlier results were written to keep their names
+    assert other == "conv_soft_r0.5_bceT1_s0"
+    assert kd_gain._conv_name("baseline", None, 1, a_flags="--amp") == "conv_baseline_amp_s1"
