@@ -20,7 +20,7 @@ from common import Stepper, demo_data, load_hyp, peak_memory_mb, student, sync, 
 
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.distributed import select_device  # noqa: E402
-from utils.engine import init_seeds  # noqa: E402
+from utils.engine import init_seeds, to_input  # noqa: E402
 
 
 def first_batch(imgsz: int, batch: int):
@@ -80,7 +80,7 @@ def main() -> int:
     t = teacher(nc, device)
     plain = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, amp=amp, imgsz=a.imgsz)
     kd = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp, imgsz=a.imgsz)
-    timg = imgs.to(device, memory_format=torch.channels_last).float() / 255
+    timg = to_input(imgs, device)  # the teacher sees what train.py feeds it
     for _ in range(2):  # warm-up: allocator, kernels, first-call paths
         plain(imgs, targets), kd(imgs, targets), t(timg)
     # interleave the three measurements so drifts in machine load hit them alike
