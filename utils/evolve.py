@@ -281,6 +281,18 @@ def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str
         os.replace(tmp, path)
 
 
+def remove_stale_temps(run: Path) -> int:
+    """Delete the temp files a killed evolution left mid-write (its outputs are replaced via temp + rename)."""
+    stale = [f for name in OUTPUTS for f in run.glob(f".{name}.*.tmp")]
+    stale += [run / f".{Path(name).stem}.tmp{Path(name).suffix}" for name in OUTPUTS]  # write_plot's temp name
+    removed = 0
+    for f in stale:
+        if f.is_file():
+            f.unlink()
+            removed += 1
+    return removed
+
+
 def check_evolvable(hyp_arg: Any) -> None:
     """A hyp file must hold every key the table mutates (the KD keys and `anchors` have defaults)."""
     if isinstance(hyp_arg, dict):
@@ -331,8 +343,10 @@ def run_evolution(opt: argparse.Namespace, info: DistInfo, train_fn: TrainFn) ->
     rows = read_rows(csv_path, header) if csv_path.is_file() else []
     device = select_device(opt.device, opt.batch_size)
     run.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temps(run)
     if rows:
-        LOGGER.info(f"Evolve: continuing {csv_path}, {len(rows)} of {n} generations already done")
+        LOGGER.info(f"Evolve: continuing {csv_path}, {len(rows)} of {n} generations already done"
+                    + (f"; removed {stale} temp file(s) of writes cut short" if stale else ""))
 
     def outputs() -> None:
         write_best_hyp(yaml_path, base, rows, keys, n)
