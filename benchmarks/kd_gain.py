@@ -34,6 +34,9 @@ from utils.loggers import read_results_csv  # noqa: E402
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
 DEMO_STUDENT = ROOT / "checkpoint" / "yolov5n-shapes.pt"
 M50, M5095 = "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"
+# The flags' defaults; run folders name only what differs from them, so these stay fixed even if train.py's
+# defaults move (a changed literal here would orphan every stored run)
+DEF_LOSS, DEF_T, DEF_RATIO, DEF_NORM, DEF_UNLABELED = "l2", 5.0, 0.5, "mean", 1.0
 
 
 def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights: str = "", data: str = "",
@@ -232,7 +235,7 @@ def _conv_name(arm: str, kd: dict | None, seed: int, precision: str = "auto", a_
     auto), so runs at other settings sit beside them."""
     if kd is None:
         return f"conv_{arm}{_flags_tag(a_flags)}_s{seed}"
-    loss = "" if (kd["dist_loss"], kd["T"]) == ("l2", 5.0) else f"_{kd['dist_loss']}T{kd['T']:g}"
+    loss = "" if (kd["dist_loss"], kd["T"]) == (DEF_LOSS, DEF_T) else f"_{kd['dist_loss']}T{kd['T']:g}"
     return (f"conv_{arm}_r{kd['ratio']:g}{loss}{'' if precision == 'auto' else '_t' + precision}"
             f"{_flags_tag(a_flags)}_s{seed}")
 
@@ -335,7 +338,7 @@ def unlabeled(a) -> list[str]:
     # (extra train.py flags name every folder, as in converge; a teacher precision other than auto the KD ones)
     flags = _flags_tag(a.train_flags)
     settings = (a.dist_norm, a.distill_ratio, a.dist_loss, a.temperature, a.unlabeled_ratio)
-    tag = "" if settings == ("mean", 0.5, "l2", 5.0, 1.0) else \
+    tag = "" if settings == (DEF_NORM, DEF_RATIO, DEF_LOSS, DEF_T, DEF_UNLABELED) else \
         f"_{a.dist_norm}{a.distill_ratio:g}_{a.dist_loss}T{a.temperature:g}_u{a.unlabeled_ratio:g}"
     tag += ("" if a.teacher_precision == "auto" else "_t" + a.teacher_precision) + flags
     folders = [f"unl_base20{flags}", f"unl_kd20{tag}", f"unl_kd20u{tag}", f"unl_base100{flags}"]
@@ -426,14 +429,14 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ft-hyp", default="hyp.finetune.yaml", help="hyp for runs that continue a checkpoint ('' = default)")
-    ap.add_argument("--dist_loss", default="l2")
+    ap.add_argument("--dist_loss", default=DEF_LOSS)
     ap.add_argument("--train-flags", default="", help="extra train.py flags for every run, e.g. '--amp' (converge "
                                                        "run folders are named after them)")
     ap.add_argument("--teacher-precision", default="auto", help="KD runs' --teacher-precision (auto: bf16 on a CPU "
                                                                 "with native bf16)")
-    ap.add_argument("--dist_norm", default="mean", help="sweep, unlabeled: the normalisation every KD run uses")
-    ap.add_argument("--temperature", type=float, default=5.0)
-    ap.add_argument("--distill_ratio", type=float, default=0.5)
+    ap.add_argument("--dist_norm", default=DEF_NORM, help="sweep, unlabeled: the normalisation every KD run uses")
+    ap.add_argument("--temperature", type=float, default=DEF_T)
+    ap.add_argument("--distill_ratio", type=float, default=DEF_RATIO)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 5.0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--start", default=str(DEMO_STUDENT), help="converge: the plateaued student every arm continues")
@@ -443,7 +446,7 @@ def main() -> int:
     ap.add_argument("--labelled-fraction", type=float, default=0.2, help="unlabeled: share that keeps its labels")
     ap.add_argument("--split-seed", type=int, default=0, help="unlabeled: seed of the labelled/unlabelled split")
     ap.add_argument("--pre-epochs", type=int, default=60, help="unlabeled: epochs of the start on the labelled part")
-    ap.add_argument("--unlabeled_ratio", type=float, default=1.0, help="unlabeled: unlabelled per labelled image")
+    ap.add_argument("--unlabeled_ratio", type=float, default=DEF_UNLABELED, help="unlabeled: unlabelled per labelled image")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets one thread when > 1)")
     ap.add_argument("--tag", default="", help="suffix of the docs files written (kd_<mode><tag>.md/.png)")
     ap.add_argument("--project", default=str(ROOT / "runs" / "kd_gain"))
