@@ -270,7 +270,7 @@ def test_evolve_without_teacher_continues_after_kill9(tiny_data, tmp_path):
     first = _read_csv(csv)
     assert 1 <= len(first) < 3
     # a kill can land inside any of the three temp-then-rename writes; plant the temp file each one leaves
-    for stale in (".evolve.csv.ab12cd.tmp", ".hyp_evolve.yaml.ef34gh.tmp", ".evolve.tmp.png"):
+    for stale in (".evolve.csv.ab12cd.tmp", ".hyp_evolve.yaml.ef34gh.tmp", ".evolve.png.tmp.png"):
         (tmp_path / "exp" / stale).write_text("half a file")
     r = run_cli([*args, "--evolve", "3", "--exist-ok"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

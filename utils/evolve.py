@@ -274,7 +274,9 @@ def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str
     """evolve.png: fitness against each evolved value (via a temp file, so an old plot is never half-replaced)."""
     from utils.plots import plot_evolve
 
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    # savefig picks the format from the suffix, so the temp name keeps it; the ".evolve.png." prefix is what
+    # remove_stale_temps looks for, as for _atomic_write's temp files
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     plot_evolve({k: [r[k] for r in rows] for k in keys if BOUNDS.get(k, (1,))[0] != 0},
                 [float(r["fitness"]) for r in rows], tmp, best=int(best_row(rows)["generation"]))
     if tmp.exists():
@@ -283,14 +285,10 @@ def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str
 
 def remove_stale_temps(run: Path) -> int:
     """Delete the temp files a killed evolution left mid-write (its outputs are replaced via temp + rename)."""
-    stale = [f for name in OUTPUTS for f in run.glob(f".{name}.*.tmp")]
-    stale += [run / f".{Path(name).stem}.tmp{Path(name).suffix}" for name in OUTPUTS]  # write_plot's temp name
-    removed = 0
+    stale = [f for name in OUTPUTS for f in run.glob(f".{name}.*") if f.is_file()]  # every writer's temp prefix
     for f in stale:
-        if f.is_file():
-            f.unlink()
-            removed += 1
-    return removed
+        f.unlink()
+    return len(stale)
 
 
 def check_evolvable(hyp_arg: Any) -> None:
