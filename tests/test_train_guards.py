@@ -91,6 +91,17 @@ def test_unknown_and_defaulted_hyp_keys_warn_once(caplog):
     assert out["mosaic"] == 1.0 and out["fliplr"] == 0.5 and out["lr0"] == 0.01
 
 
+
+def test_lowlr_hyp_is_finetune_at_a_quarter_of_the_learning_rate():
+    # hyp files are standalone (YOLOv5's format has no inheritance), so the copy is pinned to its source here
+    hyps = ROOT / "data/hyps"
+    ft = yaml.safe_load((hyps / "hyp.finetune.yaml").read_text())
+    low = yaml.safe_load((hyps / "hyp.finetune-lowlr.yaml").read_text())
+    assert low.keys() == ft.keys()
+    scaled = {"lr0", "warmup_bias_lr"}
+    assert {k: low[k] for k in scaled} == {k: ft[k] / 4 for k in scaled}
+    assert {k: v for k, v in low.items() if k not in scaled} == {k: v for k, v in ft.items() if k not in scaled}
+
 # ------------------------------------------------------------------------------------------------------ resume
 @pytest.fixture(scope="module")
 def finished_run(tiny_data, tmp_path_factory):
