@@ -91,7 +91,6 @@ def test_unknown_and_defaulted_hyp_keys_warn_once(caplog):
     assert out["mosaic"] == 1.0 and out["fliplr"] == 0.5 and out["lr0"] == 0.01
 
 
-
 def test_lowlr_hyp_is_finetune_at_a_quarter_of_the_learning_rate():
     # hyp files are standalone (YOLOv5's format has no inheritance), so the copy is pinned to its source here
     hyps = ROOT / "data/hyps"
