@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from optimizer.config import KD_SPECS  # noqa: E402
 from utils.loggers import read_results_csv  # noqa: E402
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
@@ -65,7 +66,7 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
         cmd += ["--hyp", hyp]
     if kd:
         cmd += ["--t_weights", a.teacher, "--dist_loss", kd["dist_loss"], "--temperature", str(kd["T"]),
-                "--distill_ratio", str(kd["ratio"]), "--dist_norm", kd.get("norm", "mean")]
+                "--distill_ratio", str(kd["ratio"]), "--dist_norm", kd["norm"]]
         if "unlabeled_ratio" in kd:
             cmd += ["--unlabeled_ratio", str(kd["unlabeled_ratio"])]
         cmd += ["--teacher-precision", a.teacher_precision]
@@ -105,17 +106,24 @@ def teacher_map(a) -> tuple[float, float]:
     return m50, m
 
 
+def _kd_flags(a) -> tuple[dict, str]:
+    """The KD settings of main / finetune runs, and a folder suffix naming those that differ from DEF_*."""
+    kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio, "norm": a.dist_norm}
+    same = (a.dist_norm, a.distill_ratio, a.dist_loss, a.temperature) == (DEF_NORM, DEF_RATIO, DEF_LOSS, DEF_T)
+    return kd, "" if same else f"_{a.dist_norm}{a.distill_ratio:g}_{a.dist_loss}T{a.temperature:g}"
+
+
 def main_experiment(a) -> list[str]:
-    kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio}
+    kd, tag = _kd_flags(a)
     rows, curves = [], {}
     for seed in a.seeds:
         base = train_run(f"base_s{seed}", a, seed=seed, epochs=a.epochs, kd=None)
-        dist = train_run(f"kd_s{seed}", a, seed=seed, epochs=a.epochs, kd=kd)
+        dist = train_run(f"kd{tag}_s{seed}", a, seed=seed, epochs=a.epochs, kd=kd)
         curves[seed] = (base[M5095], dist[M5095])
         rows.append((seed, best_row(base), best_row(dist)))
     t50, t5095 = teacher_map(a)
     lines = [f"Student {a.student} from scratch, {a.epochs} epochs, imgsz {a.imgsz}, batch {a.batch}; teacher "
-             f"{Path(a.teacher).name} (mAP50 {t50 * 100:.1f}, mAP50-95 {t5095 * 100:.1f}); KD: --dist_loss "
+             f"{Path(a.teacher).name} (mAP50 {t50 * 100:.1f}, mAP50-95 {t5095 * 100:.1f}); KD: --dist_norm {a.dist_norm} --dist_loss "
              f"{a.dist_loss} --temperature {a.temperature} --distill_ratio {a.distill_ratio}. Figures are best.pt's "
              f"epoch (max fitness), in mAP points.", "",
              "| seed | baseline mAP50 | KD mAP50 | baseline mAP50-95 | KD mAP50-95 | gain mAP50-95 |",
@@ -201,9 +209,9 @@ def sweep(a) -> list[str]:
 def finetune(a) -> list[str]:
     seed = a.seeds[0]
     start, b = baseline_start(a, seed)
-    kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio}
+    kd, tag = _kd_flags(a)
     plain = best_row(train_run(f"ft_plain_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=None, weights=str(start)))
-    dist = best_row(train_run(f"ft_kd_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=kd, weights=str(start)))
+    dist = best_row(train_run(f"ft_kd{tag}_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=kd, weights=str(start)))
     return [f"Fine-tuning: start from base_s{seed}/best.pt (mAP50-95 {b[1] * 100:.1f}), {a.ft_epochs} more epochs.", "",
             "| arm | mAP50 | mAP50-95 |", "|---|---|---|",
             f"| continue without KD | {plain[0] * 100:.1f} | {plain[1] * 100:.1f} |",
@@ -434,13 +442,16 @@ def main() -> int:
                                                        "run folders are named after them)")
     ap.add_argument("--teacher-precision", default="auto", help="KD runs' --teacher-precision (auto: bf16 on a CPU "
                                                                 "with native bf16)")
-    ap.add_argument("--dist_norm", default=DEF_NORM, help="sweep, unlabeled: the normalisation every KD run uses")
+    # the KD flags default to what train.py uses (DEF_* above only name folders)
+    ap.add_argument("--dist_norm", default=KD_SPECS["dist_norm"].default,
+                    help="main, finetune, sweep, unlabeled: the normalisation every KD run uses")
     ap.add_argument("--temperature", type=float, default=DEF_T)
-    ap.add_argument("--distill_ratio", type=float, default=DEF_RATIO)
+    ap.add_argument("--distill_ratio", type=float, default=KD_SPECS["distill_ratio"].default)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 5.0])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--ratios", type=float, nargs="+", default=None,
+                    help="sweep: distill_ratio values (default: half, one and two times --distill_ratio)")
     ap.add_argument("--start", default=str(DEMO_STUDENT), help="converge: the plateaued student every arm continues")
-    ap.add_argument("--norms", nargs="*", default=["mean", "weighted", "soft"],
+    ap.add_argument("--norms", nargs="*", default=["mean:0.5", "weighted:0.05", "soft:0.05"],
                     help="converge: KD arms, each a --dist_norm, optionally with its own ratio, loss and T "
                          "(soft:0.05, soft:0.5:bce:1)")
     ap.add_argument("--labelled-fraction", type=float, default=0.2, help="unlabeled: share that keeps its labels")
@@ -452,6 +463,8 @@ def main() -> int:
     ap.add_argument("--project", default=str(ROOT / "runs" / "kd_gain"))
     ap.add_argument("--out", default=str(ROOT / "docs"))
     a = ap.parse_args()
+    if a.ratios is None:
+        a.ratios = [a.distill_ratio * f for f in (0.5, 1.0, 2.0)]
     lines = {"main": main_experiment, "sweep": sweep, "finetune": finetune, "converge": converge,
              "unlabeled": unlabeled}[a.mode](a)
     out = Path(a.out) / f"kd_{a.mode}{a.tag}.md"

@@ -36,3 +36,11 @@ def test_runs_at_other_loss_or_temperature_get_their_own_folder() -> None:
     assert default == "conv_soft_r0.5_s0"  # the folders earlier results were written to keep their names
     assert other == "conv_soft_r0.5_bceT1_s0"
     assert kd_gain._conv_name("baseline", None, 1, a_flags="--amp") == "conv_baseline_amp_s1"
+
+
+def test_main_and_finetune_runs_are_named_by_settings_that_differ_from_the_folder_defaults() -> None:
+    old = argparse.Namespace(dist_loss="l2", temperature=5.0, distill_ratio=0.5, dist_norm="mean")
+    kd, tag = kd_gain._kd_flags(old)
+    assert tag == "" and kd["norm"] == "mean"  # folders written before the default moved keep their names
+    kd, tag = kd_gain._kd_flags(argparse.Namespace(**{**vars(old), "distill_ratio": 0.05, "dist_norm": "weighted"}))
+    assert tag == "_weighted0.05_l2T5" and kd == {"dist_loss": "l2", "T": 5.0, "ratio": 0.05, "norm": "weighted"}

@@ -32,7 +32,7 @@ def test_two_epochs_run_folder_and_val_reproduces(tiny_data, tmp_path):
     assert res["epoch"] == [0, 1]
     assert "train/dbox_loss" not in res
     hyp = yaml.safe_load((run / "hyp.yaml").read_text())
-    assert hyp["lr0"] == 0.01 and hyp["distill_ratio"] == 0.5
+    assert hyp["lr0"] == 0.01 and hyp["distill_ratio"] == 0.05
     ck = torch_load(run / "weights/best.pt")
     assert ck["epoch"] == -1 and ck["optimizer"] is None and "resume_state" not in ck
     best_epoch = max(range(2), key=lambda i: 0.1 * res["metrics/mAP_0.5"][i] + 0.9 * res["metrics/mAP_0.5:0.95"][i])
