@@ -78,9 +78,13 @@ class KDConfig:
     @classmethod
     def from_record(cls, opt: Mapping[str, Any]) -> KDConfig:
         """The settings a run recorded (opt.yaml or a checkpoint's opt), for --resume: never re-resolved."""
-        fields = cls().as_dict()
-        return cls(**{k: opt[k] for k in fields if k in opt and opt[k] is not None}) if opt.get("t_weights") \
-            else cls()
+        if not opt.get("t_weights"):
+            return cls()
+        values = {k: opt[k] for k in cls().as_dict() if k in opt and opt[k] is not None}
+        # a record without dist_norm predates the key, so it trained with the seed's formula, whatever the
+        # default is now
+        values.setdefault("dist_norm", "mean")
+        return cls(**values)
 
 
 def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

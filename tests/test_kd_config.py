@@ -59,6 +59,9 @@ def test_from_record_keeps_the_recorded_values():
                   t_sha256="ab")
     assert KDConfig.from_record({**kd.as_dict(), "epochs": 3}) == kd
     assert not KDConfig.from_record({"t_weights": None, "temperature": 9.0}).enabled
+    # runs recorded before dist_norm existed used the seed's 'mean' form; resuming one keeps it
+    old = KDConfig.from_record({"t_weights": "t.pt", "dist_loss": "l2", "temperature": 5.0, "distill_ratio": 0.5})
+    assert (old.dist_norm, old.distill_ratio) == ("mean", 0.5)
 
 
 def test_resume_keeps_the_kd_values(tiny_data, tmp_path):
