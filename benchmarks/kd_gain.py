@@ -106,11 +106,17 @@ def teacher_map(a) -> tuple[float, float]:
     return m50, m
 
 
-def _kd_flags(a) -> tuple[dict, str]:
-    """The KD settings of main / finetune runs, and a folder suffix naming those that differ from DEF_*."""
+def _kd_flags(a, unlabeled: bool = False) -> tuple[dict, str]:
+    """The KD settings given by the flags (main, finetune, unlabeled), and a folder suffix that names them
+    unless they all equal DEF_* (unlabeled: unlabeled_ratio counts too and is named)."""
     kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio, "norm": a.dist_norm}
-    same = (a.dist_norm, a.distill_ratio, a.dist_loss, a.temperature) == (DEF_NORM, DEF_RATIO, DEF_LOSS, DEF_T)
-    return kd, "" if same else f"_{a.dist_norm}{a.distill_ratio:g}_{a.dist_loss}T{a.temperature:g}"
+    settings = [a.dist_norm, a.distill_ratio, a.dist_loss, a.temperature]
+    defaults = [DEF_NORM, DEF_RATIO, DEF_LOSS, DEF_T]
+    tag = f"_{a.dist_norm}{a.distill_ratio:g}_{a.dist_loss}T{a.temperature:g}"
+    if unlabeled:
+        settings, defaults, tag = settings + [a.unlabeled_ratio], defaults + [DEF_UNLABELED], \
+            tag + f"_u{a.unlabeled_ratio:g}"
+    return kd, "" if settings == defaults else tag
 
 
 def main_experiment(a) -> list[str]:
@@ -337,7 +343,7 @@ def unlabeled(a) -> list[str]:
     # the start is only its final weights: validating it once, at the end, saves a third of its time
     train_run("unl_start", a, seed=0, epochs=a.pre_epochs, kd=None, data=str(yl), alone=True,
               extra=("--noval",))
-    kd = {"dist_loss": a.dist_loss, "T": a.temperature, "ratio": a.distill_ratio, "norm": a.dist_norm}
+    kd, tag = _kd_flags(a, unlabeled=True)
     arms = [("baseline, labelled part", None, yl), ("KD, labelled part", kd, yl),
             ("KD, labelled + unlabelled", {**kd, "unlabeled_ratio": a.unlabeled_ratio}, yu),
             ("baseline, all labels", None, Path(a.data))]
@@ -345,9 +351,6 @@ def unlabeled(a) -> list[str]:
     # in one --project share the two baseline arms instead of reusing each other's KD runs
     # (extra train.py flags name every folder, as in converge; a teacher precision other than auto the KD ones)
     flags = _flags_tag(a.train_flags)
-    settings = (a.dist_norm, a.distill_ratio, a.dist_loss, a.temperature, a.unlabeled_ratio)
-    tag = "" if settings == (DEF_NORM, DEF_RATIO, DEF_LOSS, DEF_T, DEF_UNLABELED) else \
-        f"_{a.dist_norm}{a.distill_ratio:g}_{a.dist_loss}T{a.temperature:g}_u{a.unlabeled_ratio:g}"
     tag += ("" if a.teacher_precision == "auto" else "_t" + a.teacher_precision) + flags
     folders = [f"unl_base20{flags}", f"unl_kd20{tag}", f"unl_kd20u{tag}", f"unl_base100{flags}"]
     jobs = [(i, seed) for seed in a.seeds for i in range(len(arms))]

@@ -44,3 +44,12 @@ def test_main_and_finetune_runs_are_named_by_settings_that_differ_from_the_folde
     assert tag == "" and kd["norm"] == "mean"  # folders written before the default moved keep their names
     kd, tag = kd_gain._kd_flags(argparse.Namespace(**{**vars(old), "distill_ratio": 0.05, "dist_norm": "weighted"}))
     assert tag == "_weighted0.05_l2T5" and kd == {"dist_loss": "l2", "T": 5.0, "ratio": 0.05, "norm": "weighted"}
+
+
+def test_unlabeled_runs_also_name_their_unlabeled_ratio() -> None:
+    old = argparse.Namespace(dist_loss="l2", temperature=5.0, distill_ratio=0.5, dist_norm="mean", unlabeled_ratio=1.0)
+    assert kd_gain._kd_flags(old, unlabeled=True)[1] == ""  # the folders of docs/kd_unlabeled.md
+    assert kd_gain._kd_flags(argparse.Namespace(**{**vars(old), "unlabeled_ratio": 2.0}), unlabeled=True)[1] == \
+        "_mean0.5_l2T5_u2"
+    assert kd_gain._kd_flags(argparse.Namespace(**{**vars(old), "distill_ratio": 0.05}), unlabeled=True)[1] == \
+        "_mean0.05_l2T5_u1"  # the folders of docs/kd_unlabeled_r0.05.md
