@@ -2,8 +2,8 @@
 """Balance of the distillation terms against the detection loss on one real batch.
 
     python benchmarks/kd_balance.py [--weights runs/kd_gain/base_s0/weights/best.pt] [--dist_loss l2]
-                                    [--temperature 5] [--distill_ratio 0.5] [--imgsz 320] [--batch 16]
-                                    [--dist_norm mean weighted soft]
+                                    [--temperature 5] [--distill_ratio 0.05] [--imgsz 320] [--batch 16]
+                                    [--dist_norm weighted] (defaults: train.py's)
 
 For a student (from scratch by default, or --weights) and the demo teacher it prints each loss part as it
 enters the total (gains, distill_ratio and batch size applied) and the L2 norm of the gradient that part
@@ -20,6 +20,7 @@ import torch
 from common import load_hyp, student, teacher
 from bench_kd_step import first_batch
 
+from optimizer.config import KD_SPECS, KDConfig  # noqa: E402
 from optimizer.loss import DIST_NORMS, OutputDistillationLoss  # noqa: E402
 from utils.checkpoint import attempt_load  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
@@ -28,12 +29,13 @@ from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default="", help="student checkpoint (default: yolov5n from scratch)")
-    ap.add_argument("--dist_loss", default="l2")
-    ap.add_argument("--temperature", type=float, default=5.0)
-    ap.add_argument("--distill_ratio", type=float, default=0.5)
+    # the defaults are train.py's, so that a bare run shows what training will do
+    ap.add_argument("--dist_loss", default=KDConfig.dist_loss)
+    ap.add_argument("--temperature", type=float, default=KD_SPECS["temperature"].default)
+    ap.add_argument("--distill_ratio", type=float, default=KD_SPECS["distill_ratio"].default)
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--dist_norm", nargs="+", default=["mean"], choices=DIST_NORMS,
+    ap.add_argument("--dist_norm", nargs="+", default=[KD_SPECS["dist_norm"].default], choices=DIST_NORMS,
                     help="distillation normalisation(s) to compare")
     a = ap.parse_args()
     device = torch.device("cpu")
