@@ -20,7 +20,7 @@ import torch
 from common import load_hyp, student, teacher
 from bench_kd_step import first_batch
 
-from optimizer.config import KD_SPECS, KDConfig  # noqa: E402
+from optimizer.config import KDConfig  # noqa: E402
 from optimizer.loss import DIST_NORMS, OutputDistillationLoss  # noqa: E402
 from utils.checkpoint import attempt_load  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
@@ -31,11 +31,11 @@ def main() -> int:
     ap.add_argument("--weights", default="", help="student checkpoint (default: yolov5n from scratch)")
     # the defaults are train.py's, so that a bare run shows what training will do
     ap.add_argument("--dist_loss", default=KDConfig.dist_loss)
-    ap.add_argument("--temperature", type=float, default=KD_SPECS["temperature"].default)
-    ap.add_argument("--distill_ratio", type=float, default=KD_SPECS["distill_ratio"].default)
+    ap.add_argument("--temperature", type=float, default=KDConfig.temperature)
+    ap.add_argument("--distill_ratio", type=float, default=KDConfig.distill_ratio)
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--dist_norm", nargs="+", default=[KD_SPECS["dist_norm"].default], choices=DIST_NORMS,
+    ap.add_argument("--dist_norm", nargs="+", default=[KDConfig.dist_norm], choices=DIST_NORMS,
                     help="distillation normalisation(s) to compare")
     a = ap.parse_args()
     device = torch.device("cpu")

@@ -114,8 +114,9 @@ def _kd_flags(a, unlabeled: bool = False) -> tuple[dict, str]:
     defaults = [DEF_NORM, DEF_RATIO, DEF_LOSS, DEF_T]
     tag = f"_{a.dist_norm}{a.distill_ratio:g}_{a.dist_loss}T{a.temperature:g}"
     if unlabeled:
-        settings, defaults, tag = settings + [a.unlabeled_ratio], defaults + [DEF_UNLABELED], \
-            tag + f"_u{a.unlabeled_ratio:g}"
+        settings.append(a.unlabeled_ratio)
+        defaults.append(DEF_UNLABELED)
+        tag += f"_u{a.unlabeled_ratio:g}"
     return kd, "" if settings == defaults else tag
 
 
