@@ -85,9 +85,14 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
     return {**read_results_csv(csv), "seconds": seconds}
 
 
+def best_index(res: dict) -> int:
+    """Row of the epoch best.pt holds (fitness 0.1*mAP50 + 0.9*mAP50-95)."""
+    return max(range(len(res["epoch"])), key=lambda j: 0.1 * res[M50][j] + 0.9 * res[M5095][j])
+
+
 def best_row(res: dict) -> tuple[float, float]:
-    """(mAP50, mAP50-95) of the epoch best.pt holds (fitness 0.1*mAP50 + 0.9*mAP50-95)."""
-    i = max(range(len(res["epoch"])), key=lambda j: 0.1 * res[M50][j] + 0.9 * res[M5095][j])
+    """(mAP50, mAP50-95) of the epoch best.pt holds."""
+    i = best_index(res)
     return res[M50][i], res[M5095][i]
 
 
