@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import yaml
 
@@ -116,3 +117,22 @@ def test_hyp_files():
         else:
             assert (h["lrf"], h["cls"], h["obj"], h["scale"], h["mixup"]) == (0.1, 0.3, 0.7, 0.9, 0.1)
             assert h["copy_paste"] == (0.1 if name == "high" else 0.0)
+
+
+def test_shapes160_yaml_download_entry_builds_160px_data(tmp_path, monkeypatch):
+    spec = yaml.safe_load((ROOT / "data" / "shapes160.yaml").read_text())
+    assert spec["names"] == yaml.safe_load((ROOT / "data" / "shapes.yaml").read_text())["names"]
+    argv = spec["download"].split()
+    assert argv[:2] == ["python", "data/scripts/generate_shapes.py"]
+    # the yaml's own arguments, with a tiny split and a temporary folder instead of the full 1200 images
+    out = tmp_path / spec["path"]
+    argv = argv[2:]
+    argv[argv.index("--out") + 1] = str(out)
+    assert gen.main(argv + ["--n-train", "2", "--n-val", "1"]) == 0
+    img = cv2.imread(str(next((out / "images" / "val").glob("*.jpg"))))
+    assert img.shape == (160, 160, 3)
+    monkeypatch.setattr(D, "ROOT", tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shapes160.yaml").write_bytes((ROOT / "data" / "shapes160.yaml").read_bytes())
+    d = D.check_dataset("shapes160.yaml", autodownload=False)
+    assert d["val"] == str(out / "images" / "val") and d["nc"] == 8
