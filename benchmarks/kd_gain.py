@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from optimizer.config import KD_SPECS  # noqa: E402
 from utils.loggers import read_results_csv  # noqa: E402
+from utils.metrics import fitness  # noqa: E402
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
 DEMO_STUDENT = ROOT / "checkpoint" / "yolov5n-shapes.pt"
@@ -86,8 +87,9 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
 
 
 def best_index(res: dict) -> int:
-    """Row of the epoch best.pt holds (fitness 0.1*mAP50 + 0.9*mAP50-95)."""
-    return max(range(len(res["epoch"])), key=lambda j: 0.1 * res[M50][j] + 0.9 * res[M5095][j])
+    """Row of the epoch best.pt holds: highest train.py fitness, the first such epoch on a tie."""
+    cols = ("metrics/precision", "metrics/recall", M50, M5095)
+    return int(fitness(list(zip(*(res[c] for c in cols)))).argmax())
 
 
 def best_row(res: dict) -> tuple[float, float]:

@@ -34,8 +34,7 @@ def summarise(path: Path, marks: list[int]) -> dict:
     i = best_index(res)
     at = {e: res[M5095][res["epoch"].index(e)] for e in marks if e in res["epoch"]}
     return {"name": str(path), "epochs": len(res["epoch"]), "map50": res[M50][i], "map": res[M5095][i],
-            "best_epoch": int(res["epoch"][i]),
-            "at": at, "plateau": plateau_gain(res)}
+            "best_epoch": int(res["epoch"][i]), "at": at, "plateau": plateau_gain(res)}
 
 
 def report(rows: list[dict]) -> list[str]:
