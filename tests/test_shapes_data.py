@@ -136,3 +136,44 @@ def test_shapes160_yaml_download_entry_builds_160px_data(tmp_path, monkeypatch):
     (tmp_path / "data" / "shapes160.yaml").write_bytes((ROOT / "data" / "shapes160.yaml").read_bytes())
     d = D.check_dataset("shapes160.yaml", autodownload=False)
     assert d["val"] == str(out / "images" / "val") and d["nc"] == 8
+
+
+def test_many_variant_draws_16_valid_classes_and_leaves_v2_alone(tmp_path, caplog):
+    out = gen.generate(tmp_path / "m", 60, 2, seed=0, imgsz=160, variant="many")
+    rows = [[float(v) for v in ln.split()] for f in sorted((out / "labels" / "train").glob("*.txt"))
+            for ln in f.read_text().splitlines()]
+    lab = np.array(rows)
+    assert set(lab[:, 0].astype(int)) == set(range(16)) and len(gen.MANY_NAMES) == 16
+    assert (lab[:, 1:] >= 0).all() and (lab[:, 1:] <= 1).all()
+    # nominal sizes from 16 px; a triangle's box spans 0.87 of its nominal size at worst (v2's reach below 12)
+    assert lab[:, 3:5].max(1).min() * 160 >= 13.5
+    caplog.set_level(logging.WARNING, logger="yolov5kd")
+    assert len(D.LoadImagesAndLabels(out / "images" / "train", img_size=160, nc=16)) == 60 and not caplog.records
+    # the default variant draws exactly what it drew before the option existed
+    rng_a, rng_b = np.random.default_rng([0, 0, 3]), np.random.default_rng([0, 0, 3])
+    assert np.array_equal(gen.make_image(rng_a, 64)[0], gen.make_image(rng_b, 64, "v2")[0])
+
+
+def test_many_variant_ring_and_frame_have_holes():
+    for cls in (11, 12):  # ring, frame: the centre stays background, the body is painted
+        img = np.zeros((64, 64, 3), np.float64)
+        gen._fill(img, gen.object_polygons(cls, 48.0, np.random.default_rng(0)), 32, 32, (255, 255, 255),
+                  holes=True)
+        assert img[32, 32].max() == 0 and img[32, 8:12].max() > 200, gen.MANY_NAMES[cls]
+
+
+def test_shapes16_yaml_download_entry_builds_the_many_variant(tmp_path, monkeypatch):
+    spec = yaml.safe_load((ROOT / "data" / "shapes16.yaml").read_text())
+    assert spec["names"] == dict(enumerate(gen.MANY_NAMES))
+    argv = spec["download"].split()
+    assert argv[:2] == ["python", "data/scripts/generate_shapes.py"]
+    out = tmp_path / spec["path"]
+    argv = argv[2:]
+    argv[argv.index("--out") + 1] = str(out)
+    assert gen.main(argv + ["--n-train", "2", "--n-val", "1"]) == 0
+    assert cv2.imread(str(next((out / "images" / "val").glob("*.jpg")))).shape == (160, 160, 3)
+    monkeypatch.setattr(D, "ROOT", tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shapes16.yaml").write_bytes((ROOT / "data" / "shapes16.yaml").read_bytes())
+    d = D.check_dataset("shapes16.yaml", autodownload=False)
+    assert d["val"] == str(out / "images" / "val") and d["nc"] == 16

@@ -7,6 +7,10 @@ polygons, lines) and partial occlusion. Same arguments -> byte-identical files. 
 OpenCV; never touches the network.
 
     python data/scripts/generate_shapes.py [--out datasets/shapes] [--n-train 1000] [--n-val 200] [--seed 0]
+
+`--variant many` draws 16 classes instead (the eight above plus pentagon, hexagon, star, ring, frame,
+parallelogram, trapezoid, semicircle; objects from 16 px; clutter without filled polygons or outlines,
+which are classes there): a capacity-bound version for the demo-data pilot in docs/data_v4_pilot.md.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["circle", "ellipse", "square", "rectangle", "diamond", "triangle", "plus", "cross"]
+MANY_NAMES = NAMES + ["pentagon", "hexagon", "star", "ring", "frame", "parallelogram", "trapezoid", "semicircle"]
+VARIANTS = {"v2": NAMES, "many": MANY_NAMES}
 FORMAT_VERSION = 2  # 2: 256 px images, objects 12-96 px (1: 320 px, 8-120 px)
 JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_OPTIMIZE, 0, cv2.IMWRITE_JPEG_PROGRESSIVE, 0]
 SHIFT = 4  # fixed-point bits for cv2.fillPoly: sub-pixel outlines
@@ -30,6 +36,7 @@ ONE = 1 << SHIFT
 # Objects of at least 12 px: below that the look-alike classes cannot be told apart at 256 px, and
 # learning them only slows every model down without separating a strong model from a weak one.
 MIN_SIZE, MAX_SIZE = 12.0, 96.0
+MANY_MIN_SIZE = 16.0  # pentagon against hexagon needs a few more pixels than circle against ellipse
 DEFAULT_IMGSZ = 256
 
 
@@ -75,8 +82,51 @@ def object_polygons(cls: int, size: float, rng: np.random.Generator) -> list[np.
         return [np.stack([r * np.cos(t), r * np.sin(t)], 1)]
     if cls == 6:  # plus
         return _bar_pair(size, size * rng.uniform(0.22, 0.32), small_tilt)
-    # cross: a plus turned by 45 degrees
-    return _bar_pair(size, size * rng.uniform(0.22, 0.32), 45 + small_tilt)
+    if cls == 7:  # cross: a plus turned by 45 degrees
+        return _bar_pair(size, size * rng.uniform(0.22, 0.32), 45 + small_tilt)
+    return _many_polygons(cls, size, rng)
+
+
+def _regular(m: int, r: float, deg: float, inner: float = 1.0) -> np.ndarray:
+    """A regular m-gon (or, with inner < 1, an m-pointed star) of circumradius r turned by deg."""
+    k = 2 * m if inner < 1 else m
+    t = np.radians(deg) + np.linspace(0, 2 * math.pi, k, endpoint=False)
+    rad = np.full(k, r)
+    rad[1::2] *= inner if inner < 1 else 1.0
+    return np.stack([rad * np.cos(t), rad * np.sin(t)], 1)
+
+
+def _many_polygons(cls: int, size: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """The classes only `--variant many` has; a list of two polygons is a shape with a hole (even-odd fill)."""
+    r, deg = size / 2, rng.uniform(0, 360)
+    if cls == 8:  # pentagon: round-ish, a look-alike of circle and hexagon
+        return [_regular(5, r, deg)]
+    if cls == 9:  # hexagon
+        return [_regular(6, r, deg)]
+    if cls == 10:  # five-pointed star
+        return [_regular(5, r, deg, inner=rng.uniform(0.4, 0.55))]
+    if cls == 11:  # ring: a circle with a hole
+        q = rng.uniform(0.45, 0.65)
+        return [_ellipse(r, r, 0), _ellipse(r * q, r * q, 0)]
+    if cls == 12:  # frame: a square with a square hole
+        side = size / math.sqrt(2) * 1.2
+        tilt = rng.uniform(-8, 8)
+        q = rng.uniform(0.45, 0.65)
+        return [_rect(side, side, tilt), _rect(side * q, side * q, tilt)]
+    if cls == 13:  # parallelogram: a sheared rectangle, either orientation
+        w, h = size, size / rng.uniform(1.5, 2.2)
+        sh = h * rng.uniform(0.4, 0.7) * (1 if rng.random() < 0.5 else -1)
+        pts = np.array([[-w / 2 + sh / 2, -h / 2], [w / 2 + sh / 2, -h / 2], [w / 2 - sh / 2, h / 2],
+                        [-w / 2 - sh / 2, h / 2]])
+        return [_rot(pts, rng.uniform(-8, 8) + (90 if rng.random() < 0.5 else 0))]
+    if cls == 14:  # trapezoid: a rectangle with a narrower top, any rotation
+        w, h = size, size / rng.uniform(1.3, 2.0)
+        top = w * rng.uniform(0.45, 0.7)
+        pts = np.array([[-top / 2, -h / 2], [top / 2, -h / 2], [w / 2, h / 2], [-w / 2, h / 2]])
+        return [_rot(pts, deg)]
+    # semicircle, any rotation
+    t = np.linspace(0, math.pi, 24)
+    return [_rot(np.stack([r * np.cos(t), r * np.sin(t) - r / 2], 1), deg)]
 
 
 def _background(rng: np.random.Generator, imgsz: int) -> np.ndarray:
@@ -103,10 +153,14 @@ def _background(rng: np.random.Generator, imgsz: int) -> np.ndarray:
     return img
 
 
-def _fill(img: np.ndarray, polys: list[np.ndarray], cx: float, cy: float, color) -> None:
-    for p in polys:  # one call each: a single multi-polygon call would punch even-odd holes where bars cross
-        cv2.fillPoly(img, [np.round((p + (cx, cy)) * ONE).astype(np.int32)], color, lineType=cv2.LINE_AA,
-                     shift=SHIFT)
+HOLED = {11, 12}  # ring and frame: their two polygons are drawn in one even-odd call, which cuts the hole
+
+
+def _fill(img: np.ndarray, polys: list[np.ndarray], cx: float, cy: float, color, holes: bool = False) -> None:
+    pts = [np.round((p + (cx, cy)) * ONE).astype(np.int32) for p in polys]
+    for group in ([pts] if holes else [[p] for p in pts]):
+        # one call per polygon otherwise: a single multi-polygon call would punch holes where bars cross
+        cv2.fillPoly(img, group, color, lineType=cv2.LINE_AA, shift=SHIFT)
 
 
 def _color(rng: np.random.Generator, avoid: np.ndarray) -> tuple[float, float, float]:
@@ -118,12 +172,12 @@ def _color(rng: np.random.Generator, avoid: np.ndarray) -> tuple[float, float, f
     return tuple(float(v) for v in c)
 
 
-def _distractor(img: np.ndarray, rng: np.random.Generator, imgsz: int, max_size: float) -> None:
-    """Unlabelled clutter: outlines, other polygons, lines and dots."""
+def _distractor(img: np.ndarray, rng: np.random.Generator, imgsz: int, max_size: float, many: bool = False) -> None:
+    """Unlabelled clutter: outlines, other polygons, lines and dots (only the last three with `many`)."""
     size = float(np.exp(rng.uniform(math.log(6), math.log(max_size))))
     cx, cy = rng.uniform(0, imgsz, 2)
     color = tuple(float(v) for v in rng.uniform(0, 255, 3))
-    kind = rng.integers(0, 5)
+    kind = rng.integers(2, 5) if many else rng.integers(0, 5)
     if kind == 0:  # hollow ring or square outline: same silhouette as an object, but not filled
         poly = _ellipse(size / 2, size / 2, 0) if rng.random() < 0.5 else _rect(size, size, rng.uniform(0, 90))
         pts = np.round((poly + (cx, cy)) * ONE).astype(np.int32)
@@ -165,18 +219,21 @@ def _overlaps(box: np.ndarray, boxes: list[np.ndarray]) -> bool:
     return False
 
 
-def make_image(rng: np.random.Generator, imgsz: int = DEFAULT_IMGSZ) -> tuple[np.ndarray, list[tuple[int, float, float, float, float]]]:
+def make_image(rng: np.random.Generator, imgsz: int = DEFAULT_IMGSZ,
+               variant: str = "v2") -> tuple[np.ndarray, list[tuple[int, float, float, float, float]]]:
     """One BGR uint8 image and its labels [(cls, x, y, w, h) normalised]."""
+    many = variant == "many"
+    names, min_size = VARIANTS[variant], MANY_MIN_SIZE if many else MIN_SIZE
     img = _background(rng, imgsz)
     for _ in range(int(rng.integers(0, 4))):  # clutter behind the objects
-        _distractor(img, rng, imgsz, 48)
+        _distractor(img, rng, imgsz, 48, many)
     n_obj = int(rng.integers(0, 9))
     boxes: list[np.ndarray] = []
     labels = []
     for _ in range(n_obj):
         for _attempt in range(10):
-            cls = int(rng.integers(0, len(NAMES)))
-            size = float(np.exp(rng.uniform(math.log(MIN_SIZE), math.log(MAX_SIZE))))
+            cls = int(rng.integers(0, len(names)))
+            size = float(np.exp(rng.uniform(math.log(min_size), math.log(MAX_SIZE))))
             polys = object_polygons(cls, size, rng)
             allp = np.concatenate(polys, 0)
             lo, hi = allp.min(0), allp.max(0)
@@ -188,13 +245,13 @@ def make_image(rng: np.random.Generator, imgsz: int = DEFAULT_IMGSZ) -> tuple[np
             if _overlaps(box, boxes):
                 continue
             ix, iy = int(np.clip(cx, 0, imgsz - 1)), int(np.clip(cy, 0, imgsz - 1))
-            _fill(img, polys, cx, cy, _color(rng, img[iy, ix]))
+            _fill(img, polys, cx, cy, _color(rng, img[iy, ix]), holes=many and cls in HOLED)
             boxes.append(box)
             x1, y1, x2, y2 = np.clip(box, 0, imgsz) / imgsz
             labels.append((cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1))
             break
     for _ in range(int(rng.integers(0, 3))):  # small occluders in front
-        _distractor(img, rng, imgsz, 20)
+        _distractor(img, rng, imgsz, 20, many)
     img += rng.normal(0, rng.uniform(2, 9), img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
@@ -206,11 +263,12 @@ def _complete(out: Path, meta: dict) -> bool:
         return False
 
 
-def generate(out: Path, n_train: int, n_val: int, seed: int = 0, imgsz: int = DEFAULT_IMGSZ) -> Path:
+def generate(out: Path, n_train: int, n_val: int, seed: int = 0, imgsz: int = DEFAULT_IMGSZ,
+             variant: str = "v2") -> Path:
     """Write images/{train,val} and labels/{train,val} under out; skip if already complete."""
     out = Path(out)
     meta = {"version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed, "imgsz": imgsz,
-            "names": NAMES}
+            "names": VARIANTS[variant]}
     if _complete(out, meta):
         return out
     (out / ".complete.json").unlink(missing_ok=True)
@@ -224,7 +282,7 @@ def generate(out: Path, n_train: int, n_val: int, seed: int = 0, imgsz: int = DE
         for i in range(n):
             # one stream per image: output does not depend on generation order
             rng = np.random.default_rng([seed, split_id, i])
-            img, labels = make_image(rng, imgsz)
+            img, labels = make_image(rng, imgsz, variant)
             ok, buf = cv2.imencode(".jpg", img, JPEG_PARAMS)
             if not ok:
                 raise RuntimeError("JPEG encoding failed")
@@ -243,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-val", type=int, default=200, help="number of validation images")
     ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     ap.add_argument("--imgsz", type=int, default=DEFAULT_IMGSZ, help="image side in pixels")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="v2",
+                    help="v2: the 8 demo classes; many: 16 classes (see the module docstring)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    out = generate(a.out, a.n_train, a.n_val, a.seed, a.imgsz)
+    out = generate(a.out, a.n_train, a.n_val, a.seed, a.imgsz, a.variant)
     print(f"shapes dataset ready at {out} ({a.n_train} train, {a.n_val} val) in {time.perf_counter() - t0:.1f}s")
     return 0
 
