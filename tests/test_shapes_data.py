@@ -119,9 +119,10 @@ def test_hyp_files():
             assert h["copy_paste"] == (0.1 if name == "high" else 0.0)
 
 
-def test_shapes160_yaml_download_entry_builds_160px_data(tmp_path, monkeypatch):
-    spec = yaml.safe_load((ROOT / "data" / "shapes160.yaml").read_text())
-    assert spec["names"] == yaml.safe_load((ROOT / "data" / "shapes.yaml").read_text())["names"]
+def _run_download_entry(yaml_name: str, tmp_path: Path, monkeypatch) -> tuple[dict, dict, Path]:
+    """Run a data yaml's own download entry into tmp_path (2 train, 1 val image) and resolve the yaml there:
+    (its spec, check_dataset's dict, the folder the data went to)."""
+    spec = yaml.safe_load((ROOT / "data" / yaml_name).read_text())
     argv = spec["download"].split()
     assert argv[:2] == ["python", "data/scripts/generate_shapes.py"]
     # the yaml's own arguments, with a tiny split and a temporary folder instead of the full 1200 images
@@ -129,13 +130,19 @@ def test_shapes160_yaml_download_entry_builds_160px_data(tmp_path, monkeypatch):
     argv = argv[2:]
     argv[argv.index("--out") + 1] = str(out)
     assert gen.main(argv + ["--n-train", "2", "--n-val", "1"]) == 0
-    img = cv2.imread(str(next((out / "images" / "val").glob("*.jpg"))))
-    assert img.shape == (160, 160, 3)
     monkeypatch.setattr(D, "ROOT", tmp_path)
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "shapes160.yaml").write_bytes((ROOT / "data" / "shapes160.yaml").read_bytes())
-    d = D.check_dataset("shapes160.yaml", autodownload=False)
-    assert d["val"] == str(out / "images" / "val") and d["nc"] == 8
+    (tmp_path / "data" / yaml_name).write_bytes((ROOT / "data" / yaml_name).read_bytes())
+    d = D.check_dataset(yaml_name, autodownload=False)
+    assert d["val"] == str(out / "images" / "val")
+    return spec, d, out
+
+
+def test_shapes160_yaml_download_entry_builds_160px_data(tmp_path, monkeypatch):
+    spec, d, out = _run_download_entry("shapes160.yaml", tmp_path, monkeypatch)
+    assert spec["names"] == yaml.safe_load((ROOT / "data" / "shapes.yaml").read_text())["names"]
+    assert cv2.imread(str(next((out / "images" / "val").glob("*.jpg")))).shape == (160, 160, 3)
+    assert d["nc"] == 8
 
 
 def test_many_variant_draws_16_valid_classes_and_leaves_v2_alone(tmp_path, caplog):
@@ -163,17 +170,8 @@ def test_many_variant_ring_and_frame_have_holes():
 
 
 def test_shapes16_yaml_download_entry_builds_the_many_variant(tmp_path, monkeypatch):
-    spec = yaml.safe_load((ROOT / "data" / "shapes16.yaml").read_text())
-    assert spec["names"] == dict(enumerate(gen.MANY_NAMES))
-    argv = spec["download"].split()
-    assert argv[:2] == ["python", "data/scripts/generate_shapes.py"]
-    out = tmp_path / spec["path"]
-    argv = argv[2:]
-    argv[argv.index("--out") + 1] = str(out)
-    assert gen.main(argv + ["--n-train", "2", "--n-val", "1"]) == 0
+    spec, d, out = _run_download_entry("shapes16.yaml", tmp_path, monkeypatch)
+    assert spec["names"] == dict(enumerate(gen.MANY_NAMES)) and d["nc"] == 16
     assert cv2.imread(str(next((out / "images" / "val").glob("*.jpg")))).shape == (160, 160, 3)
-    monkeypatch.setattr(D, "ROOT", tmp_path)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "shapes16.yaml").write_bytes((ROOT / "data" / "shapes16.yaml").read_bytes())
-    d = D.check_dataset("shapes16.yaml", autodownload=False)
-    assert d["val"] == str(out / "images" / "val") and d["nc"] == 16
+    labels = [int(ln.split()[0]) for f in (out / "labels").rglob("*.txt") for ln in f.read_text().splitlines()]
+    assert labels and max(labels) < 16
