@@ -58,14 +58,31 @@ def _box_cell(pb: np.ndarray, tb: np.ndarray, a_s=None, a_t=None, rn=None) -> fl
     if a_s is None:
         return float(((pb - tb) ** 2).mean())
 
-    def dec(v, anc):
-        s = [_sig(c) for c in v]
-        return [2 * s[0] - 0.5, 2 * s[1] - 0.5, (2 * s[2]) ** 2 * anc[0], (2 * s[3]) ** 2 * anc[1]]
-    return sum((x - y) ** 2 for x, y in zip(dec(pb, a_s), dec(tb, a_t))) / 4
+    return sum((x - y) ** 2 for x, y in zip(_decode_cell(pb, a_s), _decode_cell(tb, a_t))) / 4
+
+
+def _decode_cell(v, anc) -> list[float]:
+    s = [_sig(c) for c in v]
+    return [2 * s[0] - 0.5, 2 * s[1] - 0.5, (2 * s[2]) ** 2 * anc[0], (2 * s[3]) ** 2 * anc[1]]
+
+
+def _ciou_loss_cell(pb: np.ndarray, tb: np.ndarray, a_s, a_t) -> float:
+    """1 - CIoU of one cell's decoded student and teacher boxes, from the CIoU paper's definition."""
+    (x1, y1, w1, h1), (x2, y2, w2, h2) = _decode_cell(pb, a_s), _decode_cell(tb, a_t)
+    iw = max(0.0, min(x1 + w1 / 2, x2 + w2 / 2) - max(x1 - w1 / 2, x2 - w2 / 2))
+    ih = max(0.0, min(y1 + h1 / 2, y2 + h2 / 2) - max(y1 - h1 / 2, y2 - h2 / 2))
+    inter = iw * ih
+    iou = inter / (w1 * h1 + w2 * h2 - inter)
+    cw = max(x1 + w1 / 2, x2 + w2 / 2) - min(x1 - w1 / 2, x2 - w2 / 2)
+    ch = max(y1 + h1 / 2, y2 + h2 / 2) - min(y1 - h1 / 2, y2 - h2 / 2)
+    rho2 = (x1 - x2) ** 2 + (y1 - y2) ** 2
+    v = 4 / math.pi ** 2 * (math.atan(w2 / h2) - math.atan(w1 / h1)) ** 2
+    alpha = v / (v - iou + 1)
+    return 1 - (iou - rho2 / (cw ** 2 + ch ** 2) - alpha * v)
 
 
 def reference(ps, ts, nc, mode="l2", T=1.0, ratio=0.5, norm="weighted", a_s=None, a_t=None, rn=None, hyp=HYP):
-    """The weighted / soft distillation parts, one cell at a time."""
+    """The weighted / soft / iou distillation parts, one cell at a time."""
     balance = [4.0, 1.0, 0.4]
     box = obj = cls = 0.0
     for i, (p, t) in enumerate(zip(ps, ts)):
@@ -80,8 +97,11 @@ def reference(ps, ts, nc, mode="l2", T=1.0, ratio=0.5, norm="weighted", a_s=None
                         pv, tv = p[b, a, y, x], t[b, a, y, x]
                         w = _sig(tv[4])
                         sw += w
-                        sbox += w * _box_cell(pv[:4], tv[:4], None if a_s is None else a_s[i][a],
-                                              None if a_t is None else a_t[i][a], None if rn is None else rn[i][a])
+                        if norm == "iou":
+                            sbox += w * _ciou_loss_cell(pv[:4], tv[:4], a_s[i][a], a_t[i][a])
+                        else:
+                            sbox += w * _box_cell(pv[:4], tv[:4], None if a_s is None else a_s[i][a],
+                                                  None if a_t is None else a_t[i][a], None if rn is None else rn[i][a])
                         sobj += w * (pv[4] - tv[4]) ** 2
                         if nc > 1:
                             scls += w * _cls_cell(pv[5:], tv[5:], mode, T)
@@ -135,6 +155,48 @@ def test_decoded_box_matches_hand_computation(norm):
     want = reference(ps, ts, 3, norm=norm, a_s=a_s.double().numpy(), a_t=a_t.double().numpy())
     for k, v in want.items():
         assert rel(parts[k], v) < 1e-5, k
+
+
+@pytest.mark.parametrize("mode,T", [("l2", 1.0), ("bce", 1.0), ("kl", 4.0)])
+@pytest.mark.parametrize("same_anchors", [True, False])
+def test_iou_matches_hand_computation(mode, T, same_anchors):
+    """iou: box 1 - CIoU of the decoded boxes (weighted over cells), objectness as soft, class as weighted."""
+    ps, ts = maps(3)
+    g = torch.Generator().manual_seed(6)
+    a_s = torch.rand(3, 3, 2, generator=g) * 3 + 0.5
+    a_t = a_s if same_anchors else a_s * 1.3
+    loss = OutputDistillationLoss(fake_student(3, a_s), mode, T=T, norm="iou",
+                                  teacher_anchors=None if same_anchors else a_t)
+    total, parts = loss(ps, ts)
+    want = reference(ps, ts, 3, mode, T, 0.5, "iou", a_s=a_s.double().numpy(), a_t=a_t.double().numpy())
+    for k, v in want.items():
+        assert rel(parts[k], v) < 1e-5, k
+    assert rel(total, sum(want.values())) < 1e-5
+
+
+def test_iou_box_term_by_hand():
+    """One confident teacher cell whose box the student draws twice as wide and high, same centre and shape:
+    CIoU = IoU = 1/4, so dbox = box gain · ratio · bs · 0.75 · w / max(w, 1); every other cell agrees."""
+    a = torch.ones(1, 3, 2)
+    t = torch.zeros(1, 3, 2, 2, 5 + 3)
+    t[..., 4] = EMPTY
+    t[0, 1, 1, 0, 4] = 3.0  # the teacher's only object, w = σ(3)
+    p = t.clone()
+    # wh logits 0 decode to (2·0.5)² = 1 grid unit; the student's 2 units need σ = 1/√2
+    p[0, 1, 1, 0, 2:4] = math.log((1 / math.sqrt(2)) / (1 - 1 / math.sqrt(2)))
+    _, parts = OutputDistillationLoss(fake_student(3, a), "l2", distill_ratio=0.5, norm="iou")([p], [t])
+    w = _sig(3.0)
+    empty_w = 11 * _sig(EMPTY)  # the box differs only where the teacher sees its object
+    assert rel(parts["dbox"], HYP["box"] * 0.5 * 1 * 0.75 * w / max(w + empty_w, 1.0)) < 1e-5
+    assert float(parts["dcls"]) == 0.0 and float(parts["dobj"]) == 0.0
+    # the term is scale-free: the same boxes in a 4x larger grid with 4x larger anchors give the same dbox
+    _, parts4 = OutputDistillationLoss(fake_student(3, a * 4), "l2", distill_ratio=0.5, norm="iou")([p], [t])
+    assert rel(parts4["dbox"], parts["dbox"]) < 1e-5
+
+
+def test_iou_needs_anchors():
+    with pytest.raises(UserError, match="iou"):
+        OutputDistillationLoss(fake_student(3), "l2", norm="iou")
 
 
 def test_reg_norm_weighted_matches_hand_computation():
@@ -279,7 +341,7 @@ def test_bad_norm_is_a_user_error():
         OutputDistillationLoss(fake_student(3), "l2", norm="sum")
 
 
-@pytest.mark.parametrize("norm", ["weighted", "soft"])
+@pytest.mark.parametrize("norm", ["weighted", "soft", "iou"])
 def test_all_empty_teacher_is_finite(norm):
     """Extreme logits are covered for every norm in test_distill.py; here Σw = 0 everywhere."""
     torch.manual_seed(1)
@@ -298,18 +360,19 @@ def test_all_empty_teacher_is_finite(norm):
 def test_gradient_only_to_student(norm):
     t = torch.randn(2, 3, 2, 2, 8, requires_grad=True)  # a teacher map that tracks grad is still a constant
     p = torch.randn(2, 3, 2, 2, 8, requires_grad=True)
-    total, parts = OutputDistillationLoss(fake_student(3), "kl", norm=norm)([p], [t])
+    total, parts = OutputDistillationLoss(fake_student(3, torch.ones(1, 3, 2)), "kl", norm=norm)([p], [t])
     total.backward()
     assert t.grad is None and p.grad is not None and p.grad.abs().sum() > 0
     assert all(v.ndim == 0 and not v.requires_grad for v in parts.values())
 
 
-@pytest.mark.parametrize("norm", ["weighted", "soft"])
+@pytest.mark.parametrize("norm", ["weighted", "soft", "iou"])
 def test_fp32_under_autocast(norm):
     ps, ts = maps(9)
-    want = OutputDistillationLoss(fake_student(3), "kl", T=5, norm=norm)(ps, ts)[0]
+    a = torch.rand(3, 3, 2, generator=torch.Generator().manual_seed(2)) + 0.5
+    want = OutputDistillationLoss(fake_student(3, a), "kl", T=5, norm=norm)(ps, ts)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        total, parts = OutputDistillationLoss(fake_student(3), "kl", T=5, norm=norm)(
+        total, parts = OutputDistillationLoss(fake_student(3, a), "kl", T=5, norm=norm)(
             [x.to(torch.bfloat16) for x in ps], ts)
     assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
     assert rel(total, want) < 3e-2  # only the bf16 rounding of the student input
