@@ -41,6 +41,28 @@ M50, M5095 = "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"
 DEF_LOSS, DEF_T, DEF_RATIO, DEF_NORM, DEF_UNLABELED = "l2", 5.0, 0.5, "mean", 1.0
 
 
+def _check_stored_run(run: Path, want: dict) -> None:
+    """Refuse to reuse a run folder whose opt.yaml records other data, imgsz, start or teacher: folder names
+    carry the arm's settings but not these, so another dataset's run would otherwise be read as this one's."""
+    import yaml
+
+    opt_file = run / "opt.yaml"
+    if not opt_file.exists():
+        return  # folders from before opt.yaml: nothing to compare against
+    opt = yaml.safe_load(opt_file.read_text()) or {}
+    for key, value in want.items():
+        stored = opt.get(key)
+        if key in ("weights", "t_weights"):  # paths may be written relative or absolute
+            same = Path(str(stored or "")).name == Path(str(value or "")).name
+        elif key == "imgsz":
+            same = stored is None or (stored[0] if isinstance(stored, list) else stored) == value
+        else:
+            same = Path(str(stored)).name == Path(str(value)).name
+        if not same:
+            raise SystemExit(f"{run}: this run was trained with {key} {stored!r}, not {value!r}; "
+                             f"pass another --project (or move the folder) to run these settings")
+
+
 def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights: str = "", data: str = "",
               hyp: str | None = None, alone: bool = False, extra: tuple[str, ...] = ()) -> dict:
     """One training run (reused if its results.csv is complete); returns its results.csv columns, plus
@@ -51,6 +73,8 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
     if csv.exists() and (run / "weights/best.pt").exists():
         res = read_results_csv(csv)
         if len(res.get("epoch", [])) == epochs:
+            _check_stored_run(run, {"data": data or a.data, "imgsz": a.imgsz, "weights": weights,
+                                    "t_weights": a.teacher if kd else None})
             print(f"{name}: reusing {csv}")
             if timing.exists():
                 res["seconds"] = float(timing.read_text())

@@ -53,3 +53,33 @@ def test_unlabeled_runs_also_name_their_unlabeled_ratio() -> None:
         "_mean0.5_l2T5_u2"
     assert kd_gain._kd_flags(argparse.Namespace(**{**vars(old), "distill_ratio": 0.05}), unlabeled=True)[1] == \
         "_mean0.05_l2T5_u1"  # the folders of docs/kd_unlabeled_r0.05.md
+
+
+def _stored_run(tmp_path: Path, data: str, imgsz: int = 160) -> argparse.Namespace:
+    """A finished 2-epoch converge baseline folder, as train.py leaves it; returns the benchmark's args."""
+    run = tmp_path / "conv_baseline_s0"
+    (run / "weights").mkdir(parents=True)
+    (run / "weights/best.pt").write_bytes(b"")
+    header = "epoch,metrics/precision,metrics/recall,metrics/mAP_0.5,metrics/mAP_0.5:0.95\n"
+    (run / "results.csv").write_text(header + "0,0.5,0.5,0.5,0.3\n1,0.6,0.6,0.6,0.4\n")
+    (run / "opt.yaml").write_text(f"weights: checkpoint/yolov5n-shapes16.pt\ndata: {data}\nimgsz: {imgsz}\n")
+    return argparse.Namespace(project=str(tmp_path), data="shapes16.yaml", imgsz=160, teacher="t.pt")
+
+
+def test_a_stored_run_of_the_same_settings_is_reused(tmp_path: Path) -> None:
+    a = _stored_run(tmp_path, "shapes16.yaml")
+    res = kd_gain.train_run("conv_baseline_s0", a, seed=0, epochs=2, kd=None,
+                            weights="/elsewhere/checkpoint/yolov5n-shapes16.pt")
+    assert res["metrics/mAP_0.5:0.95"] == [0.3, 0.4]
+
+
+@pytest.mark.parametrize("data,imgsz,weights,what", [
+    ("shapes.yaml", 160, "checkpoint/yolov5n-shapes16.pt", "data 'shapes.yaml'"),
+    ("shapes16.yaml", 256, "checkpoint/yolov5n-shapes16.pt", "imgsz 256"),
+    ("shapes16.yaml", 160, "checkpoint/yolov5n-shapes.pt", "weights"),
+])
+def test_a_stored_run_of_other_data_is_refused_not_reused(tmp_path: Path, data, imgsz, weights, what) -> None:
+    a = _stored_run(tmp_path, data, imgsz)
+    with pytest.raises(SystemExit, match=f"trained with {what}"):
+        kd_gain.train_run("conv_baseline_s0", a, seed=0, epochs=2, kd=None, weights=weights)
+    assert (tmp_path / "conv_baseline_s0/results.csv").exists()  # nothing was deleted
