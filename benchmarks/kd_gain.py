@@ -320,19 +320,20 @@ def converge(a) -> list[str]:
              f"mAP50-95 in points (last row: mAP50 of the same epochs); gap closed = (arm - baseline) / (teacher - baseline).", "",
              "| seed | " + " | ".join(names) + " | baseline gain in last 20 % of epochs |",
              "|---|" + "---|" * (len(names) + 1)]
+    best_of = {key: best_row(r) for key, r in res.items()}  # (mAP50, mAP50-95) of each run's best.pt epoch
     for seed in a.seeds:
-        vals = [best_row(res[(n, seed)])[1] for n in names]
+        vals = [best_of[(n, seed)][1] for n in names]
         cells = [f"{vals[0] * 100:.2f}"] + [f"{v * 100:.2f} ({(v - vals[0]) * 100:+.2f})" for v in vals[1:]]
         lines.append(f"| {seed} | " + " | ".join(cells) + f" | {plateau_gain(res[('baseline', seed)]) * 100:+.2f} |")
-    means = {n: statistics.mean(best_row(res[(n, sd)])[1] for sd in a.seeds) for n in names}
-    gains = {n: [best_row(res[(n, sd)])[1] - best_row(res[("baseline", sd)])[1] for sd in a.seeds] for n in names}
+    means = {n: statistics.mean(best_of[(n, sd)][1] for sd in a.seeds) for n in names}
+    gains = {n: [best_of[(n, sd)][1] - best_of[("baseline", sd)][1] for sd in a.seeds] for n in names}
     lines.append("| mean | " + " | ".join([f"{means['baseline'] * 100:.2f}"] + [
         f"{means[n] * 100:.2f} ({statistics.mean(gains[n]) * 100:+.2f}, gap closed "
         f"{(means[n] - means['baseline']) / (t - means['baseline']) * 100:.0f} %)" if t > means["baseline"] else
         f"{means[n] * 100:.2f}" for n in names[1:]]) + " | |")
     # mAP50 of the same best.pt epochs: distillation can move it while mAP50-95 stays (boxes found, not tighter)
-    m50 = {n: statistics.mean(best_row(res[(n, sd)])[0] for sd in a.seeds) for n in names}
-    g50 = {n: [best_row(res[(n, sd)])[0] - best_row(res[("baseline", sd)])[0] for sd in a.seeds] for n in names}
+    m50 = {n: statistics.mean(best_of[(n, sd)][0] for sd in a.seeds) for n in names}
+    g50 = {n: [best_of[(n, sd)][0] - best_of[("baseline", sd)][0] for sd in a.seeds] for n in names}
     lines.append("| mAP50, mean | " + " | ".join([f"{m50['baseline'] * 100:.2f}"] + [
         f"{m50[n] * 100:.2f} ({statistics.mean(g50[n]) * 100:+.2f}; per seed "
         + ", ".join(f"{g * 100:+.2f}" for g in g50[n]) + ")" for n in names[1:]]) + " | |")

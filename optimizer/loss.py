@@ -103,13 +103,11 @@ class OutputDistillationLoss:
                 LOGGER.info("Distillation: teacher and student anchors differ, so boxes are compared in decoded "
                             "space (centre offsets and grid-unit width/height)")
         self.decoded_box = self.teacher_anchors is not None
-        if norm == "iou":  # CIoU compares boxes, so both heads' logits are always decoded with their own anchors
+        if norm == "iou" and self.student_anchors is None:  # CIoU compares decoded boxes even when anchors agree
             student_anchors = _detect_anchors(m)
             if student_anchors is None:
                 raise UserError("--dist_norm iou: the student's Detect head has no anchors")
-            self.student_anchors = student_anchors.detach().float().clone()
-            self.teacher_anchors = (self.student_anchors if teacher_anchors is None
-                                    else teacher_anchors.detach().float().clone())
+            self.student_anchors = self.teacher_anchors = student_anchors.detach().float().clone()
         self._anchor_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _anchors_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

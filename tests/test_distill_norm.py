@@ -49,6 +49,12 @@ def _cls_cell(pc: np.ndarray, tc: np.ndarray, mode: str, T: float) -> float:
     return sum(_bce_logits(pc[j] / T, _sig(tc[j] / T)) for j in range(len(pc))) * T * T / len(pc)
 
 
+def _decode_cell(v, anc) -> list[float]:
+    """One cell's box logits decoded as Detect does: centre in cells, width/height in grid units."""
+    s = [_sig(c) for c in v]
+    return [2 * s[0] - 0.5, 2 * s[1] - 0.5, (2 * s[2]) ** 2 * anc[0], (2 * s[3]) ** 2 * anc[1]]
+
+
 def _box_cell(pb: np.ndarray, tb: np.ndarray, a_s=None, a_t=None, rn=None) -> float:
     """Mean over the 4 box channels of the squared difference of one cell."""
     if rn is not None:
@@ -59,11 +65,6 @@ def _box_cell(pb: np.ndarray, tb: np.ndarray, a_s=None, a_t=None, rn=None) -> fl
         return float(((pb - tb) ** 2).mean())
 
     return sum((x - y) ** 2 for x, y in zip(_decode_cell(pb, a_s), _decode_cell(tb, a_t))) / 4
-
-
-def _decode_cell(v, anc) -> list[float]:
-    s = [_sig(c) for c in v]
-    return [2 * s[0] - 0.5, 2 * s[1] - 0.5, (2 * s[2]) ** 2 * anc[0], (2 * s[3]) ** 2 * anc[1]]
 
 
 def _ciou_loss_cell(pb: np.ndarray, tb: np.ndarray, a_s, a_t) -> float:
