@@ -288,6 +288,6 @@ def test_evolve_with_teacher(tiny_data, teacher, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows, values, _ = _check_run(tmp_path / "kd", 3, teacher=True)
     start = values[0]
-    assert start["distill_ratio"] == 0.05 and start["temperature"] == 5.0 and start["dist_norm"] == "weighted"
+    assert start["distill_ratio"] == 0.05 and start["temperature"] == 5.0 and start["dist_norm"] == "iou"
     assert any(v[k] != start[k] for v in values[1:] for k in KD)  # seed 0: deterministic
     assert (tmp_path / "kd/evolve.png").stat().st_size > 0

@@ -51,7 +51,9 @@ def test_values_are_validated_once_where_they_come_from():
     for f in sorted((ROOT / "data/hyps").glob("hyp.*.yaml")):
         out = load_hyp(f, KD_SPECS)
         assert all(k in yaml.safe_load(f.read_text()) for k in KD_SPECS), f.name
-        assert out["dist_norm"] in ("mean", "weighted", "soft")
+        # and they agree with train.py's defaults, so a run with or without --hyp distils the same way
+        assert (out["dist_norm"], out["distill_ratio"]) == (KD_SPECS["dist_norm"].default,
+                                                            KD_SPECS["distill_ratio"].default), f.name
 
 
 def test_from_record_keeps_the_recorded_values():
@@ -95,6 +97,13 @@ def test_balance_ratios_and_warnings():
     assert "dbox/box" in lines[0] and f"below {BALANCE_LOW:g}" in lines[0] and "--dist_norm soft" in lines[0]
     assert "dobj/obj" in lines[1] and f"above {BALANCE_HIGH:g}" in lines[1] and "lower distill_ratio" in lines[1]
     assert balance_warnings({"dbox/box": 1.0, "dobj/obj": 0.5, "dcls/cls": float("nan")}, KDConfig()) == []
+    # soft / iou: a low objectness KL is named as such instead of sending the user to raise the ratio alone
+    low_obj = {"dbox/box": 0.04, "dobj/obj": 0.009, "dcls/cls": 1.4}
+    for norm in ("soft", "iou"):
+        (line,) = balance_warnings(low_obj, KDConfig(t_weights="t.pt", dist_norm=norm))
+        assert "dobj/obj" in line and "a KL over every cell" in line and "only if the other parts are low" in line
+    (line,) = balance_warnings(low_obj, KDConfig(t_weights="t.pt", dist_norm="weighted"))
+    assert line.endswith("the teacher hardly counts there; raise distill_ratio")
 
 
 def test_distiller_reports_balance_once(caplog):
