@@ -109,7 +109,7 @@ def test_hyp_files():
         h = yaml.safe_load((ROOT / "data" / "hyps" / f"hyp.scratch-{name}.yaml").read_text())
         keys = keys or set(h)
         assert set(h) == keys and len(h) == 32
-        assert h["distill_ratio"] == 0.05 and h["temperature"] == 5.0 and h["dist_norm"] == "weighted"
+        assert h["distill_ratio"] == 0.05 and h["temperature"] == 5.0 and h["dist_norm"] == "iou"
         assert h["unlabeled_ratio"] == 1.0
         assert h["lr0"] == 0.01 and h["momentum"] == 0.937 and h["anchor_t"] == 4.0 and h["fliplr"] == 0.5
         if name == "low":
