@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from optimizer.config import KDConfig
-from optimizer.loss import OutputDistillationLoss
+from optimizer.loss import KL_OBJ_NORMS, OutputDistillationLoss
 from optimizer.teacher import Teacher, load_teacher, preflight
 from utils.errors import UserError
 
@@ -140,7 +140,6 @@ class Distiller(DetectionCriterion):
 
 
 _PAIRS = tuple(zip(DISTILLATION_PARTS, DETECTION_PARTS))
-KL_OBJ_NORMS = ("soft", "iou")  # dist_norm forms whose objectness part is a binary KL over all cells
 
 
 def _finite(x: float) -> bool:

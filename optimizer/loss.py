@@ -28,6 +28,7 @@ DIST_LOSSES = ("l2", "kl", "bce")
 #              divergence, so the box term is on the detection box loss's scale (l2 on box logits is ~100x
 #              smaller there) and pulls on localisation, which mAP50-95 rewards.
 DIST_NORMS = ("mean", "weighted", "soft", "iou")
+KL_OBJ_NORMS = ("soft", "iou")  # forms whose objectness part is a binary KL over every cell
 # Denominator floor for weighted/soft: one fully confident teacher cell. A level where the teacher sees
 # (almost) nothing then adds Σ w·D ≈ 0 instead of a full-strength average over cells it calls empty
 # (a tiny eps would turn Σ w·D / Σ w into exactly that), and Σ w never divides by ~0.
@@ -196,12 +197,12 @@ class OutputDistillationLoss:
                     lbox = lbox + (self._box_ciou_loss(i, pi[..., :4], ti[..., :4]) * w).sum() / den
                 else:
                     lbox = lbox + (self._box_diff(i, pi[..., :4], ti[..., :4]) * wb).sum() / (4 * den)
-                if self.norm == "weighted":
-                    lobj = lobj + ((pi[..., 4] - ti[..., 4]).square() * w).sum() / den
-                else:  # soft and iou: BCE(p, σ(t)) − H(σ(t)) = binary KL, zero when the logits agree
+                if self.norm in KL_OBJ_NORMS:  # BCE(p, σ(t)) − H(σ(t)) = binary KL, zero when the logits agree
                     kl = (F.binary_cross_entropy_with_logits(pi[..., 4], w, reduction="none")
                           - F.binary_cross_entropy_with_logits(ti[..., 4], w, reduction="none"))
                     lobj = lobj + kl.mean() * balance[i]
+                else:  # weighted
+                    lobj = lobj + ((pi[..., 4] - ti[..., 4]).square() * w).sum() / den
                 if self.nc > 1:
                     lcls = lcls + (self._cls_term(pi[..., 5:], ti[..., 5:]) * wb).sum() / ((pi.shape[-1] - 5) * den)
             k = self.distill_ratio * p[0].shape[0]
