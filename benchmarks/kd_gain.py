@@ -42,8 +42,9 @@ DEF_LOSS, DEF_T, DEF_RATIO, DEF_NORM, DEF_UNLABELED = "l2", 5.0, 0.5, "mean", 1.
 
 
 def _check_stored_run(run: Path, want: dict) -> None:
-    """Refuse to reuse a run folder whose opt.yaml records other data, imgsz, start or teacher: folder names
-    carry the arm's settings but not these, so another dataset's run would otherwise be read as this one's."""
+    """Refuse to reuse or overwrite a run folder whose opt.yaml records other data, imgsz, epochs, start or
+    teacher: folder names carry the arm's settings but not these, so another dataset's run would otherwise be
+    read as this one's, and a finished run of another length deleted as if it had been interrupted."""
     import yaml
 
     opt_file = run / "opt.yaml"
@@ -56,6 +57,8 @@ def _check_stored_run(run: Path, want: dict) -> None:
             same = Path(str(stored or "")).name == Path(str(value or "")).name
         elif key == "imgsz":
             same = stored is None or (stored[0] if isinstance(stored, list) else stored) == value
+        elif key == "epochs":
+            same = stored is None or int(stored) == value
         else:
             same = Path(str(stored)).name == Path(str(value)).name
         if not same:
@@ -70,11 +73,12 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
     run = Path(a.project) / name
     csv = run / "results.csv"
     timing = Path(a.project) / f"{name}.seconds"
+    if run.exists():
+        _check_stored_run(run, {"data": data or a.data, "imgsz": a.imgsz, "epochs": epochs, "weights": weights,
+                                "t_weights": a.teacher if kd else None})
     if csv.exists() and (run / "weights/best.pt").exists():
         res = read_results_csv(csv)
         if len(res.get("epoch", [])) == epochs:
-            _check_stored_run(run, {"data": data or a.data, "imgsz": a.imgsz, "weights": weights,
-                                    "t_weights": a.teacher if kd else None})
             print(f"{name}: reusing {csv}")
             if timing.exists():
                 res["seconds"] = float(timing.read_text())
@@ -303,6 +307,9 @@ def converge(a) -> list[str]:
     arms = [("baseline", None)]
     arms += [parse_arm(n, a) for n in a.norms]  # "soft" (the flags' settings), "soft:0.05", "soft:0.5:bce:1"
     jobs = [(arm, kd, seed) for seed in a.seeds for arm, kd in arms]
+    # A KD run takes ~1.5x a baseline's time (the teacher's forward): starting them first keeps --jobs workers
+    # busy to the end instead of leaving one KD run alone at the tail.
+    jobs.sort(key=lambda j: j[1] is None)
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         res = dict(zip([(arm, seed) for arm, _, seed in jobs],
                        pool.map(lambda j: train_run(_conv_name(j[1]["norm"] if j[1] else j[0], j[1], j[2],

@@ -62,7 +62,7 @@ def _stored_run(tmp_path: Path, data: str, imgsz: int = 160) -> argparse.Namespa
     (run / "weights/best.pt").write_bytes(b"")
     header = "epoch,metrics/precision,metrics/recall,metrics/mAP_0.5,metrics/mAP_0.5:0.95\n"
     (run / "results.csv").write_text(header + "0,0.5,0.5,0.5,0.3\n1,0.6,0.6,0.6,0.4\n")
-    (run / "opt.yaml").write_text(f"weights: checkpoint/yolov5n-shapes16.pt\ndata: {data}\nimgsz: {imgsz}\n")
+    (run / "opt.yaml").write_text(f"weights: checkpoint/yolov5n-shapes16.pt\ndata: {data}\nimgsz: {imgsz}\nepochs: 2\n")
     return argparse.Namespace(project=str(tmp_path), data="shapes16.yaml", imgsz=160, teacher="t.pt")
 
 
@@ -83,3 +83,29 @@ def test_a_stored_run_of_other_data_is_refused_not_reused(tmp_path: Path, data, 
     with pytest.raises(SystemExit, match=f"trained with {what}"):
         kd_gain.train_run("conv_baseline_s0", a, seed=0, epochs=2, kd=None, weights=weights)
     assert (tmp_path / "conv_baseline_s0/results.csv").exists()  # nothing was deleted
+
+
+def test_a_finished_run_of_another_length_is_refused_not_deleted(tmp_path: Path) -> None:
+    a = _stored_run(tmp_path, "shapes16.yaml")
+    with pytest.raises(SystemExit, match="trained with epochs 2, not 3"):
+        kd_gain.train_run("conv_baseline_s0", a, seed=0, epochs=3, kd=None, weights="checkpoint/yolov5n-shapes16.pt")
+    assert (tmp_path / "conv_baseline_s0/results.csv").exists()
+
+
+def test_converge_starts_the_slower_kd_runs_first(tmp_path: Path, monkeypatch) -> None:
+    started = []
+
+    def fake_run(name, a, *, seed, epochs, kd, weights=""):
+        started.append(name)
+        return {"epoch": [0], "metrics/precision": [0.5], "metrics/recall": [0.5], "metrics/mAP_0.5": [0.5],
+                "metrics/mAP_0.5:0.95": [0.3 if kd is None else 0.32]}
+
+    monkeypatch.setattr(kd_gain, "train_run", fake_run)
+    monkeypatch.setattr(kd_gain, "start_map", lambda a, w: (0.5, 0.3))
+    monkeypatch.setattr(kd_gain, "plot_arms", lambda *args, **kw: None)
+    a = argparse.Namespace(**vars(FLAGS), norms=["iou:0.05"], seeds=[0, 1], jobs=1, teacher_precision="auto",
+                           train_flags="", ft_epochs=1, start="s.pt", teacher="t.pt", imgsz=64, batch=2,
+                           out=str(tmp_path), tag="")
+    lines = kd_gain.converge(a)
+    assert any(line.startswith("| 0 | 30.00 | 32.00 (+2.00) |") for line in lines)  # results keyed by arm, not order
+    assert started == ["conv_iou_r0.05_s0", "conv_iou_r0.05_s1", "conv_baseline_s0", "conv_baseline_s1"]
