@@ -351,7 +351,9 @@ def converge(a) -> list[str]:
         lines[-1] += (f" Best KD arm: `{best}` ({statistics.mean(gains[best]) * 100:+.2f} on the mean, per seed "
                       + ", ".join(f"{g * 100:+.2f}" for g in gains[best]) + ").")
     curves = {n: [res[(n, sd)][M5095] for sd in a.seeds] for n in names}
-    plot_arms(curves, s, t, Path(a.out) / f"kd_converge{a.tag}.png", a)
+    shipped = Path(a.start).resolve() == Path(DEMO_STUDENT).resolve()
+    plot_arms(curves, s, t, Path(a.out) / f"kd_converge{a.tag}.png", a,
+              start_label="start (shipped student)" if shipped else f"start ({a.start})")
     return lines
 
 
