@@ -38,7 +38,8 @@ from utils.datasets import check_dataset, create_dataloader, reseed_loader  # no
 from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel,  # noqa: E402
                                dist_info_from_env, init_distributed, main_process_first, select_device)
 from utils.engine import (NBS, CompiledForward, EarlyStopping, LoopState, ModelEMA, accumulate_steps,  # noqa: E402
-                          build_optimizer, build_scheduler, init_seeds, lr_lambda, resolve_amp, train_one_epoch)
+                          build_optimizer, build_scheduler, init_seeds, keep_freed_memory, lr_lambda, resolve_amp,
+                          train_one_epoch)
 from utils.errors import UserError  # noqa: E402
 from utils.config import read_yaml, yaml_save  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
@@ -186,6 +187,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     main = info.is_main
     init_seeds(opt.seed + 1 + info.rank, deterministic=True)
     torch.set_flush_denormal(True)  # denormal activations/gradients make CPU kernels several % slower
+    keep_freed_memory()  # reuse freed activation memory instead of page-faulting it in again every step
     data_dict, nc, names = load_data(opt, info, kd)
     keeper = CheckpointKeeper(save_dir, save_period=opt.save_period, nosave=opt.nosave)
     if main:

@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
 from utils.checkpoint import attempt_load  # noqa: E402
 from utils.distributed import de_parallel  # noqa: E402
+from utils.engine import keep_freed_memory  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from models.yolo import check_img_size  # noqa: E402
 from utils.log import increment_path, setup_logging  # noqa: E402
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry: run validation, printing user errors as one line."""
     setup_logging()
     opt = parse_opt(argv)
+    keep_freed_memory()  # as train.py: reuse freed activation memory rather than page-fault it in per batch
     try:
         if opt.task == "speed":
             # YOLOv5's speed settings: timing at deployment thresholds, FP16 where the device has it

@@ -17,11 +17,12 @@ from optimizer.config import KDConfig  # noqa: E402
 from optimizer.criterion import DetectionCriterion, Distiller  # noqa: E402
 from optimizer.teacher import Teacher, load_teacher, resolve_teacher_precision  # noqa: E402
 from utils.datasets import check_dataset  # noqa: E402
-from utils.engine import ModelEMA, build_optimizer, optimizer_step, step_loss, to_input  # noqa: E402
+from utils.engine import ModelEMA, build_optimizer, keep_freed_memory, optimizer_step, step_loss, to_input  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
 torch.set_flush_denormal(True)  # as train.py does
+keep_freed_memory()  # likewise
 
 
 def demo_data() -> dict:

@@ -1,6 +1,12 @@
 """Training-loop pieces on hand-built cases: optimizer groups, LR schedule and its resume, EMA, stopping."""
 import math
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from models.yolo import Model
@@ -71,3 +77,41 @@ def test_early_stopping():
     assert s.possible_stop
     assert s(2, 0.45)
     assert s.best_epoch == 0
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from utils.engine import keep_freed_memory
+
+SIZES = (10 * 2**20, 2**20, 10 * 2**20, 4 * 2**20, 12 * 2**20)  # floats: 40, 4, 40, 16, 48 MB
+
+def faults_of_one_step():
+    # activations of several sizes, written, held together and freed, as a training step does
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    held = [torch.empty(n).fill_(1.0) for n in SIZES]
+    del held
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = [faults_of_one_step() for _ in range(4)][1:]
+took = keep_freed_memory()
+kept = [faults_of_one_step() for _ in range(6)][3:]
+print(took, min(default), sum(kept))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_refaulting_activations():
+    """With glibc's defaults the large blocks a step frees go back to the OS and are faulted in again on
+    the next step; after keep_freed_memory() later steps reuse them. Run in a fresh process, since the
+    setting is process-wide and cannot be undone."""
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT.format(root=root)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    took, default_min, kept_3_steps = out.stdout.split()
+    if took != "True":
+        pytest.skip("not glibc: mallopt unavailable")
+    pages = 148 * 2**20 // resource.getpagesize()  # one step's blocks
+    assert int(default_min) > pages // 2  # the premise: by default every step faults its blocks in again
+    assert int(kept_3_steps) < pages // 10  # three later steps together: almost nothing new
