@@ -63,10 +63,28 @@ def non_max_suppression(prediction, conf_thres: float = 0.25, iou_thres: float =
             continue
         x = x[x[:, 4].argsort(descending=True)[:MAX_NMS]]
         c = x[:, 5:6] * (0 if agnostic else MAX_WH)
-        # the offset trick, not batched_nms' own per-class split, so float rounding matches the reference
-        i = torchvision.ops.nms(x[:, :4] + c, x[:, 4], iou_thres)[:max_det]
+        # the offset trick, not batched_nms' own split, so float rounding matches the reference
+        i = _offset_nms(x[:, :4] + c, x[:, 4], None if agnostic else x[:, 5], iou_thres)[:max_det]
         output[xi] = x[i]
         if time_limit is not None and time.time() - t0 > time_limit:
             LOGGER.warning(f"NMS time limit {time_limit:.3f}s exceeded")
             break
     return output
+
+
+def _offset_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor | None, iou_thres: float,
+                split_above: int = 1000) -> torch.Tensor:
+    """torchvision NMS over class-offset boxes sorted by descending score: kept indices, best first.
+
+    Offset boxes of different classes never overlap, so NMS over all of them equals NMS run class by class
+    on the same coordinates. Above `split_above` boxes the per-class runs are much cheaper (NMS compares each
+    kept box with every box after it), as torchvision's batched_nms also splits on CPU; the indices are merged
+    back into score order, which is index order since the input is sorted."""
+    if classes is None or len(boxes) <= split_above:
+        return torchvision.ops.nms(boxes, scores, iou_thres)
+    keep = []
+    for cls in classes.unique():
+        idx = (classes == cls).nonzero().view(-1)
+        keep.append(idx[torchvision.ops.nms(boxes[idx], scores[idx], iou_thres)])
+    return torch.cat(keep).sort().values
+
