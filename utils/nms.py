@@ -87,4 +87,3 @@ def _offset_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
         idx = (classes == cls).nonzero().view(-1)
         keep.append(idx[torchvision.ops.nms(boxes[idx], scores[idx], iou_thres)])
     return torch.cat(keep).sort().values
-
