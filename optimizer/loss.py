@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from utils.boxes import bbox_iou
+from optimizer.box_ciou import decoded_ciou_loss
 from utils.distributed import de_parallel
 from utils.errors import UserError
 from utils.loss import BALANCE_3, BALANCE_N
@@ -137,12 +137,8 @@ class OutputDistillationLoss:
     def _box_ciou_loss(self, i: int, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """1 - CIoU between the student's and the teacher's decoded boxes of level i, shape (bs, na, ny, nx)."""
         a_s, a_t = self._anchors_on(p.device)
-        ps, ts = self._decode(p, a_s[i]), self._decode(t, a_t[i])
-        # a saturated wh logit decodes to a 0-size box, where CIoU's w/h ratio would be 0/0 and NaN × w = NaN
-        ps = torch.cat((ps[..., :2], ps[..., 2:].clamp(min=MIN_BOX_WH)), -1)
-        ts = torch.cat((ts[..., :2], ts[..., 2:].clamp(min=MIN_BOX_WH)), -1)
-        ciou = bbox_iou(ps.reshape(-1, 4), ts.reshape(-1, 4), CIoU=True)
-        return 1.0 - ciou.view(p.shape[:-1])
+        # sizes clamped: a saturated wh logit decodes to a 0-size box, where CIoU's w/h ratio would be 0/0
+        return decoded_ciou_loss(p, t, a_s[i], a_t[i], MIN_BOX_WH)
 
     @staticmethod
     def _decode(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,23 @@ def test_teacher_raw_maps_match_reference(teacher, golden):
         assert torch.allclose(r, ref[:2], atol=1e-4, rtol=1e-4)
 
 
+def test_teacher_skips_the_decode_and_restores_its_head(teacher, monkeypatch):
+    head = teacher.detect
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        _, eval_raw = teacher.model(images.clone())  # eval mode: (decoded boxes, raw maps)
+    made_grids = []
+    monkeypatch.setattr(head, "_make_grid", lambda *a: made_grids.append(a))  # only the decode builds grids
+    head.grid = [torch.empty(0)] * head.nl  # a stale grid would force a rebuild in any decode
+    raw = teacher(images)
+    assert made_grids == []  # no decoded boxes were computed
+    assert len(raw) == len(eval_raw) and all(torch.equal(r, e) for r, e in zip(raw, eval_raw))
+    assert not head.training and not teacher.model.training  # the head's flag is back: evaluating still decodes
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert isinstance(teacher.model(images), tuple)
+
+
 def test_teacher_half_outputs_fp32(fixtures_dir):
     t = load_teacher(fixtures_dir / "teacher.pt", "cpu", half=True)
     assert t.half and next(t.model.parameters()).dtype == torch.float16
