@@ -58,6 +58,8 @@ def main() -> int:
         ("training, --amp (bf16 autocast on CPU)", ["benchmarks/bench_train.py", "--amp", *dev], ("train",)),
         ("training with KD, --amp, teacher auto", ["benchmarks/bench_train.py", "--kd", "--amp", *dev], ("train",)),
         ("training, --compile", ["benchmarks/bench_train.py", "--compile", *dev], ("train", "first epoch")),
+        ("KD/plain training throughput, interleaved pairs (teacher auto)",
+         ["benchmarks/bench_kd_ratio.py", "--pairs", "3", *dev], ("KD/plain throughput",)),
         ("one optimizer step, plain vs KD (teacher auto)", ["benchmarks/bench_kd_step.py", "--iters", "20", *dev],
          ("device", "plain step", "KD step", "teacher forward", "KD/plain", "bound", "KD vs bound", "peak memory")),
         ("validation (val.run on the 200 demo val images)", ["benchmarks/bench_val.py", *dev], ("val",)),

@@ -1,0 +1,26 @@
+"""benchmarks/bench_kd_ratio.py: reading bench_train.py's result line (the timed runs themselves are benchmarks)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_kd_ratio  # noqa: E402
+
+
+def test_epoch_seconds_reads_the_result_line() -> None:
+    out = ("Teacher precision: bf16 (auto: CPU supports bf16)\n"
+           "train KD (teacher bf16) yolov5n imgsz 320 batch 16 workers 2 on cpu: 24.8 images/s "
+           "(1000 images in 40.2 s), peak RSS 1758 MB\n")
+    assert bench_kd_ratio.epoch_seconds(out) == (1000, 40.2)
+    plain = "train yolov5n imgsz 320 batch 16 workers 2 on cpu: 36.6 images/s (1000 images in 27.3 s), peak RSS 1 MB"
+    assert bench_kd_ratio.epoch_seconds(plain) == (1000, 27.3)
+
+
+def test_epoch_seconds_without_a_result_line_says_so() -> None:
+    with pytest.raises(ValueError, match="printed no 'train"):
+        bench_kd_ratio.epoch_seconds("Traceback (most recent call last):\n  ...\n")
