@@ -35,6 +35,7 @@ class _DecodedCIoULoss(torch.autograd.Function):
         smaller = torch.minimum(wh1, wh2)
         near = half_sum - ad
         o = torch.minimum(smaller, near).clamp(min=0)
+        by_near = near < smaller  # which side of each minimum / maximum carried the value, for the backward
         inter = o[..., 0] * o[..., 1]
         area1 = wh1[..., 0] * wh1[..., 1]
         union = area1 + (wh2[..., 0] * wh2[..., 1] + CIOU_EPS) - inter
@@ -42,33 +43,31 @@ class _DecodedCIoULoss(torch.autograd.Function):
         larger = torch.maximum(wh1, wh2)
         far = half_sum + ad
         e = torch.maximum(larger, far)
+        by_far = far > larger
         diag2 = e.square().sum(-1) + CIOU_EPS
         q = d.square().sum(-1) / diag2
         r1 = wh1[..., 0] / wh1[..., 1]
         dat = atan2 - torch.atan(r1)
         v = V_SCALE * dat.square()
         alpha = v / (v - iou + (1 + CIOU_EPS))
-        ctx.save_for_backward(s, raw_wh, wh1, wh2, d, o, smaller, near, larger, far, e, iou, union, diag2, q,
-                              r1, dat, alpha, anchors)
-        ctx.min_wh = min_wh
+        ctx.save_for_backward(s, raw_wh >= min_wh, wh1, wh2, d, o, by_near, by_far, e, iou, union, diag2, q, r1,
+                              dat, alpha, anchors)
         return 1 - iou + q + alpha * v
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (s, raw_wh, wh1, wh2, d, o, smaller, near, larger, far, e, iou, union, diag2, q, r1, dat, alpha,
+        (s, unclamped, wh1, wh2, d, o, by_near, by_far, e, iou, union, diag2, q, r1, dat, alpha,
          anchors) = ctx.saved_tensors
         sd = d.sign()
         # -iou: inter and area1 move iou by (1 + iou) / union and -iou / union
         g_inter = (g * (1 + iou) / union).neg().unsqueeze(-1)
         g_o = g_inter * o.flip(-1) * (o > 0)
-        by_near = near < smaller  # which side of each minimum / maximum carried the value
         g_wh1 = torch.where(by_near, 0.5 * g_o, g_o * (wh1 <= wh2))
         g_d = torch.where(by_near, g_o * sd.neg(), 0)
         g_wh1 = g_wh1 + (g * iou / union).unsqueeze(-1) * wh1.flip(-1)
         # + rho^2 / diag^2: d directly, and the enclosing extent e
         g_d = g_d + (2 * g / diag2).unsqueeze(-1) * d
         g_e = (-2 * g * q / diag2).unsqueeze(-1) * e
-        by_far = far > larger
         g_wh1 = g_wh1 + torch.where(by_far, 0.5 * g_e, g_e * (wh1 >= wh2))
         g_d = g_d + torch.where(by_far, g_e * sd, 0)
         # + alpha v, alpha constant: v depends on r1 = w1 / h1
@@ -77,7 +76,7 @@ class _DecodedCIoULoss(torch.autograd.Function):
         g_wh1 = g_wh1 + torch.stack((g_r1 / h1, -g_r1 * r1 / h1), -1)
         # through the clamp, wh = 4 s^2 a and c = 2 s, then the sigmoid
         s_wh = s[..., 2:]
-        g_swh = g_wh1 * (raw_wh >= ctx.min_wh) * 8 * s_wh * anchors
+        g_swh = g_wh1 * unclamped * 8 * s_wh * anchors
         g_s = torch.cat((2 * g_d, g_swh), -1)
         return g_s * s * (1 - s), None, None, None, None, None
 

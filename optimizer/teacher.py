@@ -118,10 +118,9 @@ class Teacher:
         head_training, head.training = head.training, True
         try:
             with torch.inference_mode(), self._autocast(x.device.type):
-                out = self.model(x)
+                raw = self.model(x)
         finally:
             head.training = head_training
-        raw = out[1] if isinstance(out, tuple) else out
         # Inference tensors cannot be saved for backward; a copy made outside inference mode is an ordinary
         # constant tensor, so autograd through the student's side of the loss works with any op.
         return [r.to(dtype=torch.float32, copy=True) for r in raw]
