@@ -21,12 +21,12 @@ HERE = Path(__file__).resolve().parent
 RESULT = re.compile(r"^train .*?([\d.]+) images/s \((\d+) images in ([\d.]+) s\)")
 
 
-def epoch_seconds(output: str) -> tuple[int, float]:
-    """(images, seconds) of the timed epoch from bench_train.py's output; ValueError naming what was missing."""
+def epoch_seconds(output: str) -> tuple[int, float, str]:
+    """(images, seconds, the line) of the timed epoch from bench_train.py's output; ValueError if it has none."""
     for line in output.splitlines():
         m = RESULT.match(line.strip())
         if m:
-            return int(m.group(2)), float(m.group(3))
+            return int(m.group(2)), float(m.group(3)), line.strip()
     raise ValueError("bench_train.py printed no 'train ... images/s (N images in T s)' line")
 
 
@@ -35,9 +35,7 @@ def run_bench(extra: list[str]) -> tuple[int, float, str]:
     r = subprocess.run([sys.executable, str(HERE / "bench_train.py"), *extra], capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"bench_train.py {' '.join(extra)} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
-    n, dt = epoch_seconds(r.stdout)
-    line = next(ln.strip() for ln in r.stdout.splitlines() if RESULT.match(ln.strip()))
-    return n, dt, line
+    return epoch_seconds(r.stdout)
 
 
 def main() -> int:

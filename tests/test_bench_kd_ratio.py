@@ -13,12 +13,12 @@ import bench_kd_ratio  # noqa: E402
 
 
 def test_epoch_seconds_reads_the_result_line() -> None:
-    out = ("Teacher precision: bf16 (auto: CPU supports bf16)\n"
-           "train KD (teacher bf16) yolov5n imgsz 320 batch 16 workers 2 on cpu: 24.8 images/s "
-           "(1000 images in 40.2 s), peak RSS 1758 MB\n")
-    assert bench_kd_ratio.epoch_seconds(out) == (1000, 40.2)
+    kd = ("train KD (teacher bf16) yolov5n imgsz 320 batch 16 workers 2 on cpu: 24.8 images/s "
+          "(1000 images in 40.2 s), peak RSS 1758 MB")
+    out = f"Teacher precision: bf16 (auto: CPU supports bf16)\n{kd}\n"
+    assert bench_kd_ratio.epoch_seconds(out) == (1000, 40.2, kd)
     plain = "train yolov5n imgsz 320 batch 16 workers 2 on cpu: 36.6 images/s (1000 images in 27.3 s), peak RSS 1 MB"
-    assert bench_kd_ratio.epoch_seconds(plain) == (1000, 27.3)
+    assert bench_kd_ratio.epoch_seconds(plain) == (1000, 27.3, plain)
 
 
 def test_epoch_seconds_without_a_result_line_says_so() -> None:
