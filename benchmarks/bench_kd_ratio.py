@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """KD/plain training throughput in interleaved pairs: bench_train.py without and with --kd, alternated.
 
-    python benchmarks/bench_kd_ratio.py [--pairs 3] [--device cpu] [-- extra bench_train.py arguments]
+    python benchmarks/bench_kd_ratio.py [--pairs 3] [--device cpu] [--teacher-precision auto|fp32|bf16|int8]
+                                        [-- extra bench_train.py arguments]
 
 Each run is a separate process (one at a time). A pair's ratio is plain epoch time / KD epoch time for the
 same images, i.e. KD throughput as a fraction of plain; alternating the two spreads host drift over both, so
@@ -42,6 +43,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--teacher-precision", default="auto", help="the KD runs' --teacher-precision")
     ap.add_argument("extra", nargs="*", help="passed to both bench_train.py runs (after --)")
     a = ap.parse_args()
     if a.pairs < 1:
@@ -50,14 +52,14 @@ def main() -> int:
     ratios = []
     for i in range(1, a.pairs + 1):
         n_p, t_p, line_p = run_bench(common)
-        n_k, t_k, line_k = run_bench(["--kd", *common])
+        n_k, t_k, line_k = run_bench(["--kd", "--teacher-precision", a.teacher_precision, *common])
         if n_p != n_k:
             raise SystemExit(f"pair {i}: plain timed {n_p} images, KD {n_k}; not comparable")
         ratios.append(t_p / t_k)
         print(f"pair {i}: {line_p}")
         print(f"pair {i}: {line_k}")
         print(f"pair {i}: KD/plain {t_p:.1f} / {t_k:.1f} s = {ratios[-1]:.3f}", flush=True)
-    print(f"KD/plain throughput over {a.pairs} interleaved pairs: median {statistics.median(ratios):.3f} "
+    print(f"KD/plain throughput (teacher {a.teacher_precision}) over {a.pairs} interleaved pairs: median {statistics.median(ratios):.3f} "
           f"(per pair {', '.join(f'{r:.3f}' for r in ratios)})")
     return 0
 

@@ -3,7 +3,7 @@
 2 workers, mosaic on), as train.py's loop runs it (warmup, EMA, clipping; fp32 on CPU unless --amp, AMP on CUDA).
 
     python benchmarks/bench_train.py [--imgsz 320] [--batch 16] [--workers 2] [--device cpu] [--kd]
-                                     [--teacher-precision auto|fp32|bf16|fp16] [--amp] [--compile]
+                                     [--teacher-precision auto|fp32|bf16|fp16|int8] [--amp] [--compile]
 
 With --compile the first (untimed) epoch includes the compilation, and its time is printed as well.
 """

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANT_ROWS = ("fp32 ", "bf16 ", "bf16-weights ", "int8 ")  # bench_teacher_forward.py's table lines
 
 
 def run(args: list[str]) -> list[str]:
@@ -64,6 +65,15 @@ def main() -> int:
          ("device", "plain step", "KD step", "teacher forward", "KD/plain", "bound", "KD vs bound", "peak memory")),
         ("validation (val.run on the 200 demo val images)", ["benchmarks/bench_val.py", *dev], ("val",)),
     ]
+    if a.device == "cpu":  # --teacher-precision int8 is a CPU option
+        benches.append(("training with KD, teacher int8 (opt-in)",
+                        ["benchmarks/bench_train.py", "--kd", "--teacher-precision", "int8"], ("train",)))
+        benches.append(("KD/plain training throughput, interleaved pairs (teacher int8)",
+                        ["benchmarks/bench_kd_ratio.py", "--pairs", "3", "--teacher-precision", "int8"],
+                        ("KD/plain throughput",)))
+        benches.append(("the teacher's forward at each precision: ms, largest map difference from fp32, mAP50-95, "
+                        "the KD/plain step ratio it allows", ["benchmarks/bench_teacher_forward.py"],
+                        ("cpu,", "plain step", "variant", *VARIANT_ROWS)))
     if a.reference:
         ref = ["benchmarks/bench_reference.py", "--reference", a.reference, "--pairs", str(a.reference_pairs)]
         ref += ["--pythonpath", a.reference_pythonpath] if a.reference_pythonpath else []

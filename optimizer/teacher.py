@@ -12,13 +12,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from optimizer.int8 import convert_int8, int8_unavailable, prepare_int8
 from utils.checkpoint import attempt_load
 from utils.distributed import de_parallel
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 
-TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --teacher-precision choices
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # --teacher-precision choices
+INT8_CALIBRATION_BATCHES = 8  # training batches an int8 teacher observes in fp32 before it is quantised
 # /proc/cpuinfo flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension
 _BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 CPUINFO = Path("/proc/cpuinfo")
@@ -42,7 +44,8 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_teacher_precision(precision: str, device: str | torch.device) -> tuple[str, str]:
-    """(fp32 | bf16 | fp16, why) for a --teacher-precision value on device; UserError for fp16 off CUDA."""
+    """(fp32 | bf16 | fp16 | int8, why) for a --teacher-precision value on device; UserError for fp16 off CUDA
+    and for int8 off the CPU or where this torch cannot quantise."""
     dev = torch.device(device).type
     if precision not in TEACHER_PRECISIONS:
         raise UserError(f"--teacher-precision {precision!r}: must be one of {', '.join(TEACHER_PRECISIONS)}")
@@ -55,6 +58,14 @@ def resolve_teacher_precision(precision: str, device: str | torch.device) -> tup
         return "fp32", f"auto: {dev} device"
     if precision == "fp16" and dev != "cuda":
         raise UserError(f"--teacher-precision fp16 needs a CUDA device (this run uses {dev}); use bf16 or fp32")
+    if precision == "int8":
+        if dev != "cpu":
+            raise UserError(f"--teacher-precision int8 is for CPU training (this run uses {dev}); use auto")
+        reason = int8_unavailable()
+        if reason:
+            raise UserError(f"--teacher-precision int8: {reason}; use auto (bf16 or fp32)")
+        return "int8", (f"requested: int8 convolutions, activation ranges observed on the first "
+                        f"{INT8_CALIBRATION_BATCHES} training batches")
     if precision == "bf16" and dev == "cpu" and not cpu_supports_bf16():
         return "bf16", "requested; this CPU has no native bf16, so it is emulated and may be slower than fp32"
     return precision, "requested"
@@ -66,20 +77,32 @@ class Teacher:
     # Deliberately not an nn.Module: it can then never become a submodule of the student, so it is never
     # wrapped in DDP, moved by student.to()/half(), switched by student.train(), or pickled into its checkpoint.
 
-    def __init__(self, model: nn.Module, path: str | Path = "", half: bool = False, precision: str | None = None):
+    def __init__(self, model: nn.Module, path: str | Path = "", half: bool = False, precision: str | None = None,
+                 calibration_batches: int | None = None):
         """Wrap an already loaded model; freezes it and puts it in eval mode.
 
-        precision: fp32 (plain), bf16 (autocast around the forward, weights stay fp32) or fp16 (the model is
-        converted with .half(), as on CUDA); None means fp16 if `half` else fp32."""
+        precision: fp32 (plain), bf16 (autocast around the forward, weights stay fp32), fp16 (the model is
+        converted with .half(), as on CUDA) or int8 (CPU: the first `calibration_batches` calls run an
+        observing fp32 copy, later ones its int8 conversion, None meaning INT8_CALIBRATION_BATCHES; `model`
+        itself stays fp32, for validation); precision None means fp16 if `half` else fp32."""
         precision = precision or ("fp16" if half else "fp32")
         if precision not in TEACHER_PRECISIONS[1:]:
-            raise ValueError(f"Teacher precision {precision!r}: must be fp32, bf16 or fp16")
+            raise ValueError(f"Teacher precision {precision!r}: must be fp32, bf16, fp16 or int8")
         self.model = model.eval().requires_grad_(False)
         self.path = str(path)
         self.precision = precision
         self.half = precision == "fp16"
         if self.half:
             self.model.half()
+        # int8: the network the forward runs, and how many calibration calls it still owes
+        self._int8 = prepare_int8(self.model) if precision == "int8" else None
+        n = INT8_CALIBRATION_BATCHES if calibration_batches is None else int(calibration_batches)
+        self._to_observe = max(n, 1) if precision == "int8" else 0
+
+    @property
+    def calibrated(self) -> bool:
+        """False while an int8 teacher is still observing activation ranges (always True otherwise)."""
+        return self._to_observe == 0
 
     @property
     def detect(self) -> nn.Module:
@@ -111,23 +134,29 @@ class Teacher:
         if self.model.training:  # someone called .train() on it; BN stats (if unfused) must not move
             self.model.eval()
         x = images.half() if self.half else images.float()
-        head = self.detect
+        net = self.model if self._int8 is None else self._int8
+        head = net.model[-1]
         # Detect's training flag only picks its output: raw maps alone, without the decoded boxes the
         # distillation loss never reads (2.5 of the demo teacher's 194 ms at 16x320, bf16, 2 cores). Restored
         # at once, so evaluating the teacher still decodes.
         head_training, head.training = head.training, True
         try:
             with torch.inference_mode(), self._autocast(x.device.type):
-                raw = self.model(x)
+                raw = net(x)
         finally:
             head.training = head_training
+        if self._to_observe:
+            self._to_observe -= 1
+            if not self._to_observe:
+                self._int8 = convert_int8(self._int8)
+                LOGGER.info("Teacher int8: activation ranges observed, convolutions quantised")
         # Inference tensors cannot be saved for backward; a copy made outside inference mode is an ordinary
         # constant tensor, so autograd through the student's side of the loss works with any op.
         return [r.to(dtype=torch.float32, copy=True) for r in raw]
 
     def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
-        # bf16 autocasts the convolutions; fp32 and fp16 switch off any autocast the caller may be under,
-        # so the teacher always runs at its own precision
+        # bf16 autocasts the convolutions; fp32, fp16 and int8 switch off any autocast the caller may be
+        # under, so the teacher always runs at its own precision
         if self.precision == "bf16":
             return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
         return torch.autocast(device_type=device_type, enabled=False)
