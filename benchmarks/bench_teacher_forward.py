@@ -2,9 +2,10 @@
 """The teacher's forward at each precision we could run it in: time, accuracy, and the KD/plain it allows.
 
     python benchmarks/bench_teacher_forward.py [--batch 16] [--imgsz 320] [--iters 8] [--calib 8] [--no-map]
+        [--data data/shapes.yaml --weights checkpoint/yolov5s-shapes.pt --val-imgsz 256]
 
-CPU only. The demo teacher (fused) on one real mosaic batch of the demo training set, the variants timed in
-turn (interleaved, medians), next to the plain training step of the yolov5n student on the same batch:
+CPU only. The teacher (fused) on one real mosaic batch of the training set, the variants timed in turn
+(interleaved, medians), next to the plain training step of a yolov5n student on the same batch:
 
   fp32          the teacher as loaded (--teacher-precision fp32)
   bf16          autocast around the fp32 weights: --teacher-precision auto on a CPU with native bf16
@@ -28,12 +29,12 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from common import Stepper, demo_data, load_hyp, student, teacher
-from bench_kd_step import first_batch
+from common import DEMO_TEACHER, ROOT, Stepper, load_hyp, student
 
 from optimizer.int8 import convert_int8, prepare_int8  # noqa: E402
-from utils.datasets import create_dataloader  # noqa: E402
-from utils.engine import to_input  # noqa: E402
+from optimizer.teacher import load_teacher  # noqa: E402
+from utils.datasets import check_dataset, create_dataloader  # noqa: E402
+from utils.engine import init_seeds, to_input  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16-weights", "int8")
 
@@ -126,7 +127,7 @@ def median_ms(fns: dict[str, Callable[[], object]], iters: int) -> dict[str, flo
 
 
 def val_map(variant: TeacherVariant, data: dict, imgsz: int) -> float:
-    """mAP50-95 of a variant on the demo val set, as val.py computes it."""
+    """mAP50-95 of a variant on the val set, as val.py computes it."""
     import val as validate
 
     loader, _ = create_dataloader(data["val"], imgsz, 32, 32, pad=0.5, rect=True, workers=1)
@@ -141,16 +142,22 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=8, help="training batches that calibrate the int8 activations")
     ap.add_argument("--val-imgsz", type=int, default=256, help="imgsz of the mAP column (the checkpoint README's)")
     ap.add_argument("--no-map", action="store_true", help="skip the mAP column")
+    ap.add_argument("--data", default=str(ROOT / "data" / "shapes.yaml"), help="dataset yaml (demo data by default)")
+    ap.add_argument("--weights", default=str(DEMO_TEACHER), help="teacher checkpoint (the 8-class demo teacher)")
     a = ap.parse_args()
     device = torch.device("cpu")
-    data, imgs, targets = first_batch(a.imgsz, a.batch)
-    nc, hyp = int(data["nc"]), load_hyp()
-    t = teacher(nc, device, "fp32")
-    fused = t.model  # channels-last, as train.py sets the teacher up
+    data, hyp = check_dataset(a.data), load_hyp()
+    nc = int(data["nc"])
+    t = load_teacher(a.weights, device, precision="fp32")
+    fused = t.model.to(memory_format=torch.channels_last)  # as train.py sets the teacher up
 
-    loader, _ = create_dataloader(data["train"], a.imgsz, a.batch, 32, hyp=hyp, augment=True, workers=1,
-                                  shuffle=True, seed=1)  # not the timed batch's seed
-    calib = (to_input(b[0], device) for b, _ in zip(loader, range(a.calib)))
+    def train_batches(seed: int) -> Iterable[tuple]:
+        init_seeds(seed)  # mosaic draws from random/numpy as well as torch
+        return create_dataloader(data["train"], a.imgsz, a.batch, 32, hyp=hyp, augment=True, workers=0,
+                                 shuffle=True, seed=seed)[0]
+
+    imgs, targets, *_ = next(iter(train_batches(0)))  # the timed batch
+    calib = (to_input(b[0], device) for b, _ in zip(train_batches(1), range(a.calib)))
     variants = build_variants(fused, calib)
 
     x = to_input(imgs, device)
