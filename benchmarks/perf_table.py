@@ -83,7 +83,8 @@ def main() -> int:
     for what, args, prefixes in benches:
         print(f"running {' '.join(args)}", flush=True)
         figures = pick(run(args), *prefixes)
-        rows.append(f"| {what} | {'<br>'.join(figures)} | `python {' '.join(args)}` |")
+        cells = "<br>".join(f.replace("|", "\\|") for f in figures)  # a figure's own "|" must not split the row
+        rows.append(f"| {what} | {cells} | `python {' '.join(args)}` |")
     lines = [f"Machine: {machine}.", "", "| what | figures | command |", "|---|---|---|", *rows]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def resolve_teacher_precision(precision: str, device: str | torch.device) -> tup
         if reason:
             raise UserError(f"--teacher-precision int8: {reason}; use auto (bf16 or fp32)")
         return "int8", (f"requested: int8 convolutions, activation ranges observed on the first "
-                        f"{INT8_CALIBRATION_BATCHES} training batches")
+                        f"{INT8_CALIBRATION_BATCHES} training batches; faster, but the teacher may lose accuracy")
     if precision == "bf16" and dev == "cpu" and not cpu_supports_bf16():
         return "bf16", "requested; this CPU has no native bf16, so it is emulated and may be slower than fp32"
     return precision, "requested"
