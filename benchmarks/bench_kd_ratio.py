@@ -59,8 +59,8 @@ def main() -> int:
         print(f"pair {i}: {line_p}")
         print(f"pair {i}: {line_k}")
         print(f"pair {i}: KD/plain {t_p:.1f} / {t_k:.1f} s = {ratios[-1]:.3f}", flush=True)
-    print(f"KD/plain throughput (teacher {a.teacher_precision}) over {a.pairs} interleaved pairs: median {statistics.median(ratios):.3f} "
-          f"(per pair {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"KD/plain throughput (teacher {a.teacher_precision}) over {a.pairs} interleaved pairs: median "
+          f"{statistics.median(ratios):.3f} (per pair {', '.join(f'{r:.3f}' for r in ratios)})")
     return 0
 
 

@@ -24,15 +24,14 @@ import argparse
 import copy
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from common import DEMO_TEACHER, ROOT, Stepper, load_hyp, student
 
-from optimizer.int8 import convert_int8, prepare_int8  # noqa: E402
-from optimizer.teacher import load_teacher  # noqa: E402
+from optimizer.teacher import Teacher, load_teacher  # noqa: E402
 from utils.datasets import check_dataset, create_dataloader  # noqa: E402
 from utils.engine import init_seeds, to_input  # noqa: E402
 
@@ -75,16 +74,14 @@ class TeacherVariant(nn.Module):
         return self
 
 
-def int8_variant(model: nn.Module, batches: Iterable[torch.Tensor]) -> TeacherVariant:
-    """The int8 teacher of --teacher-precision int8 (optimizer/int8.py), ranges observed on `batches`."""
-    observed = prepare_int8(model)
-    head = observed.model[-1]
-    head.training = True  # raw maps, as the teacher computes them in training
-    with torch.inference_mode():
-        for x in batches:
-            observed(x)
-    head.training = False
-    return TeacherVariant(convert_int8(observed))
+def int8_variant(model: nn.Module, batches: Sequence[torch.Tensor]) -> TeacherVariant:
+    """The int8 teacher of --teacher-precision int8, calibrated by the Teacher's own first calls on `batches`."""
+    if not batches:
+        raise ValueError("the int8 variant needs at least one calibration batch (--calib)")
+    teacher = Teacher(copy.deepcopy(model), precision="int8", calibration_batches=len(batches))
+    for x in batches:
+        teacher(x)
+    return TeacherVariant(teacher.network)
 
 
 def bf16_weights_variant(model: nn.Module) -> TeacherVariant:
@@ -97,7 +94,7 @@ def bf16_weights_variant(model: nn.Module) -> TeacherVariant:
     return TeacherVariant(m, dtype=torch.bfloat16)
 
 
-def build_variants(model: nn.Module, calib: Iterable[torch.Tensor], names: Iterable[str] = VARIANTS
+def build_variants(model: nn.Module, calib: Sequence[torch.Tensor], names: Iterable[str] = VARIANTS
                    ) -> dict[str, TeacherVariant]:
     """The named variants of a fused fp32 teacher (int8 calibrated on `calib`)."""
     out: dict[str, TeacherVariant] = {}
@@ -157,7 +154,7 @@ def main() -> int:
                                  shuffle=True, seed=seed)[0]
 
     imgs, targets, *_ = next(iter(train_batches(0)))  # the timed batch
-    calib = (to_input(b[0], device) for b, _ in zip(train_batches(1), range(a.calib)))
+    calib = [to_input(b[0], device) for b, _ in zip(train_batches(1), range(a.calib))]
     variants = build_variants(fused, calib)
 
     x = to_input(imgs, device)

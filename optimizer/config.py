@@ -107,6 +107,6 @@ def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--teacher-precision", dest="teacher_precision", type=str, choices=TEACHER_PRECISIONS,
                         default=d.teacher_precision,
                         help="teacher forward precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, "
-                             "else fp32; int8 (CPU, opt-in): quantised convolutions, faster, slightly less "
-                             "accurate teacher")
+                             "else fp32; int8 (CPU, opt-in): quantised convolutions, faster, but the teacher may "
+                             "lose accuracy")
     return parser

@@ -100,6 +100,12 @@ class Teacher:
         self._to_observe = max(n, 1) if precision == "int8" else 0
 
     @property
+    def network(self) -> nn.Module:
+        """The module the forward runs: the model itself, or for int8 its observing copy and then its
+        quantised conversion."""
+        return self.model if self._int8 is None else self._int8
+
+    @property
     def calibrated(self) -> bool:
         """False while an int8 teacher is still observing activation ranges (always True otherwise)."""
         return self._to_observe == 0
@@ -134,7 +140,7 @@ class Teacher:
         if self.model.training:  # someone called .train() on it; BN stats (if unfused) must not move
             self.model.eval()
         x = images.half() if self.half else images.float()
-        net = self.model if self._int8 is None else self._int8
+        net = self.network
         head = net.model[-1]
         # Detect's training flag only picks its output: raw maps alone, without the decoded boxes the
         # distillation loss never reads (2.5 of the demo teacher's 194 ms at 16x320, bf16, 2 cores). Restored

@@ -10,10 +10,10 @@ import yaml
 
 import optimizer.teacher as teacher_mod
 from conftest import ROOT, random_checkpoint, run_cli
+from models.common import Conv
 from models.yolo import Model
 from optimizer.config import KD_SPECS, KDConfig, add_kd_args
 from optimizer.criterion import DetectionCriterion, Distiller
-from models.common import Conv
 from optimizer.int8 import int8_unavailable
 from optimizer.teacher import INT8_CALIBRATION_BATCHES, Teacher, cpu_supports_bf16, load_teacher, \
     resolve_teacher_precision
@@ -188,7 +188,7 @@ def test_int8_teacher_observes_then_quantises(fixtures_dir, golden, caplog):
     assert t8.calibrated and "Teacher int8: activation ranges observed, convolutions quantised" in _messages(caplog)
     assert torch.backends.quantized.engine == engine  # the process-wide engine is left as it was
 
-    net = t8._int8
+    net = t8.network
     n_conv = sum(isinstance(m, Conv) for m in ref.model.modules())
     assert sum(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in net.modules()) == n_conv > 50
     assert all(type(m) is torch.nn.Conv2d for m in net.model[-1].m)  # Detect's output convolutions stay fp32
