@@ -34,7 +34,8 @@ from optimizer.criterion import DetectionCriterion, Distiller, balance_ratios  #
 from optimizer.teacher import check_teacher_unchanged, file_sha256  # noqa: E402
 from utils.anchors import check_anchors  # noqa: E402
 from utils.checkpoint import model_from_ckpt, torch_load  # noqa: E402
-from utils.datasets import check_dataset, create_dataloader, reseed_loader  # noqa: E402
+from utils.datasets import (available_memory, batch_memory_need, check_dataset, create_dataloader,  # noqa: E402
+                            reseed_loader)
 from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel,  # noqa: E402
                                dist_info_from_env, init_distributed, main_process_first, select_device)
 from utils.engine import (NBS, CompiledForward, EarlyStopping, LoopState, ModelEMA, accumulate_steps,  # noqa: E402
@@ -43,7 +44,7 @@ from utils.engine import (NBS, CompiledForward, EarlyStopping, LoopState, ModelE
 from utils.errors import UserError  # noqa: E402
 from utils.config import read_yaml, yaml_save  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
-from utils.log import get_latest_run, increment_path, setup_logging  # noqa: E402
+from utils.log import get_latest_run, hold_run_folder, increment_path, setup_logging  # noqa: E402
 from utils.keeper import CheckpointKeeper, ResumePoint, restore_ema  # noqa: E402
 from utils.loggers import RunLogger  # noqa: E402
 from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
@@ -99,6 +100,10 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> None:
         if any(x in k for x in layers):
             LOGGER.info(f"freezing {k}")
             v.requires_grad_(False)
+    if not any(v.requires_grad for v in model.parameters()):
+        n = len(model.model)
+        raise UserError(f"--freeze {' '.join(map(str, freeze))}: freezes every layer of this {n}-layer model "
+                        f"(layers 0..{n - 1}), so nothing is left to train")
 
 
 @dataclass
@@ -148,11 +153,13 @@ def build_loaders(opt: argparse.Namespace, info: DistInfo, data_dict: dict, hyp:
                   gs: int, nc: int) -> tuple[Any, Any, np.ndarray, Any, UnlabeledStream | None]:
     """(train loader, its dataset, all its label rows, val loader (main process only), unlabelled stream or None)."""
     batch = opt.batch_size // info.world_size
+    # rows are checked against the dataset's own classes; --single-cls then merges them into class 0
+    data_nc = int(data_dict["nc"])
     with main_process_first(info):
         train_loader, dataset = create_dataloader(
             data_dict["train"], imgsz, batch, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
             rect=opt.rect, rank=info.rank, world_size=info.world_size, workers=opt.workers, prefix="train: ",
-            shuffle=True, seed=opt.seed, nc=nc)
+            shuffle=True, seed=opt.seed, nc=data_nc)
     labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise UserError(f"{opt.data}: label class {int(labels[:, 0].max())} exceeds nc={nc}")
@@ -171,7 +178,7 @@ def build_loaders(opt: argparse.Namespace, info: DistInfo, data_dict: dict, hyp:
     if info.is_main:
         val_loader, val_set = create_dataloader(data_dict["val"], imgsz, batch * 2, gs, opt.single_cls, hyp=hyp,
                                                 cache=None if opt.noval else opt.cache, rect=True, rank=-1,
-                                                workers=opt.workers * 2, pad=0.5, prefix="val: ", nc=nc)
+                                                workers=opt.workers * 2, pad=0.5, prefix="val: ", nc=data_nc)
         if not any(len(x) for x in val_set.labels):
             LOGGER.warning(f"WARNING: val: {data_dict['val']} has no labels, so mAP cannot be measured (fitness "
                            f"counts as 0); training goes on and best.pt follows the latest epoch")
@@ -189,18 +196,17 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     torch.set_flush_denormal(True)  # denormal activations/gradients make CPU kernels several % slower
     keep_freed_memory()  # reuse freed activation memory instead of page-faulting it in again every step
     data_dict, nc, names = load_data(opt, info, kd)
-    keeper = CheckpointKeeper(save_dir, save_period=opt.save_period, nosave=opt.nosave)
-    if main:
-        keeper.dir.mkdir(parents=True, exist_ok=True)
-        if not resuming:  # a resumed run keeps the files it was started with
-            yaml_save(save_dir / "hyp.yaml", hyp)
-            yaml_save(save_dir / "opt.yaml", vars(opt))
-
     model, ckpt = build_student(opt, nc, hyp, device)
     ckpt = ckpt if resuming else None  # from here on, a checkpoint means "resume from it"
     model = to_training_layout(model)
     amp_dtype = resolve_amp(opt.amp, device)  # CUDA: fp16 unless --no-amp; CPU: bf16 only with --amp
     freeze_layers(model, opt.freeze)
+    keeper = CheckpointKeeper(save_dir, save_period=opt.save_period, nosave=opt.nosave)
+    if main:  # written once the run is known to be trainable
+        keeper.dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:  # a resumed run keeps the files it was started with
+            yaml_save(save_dir / "hyp.yaml", hyp)
+            yaml_save(save_dir / "opt.yaml", vars(opt))
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
     batch_size = opt.batch_size
@@ -265,12 +271,13 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
 
 def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo, kd: KDConfig) -> tuple:
     """Run the whole training; returns the final validation results tuple."""
-    r = setup(hyp, opt, device, info, kd)
-    t0 = time.time()
-    results, epochs_run = run_epochs(r, opt, device, info)
-    if info.is_main:
-        LOGGER.info(f"\n{epochs_run} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        results = finish(r, opt, device, info, results)
+    with hold_run_folder(opt.save_dir, hold=info.is_main):
+        r = setup(hyp, opt, device, info, kd)
+        t0 = time.time()
+        results, epochs_run = run_epochs(r, opt, device, info)
+        if info.is_main:
+            LOGGER.info(f"\n{epochs_run} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+            results = finish(r, opt, device, info, results)
     return results
 
 
@@ -468,6 +475,11 @@ def check_flags(opt: argparse.Namespace) -> None:
     for flag, value, ok, need in checks:
         if not ok:
             raise UserError(f"{flag} {value}: must be {need}")
+    need, avail = batch_memory_need(opt.imgsz, opt.batch_size, opt.workers), available_memory()
+    if avail is not None and need > avail:
+        raise UserError(f"--imgsz {opt.imgsz}: one batch of {opt.batch_size} needs at least {need / 2**30:.1f} GiB "
+                        f"for its mosaics and tensors, more than the {avail / 2**30:.1f} GiB available; lower "
+                        f"--imgsz or --batch-size")
 
 
 def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import logging
 import os
 import pathlib
 import pickle
 import pickletools
-import tempfile
 import zipfile
 from copy import deepcopy
 from datetime import datetime
@@ -22,6 +20,7 @@ import torch.nn as nn
 
 from models import common, yolo
 from utils.distributed import de_parallel  # re-exported: older callers import it from here
+from utils.config import atomic_write
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
@@ -122,9 +121,17 @@ def _weights_only_reason(e: BaseException) -> str:
     return "not a checkpoint it can read without running code"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's text, whole: cut at a sentence end, or at a word with '...'."""
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    end = text.find(". ")
+    if 0 < end < limit:
+        return text[:end]
+    if len(text) <= limit:
+        return text.rstrip(".")
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
 def model_from_ckpt(ckpt: Any, path: str | Path, prefer_ema: bool = True) -> nn.Module:
@@ -135,8 +142,14 @@ def model_from_ckpt(ckpt: Any, path: str | Path, prefer_ema: bool = True) -> nn.
         if not isinstance(ckpt, dict):
             raise UserError(f"{path}: not a YOLOv5 checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
         model = (ckpt.get("ema") if prefer_ema else None) or ckpt.get("model")
+        if model is None and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            raise UserError(f"{path}: holds a bare state_dict ({len(ckpt)} tensors), not a YOLOv5 checkpoint; a "
+                            f"state_dict has no architecture, so save the model object (or give --cfg for a "
+                            f"training that starts from it)")
         if model is None:
-            raise UserError(f"{path}: checkpoint has no 'model' or 'ema' entry (keys: {', '.join(map(str, ckpt))})")
+            keys = [str(k) for k in ckpt]
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} keys)" if len(keys) > 8 else "")
+            raise UserError(f"{path}: checkpoint has no 'model' or 'ema' entry (keys: {shown})")
         if not isinstance(model, nn.Module):
             raise UserError(f"{path}: checkpoint 'model' is a {type(model).__name__}, not a YOLOv5 model")
     if not isinstance(model, yolo.DetectionModel) and not hasattr(model, "model"):
@@ -233,20 +246,7 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
     """torch.save to a temp file in the same folder, then rename: an interrupted save never damages `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file 0600; give it the permissions a plain open() would have had
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
     return path
 
 

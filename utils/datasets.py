@@ -26,12 +26,14 @@ from utils.errors import UserError
 from utils.labels import (IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache,
                           save_cache)
 
-__all__ = ["IMG_FORMATS", "img2label_paths", "check_dataset", "LoadImagesAndLabels", "create_dataloader",
+__all__ = ["IMG_FORMATS", "img2label_paths", "check_dataset", "available_memory", "batch_memory_need", "LoadImagesAndLabels", "create_dataloader",
            "reseed_loader", "seed_worker"]
 
 LOGGER = logging.getLogger("yolov5kd")
 ROOT = Path(__file__).resolve().parents[1]  # repository root; relative dataset paths hang off it
 GENERATOR_SEED = 6148914691236517205
+MAX_NAME_CHARS = 200  # class names are labels on plots and in results, not documents
+MAX_PATH_CHARS = 65536  # all paths of one key together
 
 
 # ----------------------------------------------------------------------------------------------- dataset yaml
@@ -69,6 +71,12 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
         names = dict(enumerate(names))
     if not isinstance(names, dict) or not names:
         raise UserError(f"{yaml_file}: 'names' must be a non-empty list or mapping")
+    for k, v in names.items():
+        # checked before str(): a nested value (e.g. a yaml alias) would expand into a huge string
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or len(str(v)) > MAX_NAME_CHARS:
+            what = type(v).__name__ if not isinstance(v, (str, int, float)) else f"{len(str(v))} characters"
+            raise UserError(f"{yaml_file}: class name {k!r} must be a short string (at most {MAX_NAME_CHARS} "
+                            f"characters), got {what}")
     try:
         d["names"] = {int(k): str(v) for k, v in names.items()}
     except (TypeError, ValueError):
@@ -86,6 +94,15 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             raise UserError(f"{yaml_file}: nc: {d['nc']} contradicts the {n} entries of 'names'")
     d["nc"] = n
 
+    for k in ("path", "train", "val", "test", "unlabeled", "download"):
+        v = d.get(k)
+        one = (str, Path)
+        ok = v is None or isinstance(v, one) or (k not in ("path", "download") and isinstance(v, (list, tuple))
+                                                 and all(isinstance(x, one) for x in v))
+        if not ok or sum(len(str(x)) for x in ([v] if isinstance(v, one) else v or [])) > MAX_PATH_CHARS:
+            kind = "a string" if k in ("path", "download") else "a string or a list of strings"
+            got = type(v).__name__ if not ok else "too long a value"
+            raise UserError(f"{yaml_file}: '{k}' must be {kind}, got {got}")
     path = Path(d.get("path") or "")
     if not path.is_absolute():
         path = (ROOT / path).resolve()
@@ -115,6 +132,29 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     return d
 
 
+# ---------------------------------------------------------------------------------------------------- memory
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable, else free pages); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for ln in f:
+                if ln.startswith("MemAvailable:"):
+                    return int(ln.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def batch_memory_need(imgsz: int, batch_size: int, workers: int) -> int:
+    """A lower bound on the bytes one training batch takes before the model sees it: each loader process's
+    mosaic canvas (2*imgsz square, uint8 BGR) plus the collated uint8 batch and its float copy."""
+    canvas = (2 * imgsz) ** 2 * 3
+    return canvas * max(workers, 1) + batch_size * 3 * imgsz ** 2 * (1 + 4)
+
+
 # --------------------------------------------------------------------------------------------- image listing
 def list_images(path: str | Path | Sequence[str | Path], prefix: str = "") -> list[str]:
     """Image files from folders (recursive), .txt lists, or single files; sorted, suffix-filtered."""
@@ -126,7 +166,7 @@ def list_images(path: str | Path | Sequence[str | Path], prefix: str = "") -> li
         elif p.is_file() and p.suffix.lower() == ".txt":
             parent = str(p.parent) + os.sep
             try:
-                lines = p.read_text(encoding="utf-8").splitlines()
+                lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not part of the path
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"{prefix}{p}: cannot read image list ({' '.join(str(e).split())})") from None
             files += [parent + x[2:] if x.startswith("./") else x for x in (ln.strip() for ln in lines) if x]
@@ -183,6 +223,7 @@ class LoadImagesAndLabels(Dataset):
         # one-resample mosaic for rotation-free hyps (see _compose_scaled); False = reference pixel chain
         self.fast_mosaic = True
         self.read_failures: set[str] = set()
+        self.bad_npy: set[str] = set()  # .npy disk-cache files already reported as unusable
         # Training keeps going on a stand-in sample; evaluation must not count any image twice, so there
         # a failed sample is dropped (None, removed by collate_fn). Default: substitute only when augmenting.
         self.substitute_failed = augment if substitute_failed is None else substitute_failed
@@ -297,9 +338,8 @@ class LoadImagesAndLabels(Dataset):
             r = self.img_size / max(w0, h0)
             need += math.ceil(w0 * r) * math.ceil(h0 * r) * 3
         need *= self.n / max(sample, 1)
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
+        avail = available_memory()
+        if avail is None:
             return True
         if need * 1.2 > avail:
             LOGGER.warning(f"{self.prefix}WARNING image RAM cache needs {need / 2**30:.1f} GB, only "
@@ -322,13 +362,26 @@ class LoadImagesAndLabels(Dataset):
         fn = self.npy_files[i]
         if os.path.exists(fn):
             try:
-                return np.load(fn, allow_pickle=False)
-            except Exception:
-                pass  # damaged .npy: fall back to the image itself
+                im = np.load(fn, allow_pickle=False)
+                problem = self._npy_problem(i, im)
+            except Exception as e:
+                problem = f"unreadable ({' '.join(str(e).split())[:120]})"
+            if not problem:
+                return im
+            if fn not in self.bad_npy:  # once per file, not once per epoch
+                self.bad_npy.add(fn)
+                LOGGER.warning(f"{self.prefix}WARNING {fn}: disk cache {problem}, reading the image instead")
         im = cv2.imread(self.im_files[i])
         if im is None:
             raise UnreadableImage(f"{self.prefix}cannot read image {self.im_files[i]}")
         return im
+
+    def _npy_problem(self, i: int, im: np.ndarray) -> str:
+        """Why a cached array cannot stand in for image i ('' if it can): it must be the image's HxWx3 uint8."""
+        w0, h0 = (int(x) for x in self.shapes[i])
+        if im.dtype != np.uint8 or im.shape != (h0, w0, 3):
+            return f"holds a {'x'.join(map(str, im.shape))} {im.dtype} array, not the {h0}x{w0}x3 uint8 image"
+        return ""
 
     def _resized_hw(self, h0: int, w0: int) -> tuple[int, int]:
         r = self.img_size / max(h0, w0)

@@ -49,17 +49,23 @@ def dist_info_from_env() -> DistInfo:
 
 def select_device(device: str = "", batch_size: int = 0, info: DistInfo | None = None) -> torch.device:
     """'' → first CUDA device if any else CPU; 'cpu'; '0' or '0,1' (CUDA indices); under DDP the local rank's GPU."""
-    device = str(device).strip().lower().replace("cuda:", "").replace("none", "")
+    given = str(device).strip()  # as typed, for messages
+    device = given.lower().replace("cuda:", "").replace("none", "")
     if device == "cpu" or (device == "" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if device == "mps":
         return torch.device("mps")
+    parts = [x.strip() for x in device.split(",")] if device else ["0"]
+    if device == "cuda":
+        parts = ["0"]
+    if not all(x.isdigit() for x in parts):
+        raise UserError(f"--device {given}: not a device (use cpu, cuda, 0, cuda:0 or 0,1,2,3)")
     if not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    ids = [int(x) for x in device.split(",") if x.strip().isdigit()] if device else [0]
+        raise UserError(f"--device {given}: CUDA is not available on this machine (use --device cpu)")
+    ids = [int(x) for x in parts]
     n = torch.cuda.device_count()
     if any(i >= n for i in ids):
-        raise UserError(f"--device {device}: only {n} CUDA device(s) visible")
+        raise UserError(f"--device {given}: only {n} CUDA device(s) visible")
     if info is not None and info.distributed:
         return torch.device("cuda", info.local_rank)
     return torch.device("cuda", ids[0])

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,11 +31,11 @@ import yaml
 from optimizer.config import KD_HYP_KEYS, KD_SPECS, KDConfig
 from optimizer.loss import DIST_NORMS
 from optimizer.teacher import file_sha256
-from utils.config import find_file, read_yaml
+from utils.config import atomic_write, find_file, read_yaml
 from utils.distributed import DistInfo, select_device
 from utils.errors import UserError
 from utils.hyp import HYP_DIR, HYP_SPECS, load_hyp
-from utils.log import increment_path
+from utils.log import hold_run_folder, increment_path
 from utils.metrics import fitness
 
 LOGGER = logging.getLogger("yolov5kd")
@@ -192,21 +191,6 @@ def make_row(results: Sequence[float] | None, hyp: Mapping[str, Any], keys: Sequ
 
 
 # ------------------------------------------------------------------------------------------------------- files
-def _atomic_write(path: Path, text: str | bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_rows(path: Path, header: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
     """The whole evolve.csv (header + rows), replaced atomically."""
     buf = io.StringIO()
@@ -214,7 +198,7 @@ def write_rows(path: Path, header: Sequence[str], rows: Sequence[Mapping[str, An
     w.writerow(header)
     for r in rows:
         w.writerow([r[k] if isinstance(r[k], str) else repr(r[k]) for k in header])
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def _parse(key: str, text: str) -> Any:
@@ -266,7 +250,7 @@ def write_best_hyp(path: Path, base: Mapping[str, Any], rows: Sequence[Mapping[s
             f"# Generation {b['generation']}, fitness {b['fitness']:.5g} (0.1 mAP_0.5 + 0.9 mAP_0.5:0.95)\n"
             f"# {metrics}\n"
             f"# Train with: python train.py --hyp {path.name}\n\n")
-    _atomic_write(path, head + yaml.safe_dump(hyp, sort_keys=False))
+    atomic_write(path, head + yaml.safe_dump(hyp, sort_keys=False))
     return hyp
 
 
@@ -275,7 +259,7 @@ def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str
     from utils.plots import plot_evolve
 
     # savefig picks the format from the suffix, so the temp name keeps it; the ".evolve.png." prefix is what
-    # remove_stale_temps looks for, as for _atomic_write's temp files
+    # remove_stale_temps looks for, as for atomic_write's temp files
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     plot_evolve({k: [r[k] for r in rows] for k in keys if BOUNDS.get(k, (1,))[0] != 0},
                 [float(r["fitness"]) for r in rows], tmp, best=int(best_row(rows)["generation"]))
@@ -336,11 +320,17 @@ def run_evolution(opt: argparse.Namespace, info: DistInfo, train_fn: TrainFn) ->
 
     project = opt.project if "project" in opt.cli_given else DEFAULT_PROJECT
     run = increment_path(Path(project) / opt.name, exist_ok=opt.exist_ok)
+    device = select_device(opt.device, opt.batch_size)
+    with hold_run_folder(run):  # a second evolution into the same folder would interleave evolve.csv rows
+        return _evolve_generations(opt, run, n, base, kd, keys, header, device, train_fn)
+
+
+def _evolve_generations(opt: argparse.Namespace, run: Path, n: int, base: dict, kd: KDConfig, keys: list[str],
+                        header: list[str], device: Any, train_fn: TrainFn) -> int:
+    """Train the generations evolve.csv lacks into `run` (held by the caller), writing each row as it finishes."""
     csv_path, yaml_path, png_path, gen_dir = (run / "evolve.csv", run / "hyp_evolve.yaml", run / "evolve.png",
                                               run / "gen")
     rows = read_rows(csv_path, header) if csv_path.is_file() else []
-    device = select_device(opt.device, opt.batch_size)
-    run.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temps(run)
     if rows:
         LOGGER.info(f"Evolve: continuing {csv_path}, {len(rows)} of {n} generations already done"

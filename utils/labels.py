@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Sequence
@@ -25,9 +24,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from utils.config import atomic_write
+
 LOGGER = logging.getLogger("yolov5kd")
 # bumped whenever the row rules change, so caches built under older rules are rebuilt
-CACHE_VERSION = "yolov5kd-labels-2"
+CACHE_VERSION = "yolov5kd-labels-3"
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
 MIN_SIDE = 10
 NUM_THREADS = min(8, max(1, os.cpu_count() or 1))
@@ -144,7 +145,7 @@ def verify_image_label(args: tuple[str, str, str, int | None]):
     try:
         with open(lb_file, "rb") as f:
             raw = f.read()
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is not part of the first row
     except UnicodeDecodeError:
         return None, None, None, None, 0, 1, 0, 1, [
             f"{prefix}WARNING {lb_file}: ignoring image, label file is not UTF-8 text"]
@@ -174,31 +175,7 @@ def _restore_jpeg(path: str) -> None:
         im = ImageOps.exif_transpose(im)
         buf = io.BytesIO()
         im.save(buf, "JPEG", subsampling=0, quality=100)
-    _atomic_write(Path(path), buf.getvalue())
-
-
-def _read_umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-# Read once at import: swapping the umask is process-wide, and writes happen from thread pools.
-_FILE_MODE = 0o666 & ~_read_umask()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates 0600; files written into a dataset should be as readable as a plain open() makes them
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(Path(path), buf.getvalue())
 
 
 def files_hash(paths: Sequence[str], extra: str = "") -> str:
@@ -233,7 +210,7 @@ def save_cache(path: Path, cache: dict) -> bool:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     try:
-        _atomic_write(path, buf.getvalue())
+        atomic_write(path, buf.getvalue())
         return True
     except OSError as e:
         LOGGER.warning(f"WARNING {path}: cache not saved, directory not writeable ({_one_line(e)})")
