@@ -5,7 +5,7 @@
     python train.py --data shapes.yaml --weights student.pt --epochs 10 --evolve 300    # tune the hyp yaml
     torchrun --nproc_per_node 2 train.py ...            # DDP (gloo on CPU, nccl on GPU)
 
-This file parses flags and wires the pieces; the loop itself is utils.engine.train_one_epoch and val.run.
+This file parses flags and wires the pieces; the loop itself is utils.training.engine.train_one_epoch and val.run.
 """
 from __future__ import annotations
 
@@ -24,32 +24,30 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import val as validate  # noqa: E402
-from models.yolo import Model, check_img_size, set_inplace_activations, to_training_layout  # noqa: E402
-from optimizer.config import KD_SPECS, KDConfig, add_kd_args  # noqa: E402
-from optimizer.criterion import DetectionCriterion, Distiller, balance_ratios  # noqa: E402
-from optimizer.teacher import check_teacher_unchanged, file_sha256  # noqa: E402
-from utils.anchors import check_anchors  # noqa: E402
-from utils.checkpoint import model_from_ckpt, torch_load  # noqa: E402
-from utils.datasets import (available_memory, batch_memory_need, check_dataset, create_dataloader,  # noqa: E402
-                            reseed_loader)
-from utils.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel,  # noqa: E402
-                               dist_info_from_env, init_distributed, main_process_first, select_device)
-from utils.engine import (NBS, CompiledForward, EarlyStopping, LoopState, ModelEMA, accumulate_steps,  # noqa: E402
-                          build_optimizer, build_scheduler, init_seeds, keep_freed_memory, lr_lambda, resolve_amp,
-                          train_one_epoch)
-from utils.errors import UserError  # noqa: E402
-from utils.config import read_yaml, yaml_save  # noqa: E402
-from utils.hyp import load_hyp  # noqa: E402
-from utils.log import get_latest_run, hold_run_folder, increment_path, setup_logging  # noqa: E402
-from utils.keeper import CheckpointKeeper, ResumePoint, restore_ema  # noqa: E402
-from utils.loggers import RunLogger  # noqa: E402
-from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
-from utils.metrics import fitness  # noqa: E402
-from utils.unlabeled import UnlabeledStream, build_unlabeled_stream  # noqa: E402
+import val as validate
+from models.yolo import Model, check_img_size, set_inplace_activations, to_training_layout
+from optimizer.config import KD_SPECS, KDConfig, add_kd_args
+from optimizer.criterion import DetectionCriterion, Distiller, balance_ratios
+from optimizer.teacher import check_teacher_unchanged, file_sha256
+from utils.training.anchors import check_anchors
+from utils.training.checkpoint import model_from_ckpt, torch_load
+from utils.data.datasets import (available_memory, batch_memory_need, check_dataset, create_dataloader,
+                                 reseed_loader)
+from utils.core.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel,
+                                    dist_info_from_env, init_distributed, main_process_first, select_device)
+from utils.training.engine import (NBS, CompiledForward, EarlyStopping, LoopState, ModelEMA, accumulate_steps,
+                                   build_optimizer, build_scheduler, init_seeds, keep_freed_memory, lr_lambda, resolve_amp,
+                                   train_one_epoch)
+from utils.core.errors import UserError
+from utils.core.config import read_yaml, yaml_save
+from utils.training.hyp import load_hyp
+from utils.core.log import get_latest_run, hold_run_folder, increment_path, setup_logging
+from utils.training.keeper import CheckpointKeeper, ResumePoint, restore_ema
+from utils.reporting.loggers import RunLogger
+from utils.training.loss import ComputeLoss, scale_hyp
+from utils.evaluation.metrics import fitness
+from utils.data.unlabeled import UnlabeledStream, build_unlabeled_stream
 
 LOGGER = logging.getLogger("yolov5kd")
 DEFAULT_HYP = ROOT / "data/hyps/hyp.scratch-low.yaml"
@@ -229,7 +227,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
             check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
         model.half().float()  # round weights to fp16 once, as the reference does, so saved = trained
         if not opt.noplots:
-            from utils.plots import plot_labels
+            from utils.reporting.plots import plot_labels
             plot_labels(labels, names, save_dir)
     # the EMA starts from the model as trained: after AutoAnchor and the fp16 rounding
     ema = ModelEMA(model) if main else None
@@ -444,7 +442,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-period", type=int, default=-1, help="save checkpoint every x epochs (disabled if < 1)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--evolve", type=int, nargs="?", const=300, default=None,
-                   help="evolve the hyp yaml for x generations (default 300), see utils/evolve.py")
+                   help="evolve the hyp yaml for x generations (default 300), see utils/training/evolve.py")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: on by default on CUDA (fp16 + GradScaler), opt-in on CPU (bf16 autocast)")
     p.add_argument("--compile", action="store_true",
@@ -519,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(info.rank)
     try:
         if opt.evolve is not None:  # many trainings of train() with mutated hyps, into runs/evolve/exp*
-            from utils.evolve import run_evolution
+            from utils.training.evolve import run_evolution
             check_flags(opt)
             return run_evolution(opt, info, train)
         if opt.resume:

@@ -22,18 +22,16 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
-from utils.checkpoint import attempt_load  # noqa: E402
-from utils.distributed import de_parallel  # noqa: E402
-from utils.engine import keep_freed_memory  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from models.yolo import check_img_size  # noqa: E402
-from utils.log import increment_path, setup_logging  # noqa: E402
-from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
-from utils.nms import non_max_suppression  # noqa: E402
+from utils.core.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.training.checkpoint import attempt_load
+from utils.core.distributed import de_parallel
+from utils.training.engine import keep_freed_memory
+from utils.core.errors import UserError
+from models.yolo import check_img_size
+from utils.core.log import increment_path, setup_logging
+from utils.evaluation.metrics import ConfusionMatrix, ap_per_class, process_batch
+from utils.evaluation.nms import non_max_suppression
 
 LOGGER = logging.getLogger("yolov5kd")
 COCO91 = ([*range(1, 12)] + [*range(13, 26)] + [27, 28] + [*range(31, 45)] + [*range(46, 66)] + [67, 70]
@@ -130,7 +128,7 @@ def evaluate(model: nn.Module, dataloader: Iterable, data: dict, *, compute_loss
     """One pass of an in-memory model over a dataloader: P, R, mAP, the val loss (with compute_loss), timings."""
     from tqdm import tqdm
 
-    from utils.plots import output_to_target, plot_images
+    from utils.reporting.plots import output_to_target, plot_images
 
     device = next(model.parameters()).device
     half &= device.type != "cpu"
@@ -279,8 +277,8 @@ def _standalone_setup(data, w, batch_size: int, imgsz: int, task: str, device: s
                       trust_checkpoint: bool) -> tuple[nn.Module, Iterable, dict, Path, int]:
     """The command line's side of run(): device, run folder, checkpoint, dataset and its dataloader;
     returns (model, dataloader, data, save_dir, imgsz)."""
-    from utils.datasets import check_dataset, create_dataloader
-    from utils.distributed import select_device
+    from utils.data.datasets import check_dataset, create_dataloader
+    from utils.core.distributed import select_device
 
     device = select_device(device, batch_size)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
@@ -339,7 +337,7 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
             data, w, batch_size, imgsz, task, device, workers, single_cls, save_txt, project, name, exist_ok,
             trust_checkpoint)
     elif isinstance(data, (str, Path)):
-        from utils.datasets import check_dataset
+        from utils.data.datasets import check_dataset
         data = check_dataset(data)
     nc = 1 if single_cls else int(data["nc"])
 

@@ -18,9 +18,9 @@ import torch
 
 from common import Stepper, demo_data, load_hyp, peak_memory_mb, student, sync, teacher
 
-from utils.datasets import create_dataloader  # noqa: E402
-from utils.distributed import select_device  # noqa: E402
-from utils.engine import init_seeds, to_input  # noqa: E402
+from utils.data.datasets import create_dataloader
+from utils.core.distributed import select_device
+from utils.training.engine import init_seeds, to_input
 
 
 def first_batch(imgsz: int, batch: int):

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
+import yaml
 
-from utils.datasets import check_dataset, create_dataloader  # noqa: E402
+from utils.data.datasets import check_dataset, create_dataloader
 
 
 def _ensure_dataset() -> dict:

@@ -17,11 +17,11 @@ import torch
 
 from common import criterion_for, demo_data, load_hyp, peak_memory_mb, student, sync
 
-from utils.datasets import create_dataloader  # noqa: E402
-from utils.distributed import select_device  # noqa: E402
-from utils.unlabeled import build_unlabeled_stream  # noqa: E402
-from utils.engine import (CompiledForward, LoopState, ModelEMA, build_optimizer, lr_lambda, resolve_amp,  # noqa: E402
-                          train_one_epoch)
+from utils.data.datasets import create_dataloader
+from utils.core.distributed import select_device
+from utils.data.unlabeled import build_unlabeled_stream
+from utils.training.engine import (CompiledForward, LoopState, ModelEMA, build_optimizer, lr_lambda, resolve_amp,
+                                   train_one_epoch)
 
 
 def main() -> int:

@@ -11,8 +11,8 @@ import time
 
 from common import DEMO_TEACHER, ROOT, demo_data
 
-import val  # noqa: E402
-from utils.datasets import list_images  # noqa: E402
+import val
+from utils.data.datasets import list_images
 
 
 def main() -> int:

@@ -2,23 +2,20 @@
 from __future__ import annotations
 
 import resource
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
-from models.yolo import Model, to_training_layout  # noqa: E402
-from optimizer.config import KDConfig  # noqa: E402
-from optimizer.criterion import DetectionCriterion, Distiller  # noqa: E402
-from optimizer.teacher import Teacher, load_teacher, resolve_teacher_precision  # noqa: E402
-from utils.datasets import check_dataset  # noqa: E402
-from utils.engine import ModelEMA, build_optimizer, keep_freed_memory, optimizer_step, step_loss, to_input  # noqa: E402
-from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
+from models.yolo import Model, to_training_layout
+from optimizer.config import KDConfig
+from optimizer.criterion import DetectionCriterion, Distiller
+from optimizer.teacher import Teacher, load_teacher, resolve_teacher_precision
+from utils.data.datasets import check_dataset
+from utils.training.engine import ModelEMA, build_optimizer, keep_freed_memory, optimizer_step, step_loss, to_input
+from utils.training.loss import ComputeLoss, scale_hyp
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
 torch.set_flush_denormal(True)  # as train.py does

@@ -20,10 +20,10 @@ import torch
 from common import load_hyp, student, teacher
 from bench_kd_step import first_batch
 
-from optimizer.config import KDConfig  # noqa: E402
-from optimizer.loss import DIST_NORMS, OutputDistillationLoss  # noqa: E402
-from utils.checkpoint import attempt_load  # noqa: E402
-from utils.loss import ComputeLoss, scale_hyp  # noqa: E402
+from optimizer.config import KDConfig
+from optimizer.loss import DIST_NORMS, OutputDistillationLoss
+from utils.training.checkpoint import attempt_load
+from utils.training.loss import ComputeLoss, scale_hyp
 
 
 def main() -> int:

@@ -27,11 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from optimizer.config import KD_SPECS  # noqa: E402
-from utils.loggers import read_results_csv  # noqa: E402
-from utils.metrics import fitness  # noqa: E402
+from optimizer.config import KD_SPECS
+from utils.reporting.loggers import read_results_csv
+from utils.evaluation.metrics import fitness
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
 DEMO_STUDENT = ROOT / "checkpoint" / "yolov5n-shapes.pt"
@@ -137,7 +136,7 @@ def teacher_map(a) -> tuple[float, float]:
     """The teacher's own val mAP (the ceiling)."""
     import val
     (_, _, m50, m, *_), _, _ = val.run(a.data, weights=a.teacher, imgsz=a.imgsz, batch_size=32, device=a.device,
-                                   plots=False, project=ROOT / "runs/kd_gain_val", exist_ok=True, workers=a.workers)
+                                       plots=False, project=ROOT / "runs/kd_gain_val", exist_ok=True, workers=a.workers)
     return m50, m
 
 
@@ -264,7 +263,7 @@ def start_map(a, weights: str) -> tuple[float, float]:
     """Val (mAP50, mAP50-95) of a checkpoint: the teacher, or the student the arms start from."""
     import val
     (_, _, m50, m, *_), _, _ = val.run(a.data, weights=weights, imgsz=a.imgsz, batch_size=32, device=a.device,
-                                   plots=False, project=ROOT / "runs/kd_gain_val", exist_ok=True, workers=a.workers)
+                                       plots=False, project=ROOT / "runs/kd_gain_val", exist_ok=True, workers=a.workers)
     return m50, m
 
 
@@ -360,10 +359,9 @@ def converge(a) -> list[str]:
 def make_split(a) -> tuple[Path, Path, int, int]:
     """Split the demo training images: --labelled-fraction keep their labels, the rest become 'unlabeled:'.
     Returns the two dataset yamls (labelled part only; labelled part + unlabeled) and the two counts."""
-    sys.path.insert(0, str(ROOT))
     import yaml
 
-    from utils.datasets import check_dataset, list_images
+    from utils.data.datasets import check_dataset, list_images
 
     d = check_dataset(a.data)
     images = list_images(d["train"])
@@ -490,7 +488,7 @@ def main() -> int:
     ap.add_argument("--ft-hyp", default="hyp.finetune.yaml", help="hyp for runs that continue a checkpoint ('' = default)")
     ap.add_argument("--dist_loss", default=DEF_LOSS)
     ap.add_argument("--train-flags", default="", help="extra train.py flags for every run, e.g. '--amp' (converge "
-                                                       "run folders are named after them)")
+                    "run folders are named after them)")
     ap.add_argument("--teacher-precision", default="auto", help="KD runs' --teacher-precision (auto: bf16 on a CPU "
                                                                 "with native bf16)")
     # the KD flags default to what train.py uses (DEF_* above only name folders)

@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kd_gain import M50, M5095, best_index, plateau_gain  # noqa: E402
-from utils.loggers import read_results_csv  # noqa: E402
+from kd_gain import M50, M5095, best_index, plateau_gain
+from utils.reporting.loggers import read_results_csv
 
 PLATEAU_POINTS = 0.5  # the convergence benchmark's test: < 0.5 mAP50-95 points in the last 20 % of epochs
 

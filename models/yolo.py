@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from models.common import (C3, SPP, SPPF, Bottleneck, BottleneckCSP, Concat, Conv, DWConv, Focus)
-from utils.config import find_file, read_yaml
-from utils.errors import UserError
+from utils.core.config import find_file, read_yaml
+from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 MODELS_DIR = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 teacher's, with its gradient written out.
 
 The term is evaluated on every cell of every map at every step (~100k boxes at batch 16, 320 px). Built from
-autograd ops (utils.boxes.bbox_iou on decoded boxes) it costs ~70 forward and ~150 backward passes over those
+autograd ops (utils.core.boxes.bbox_iou on decoded boxes) it costs ~70 forward and ~150 backward passes over those
 cells, most of them min/max/clamp backward masks; this form is ~30 passes each way on x and y together, and
 gives the same value and gradient (tests/test_box_ciou.py checks both against bbox_iou in float64).
 CIoU's alpha is held constant in the gradient, as YOLOv5's box loss holds it.

@@ -8,11 +8,11 @@ from typing import Any
 
 from optimizer.loss import DIST_LOSSES, DIST_NORMS
 from optimizer.teacher import TEACHER_PRECISIONS
-from utils.errors import UserError
-from utils.hyp import HypSpec, check_value
+from utils.core.errors import UserError
+from utils.training.hyp import HypSpec, check_value
 
 # The distillation settings a hyp yaml may carry, with their defaults and valid ranges. train.py hands
-# them to utils.hyp.load_hyp, so a hyp file is checked in one pass.
+# them to utils.training.hyp.load_hyp, so a hyp file is checked in one pass.
 # dist_norm 'iou' at distill_ratio 0.05 measured best in the convergence benchmark on both demo datasets
 # (README, Results). Norm and ratio move together: the weighted-over-the-teacher's-objects forms (weighted,
 # soft, iou) give terms ~50x larger than the seed's 'mean' terms, whose ratio was 0.5.

@@ -21,7 +21,7 @@ import torch.nn as nn
 from optimizer.config import KDConfig
 from optimizer.loss import KL_OBJ_NORMS, OutputDistillationLoss
 from optimizer.teacher import Teacher, load_teacher, preflight
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from optimizer.box_ciou import decoded_ciou_loss
-from utils.distributed import de_parallel
-from utils.errors import UserError
-from utils.loss import BALANCE_3, BALANCE_N
+from utils.core.distributed import de_parallel
+from utils.core.errors import UserError
+from utils.training.loss import BALANCE_3, BALANCE_N
 
 LOGGER = logging.getLogger("yolov5kd")
 

@@ -6,8 +6,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 FIXTURES = ROOT / "tests" / "fixtures"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -30,7 +28,7 @@ DEMO_NAMES = ["circle", "ellipse", "square", "rectangle", "diamond", "triangle",
 def random_checkpoint(path: Path, cfg: str, seed: int = 0) -> Path:
     """An official-format checkpoint of a randomly initialised model for the 8 demo classes."""
     from models.yolo import Model
-    from utils.checkpoint import build_checkpoint, save_checkpoint
+    from utils.training.checkpoint import build_checkpoint, save_checkpoint
 
     torch.manual_seed(seed)
     m = Model(cfg, nc=len(DEMO_NAMES))
@@ -41,7 +39,7 @@ def random_checkpoint(path: Path, cfg: str, seed: int = 0) -> Path:
 def overflowing_checkpoint(path: Path, cfg: str) -> Path:
     """A checkpoint with finite fp16 weights whose activations overflow fp32 after a few layers, so every
     output map (and every loss computed from it) is non-finite."""
-    from utils.checkpoint import save_checkpoint, torch_load
+    from utils.training.checkpoint import save_checkpoint, torch_load
 
     ck = torch_load(random_checkpoint(path, cfg))
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.yolo import Detect
-from utils.anchors import check_anchors, kmean_anchors
+from utils.training.anchors import check_anchors, kmean_anchors
 
 DEFAULT_ANCHORS = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 198, 373, 326))
 

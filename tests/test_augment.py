@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import utils.augment as A
+import utils.data.augment as A
 from tests.data_helpers import solid, write_label, write_png
-from utils.boxes import scale_boxes, xywh2xyxy, xywhn2xyxy
-from utils.datasets import LoadImagesAndLabels
+from utils.core.boxes import scale_boxes, xywh2xyxy, xywhn2xyxy
+from utils.data.datasets import LoadImagesAndLabels
 
 NO_AUG = {"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0, "degrees": 0.0, "translate": 0.0, "scale": 0.0, "shear": 0.0,
           "perspective": 0.0, "flipud": 0.0, "fliplr": 0.0, "mosaic": 0.0, "mixup": 0.0}

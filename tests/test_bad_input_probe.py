@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-import utils.datasets as D
+import utils.data.datasets as D
 from conftest import ROOT, run_cli
 from tests.data_helpers import solid, write_jpg, write_label
-from utils.checkpoint import model_from_ckpt, torch_load
-from utils.config import atomic_write, read_yaml
-from utils.distributed import select_device
-from utils.errors import UserError
-from utils.log import hold_run_folder
+from utils.training.checkpoint import model_from_ckpt, torch_load
+from utils.core.config import atomic_write, read_yaml
+from utils.core.distributed import select_device
+from utils.core.errors import UserError
+from utils.core.log import hold_run_folder
 
 TRAIN = str(ROOT / "train.py")
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
@@ -126,7 +126,7 @@ def test_held_folder_variant_evolution_and_kill(tiny_data, tmp_path):
         assert "another process" in _one_error(r)
         assert list(run.iterdir()) == []
     # a holder killed with -9 leaves no stale lock behind
-    code = f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\nfrom utils.log import hold_run_folder\n" \
+    code = f"import time; from utils.core.log import hold_run_folder\n" \
            f"with hold_run_folder({str(tmp_path / 'k')!r}):\n    print('held', flush=True); time.sleep(60)\n"
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -317,7 +317,7 @@ def test_truncated_checkpoint_message_is_whole(tmp_path, cut):
 
 
 def test_truncated_message_variant_long_error_text():
-    from utils.checkpoint import _first_line
+    from utils.training.checkpoint import _first_line
     long_one = RuntimeError("word " * 80)
     out = _first_line(long_one)
     assert out.endswith(" ...") and len(out) <= 170 and "word wor ..." not in out
@@ -338,7 +338,7 @@ def test_device_that_is_no_device_is_refused():
 
 
 def test_evolve_outputs_get_the_runs_file_mode(tmp_path):
-    from utils.evolve import METRIC_KEYS, write_best_hyp, write_rows
+    from utils.training.evolve import METRIC_KEYS, write_best_hyp, write_rows
     m = os.umask(0)
     os.umask(m)
     want = 0o666 & ~m

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import utils.datasets as D
+import utils.data.datasets as D
 from conftest import DEMO_NAMES, ROOT, random_checkpoint, run_cli
 from tests.data_helpers import solid, write_jpg, write_label
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 GOOD = "0 0.5 0.5 0.2 0.2\n"
 

@@ -1,15 +1,13 @@
 """benchmarks/bench_kd_ratio.py: reading bench_train.py's result line (the timed runs themselves are benchmarks)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_kd_ratio  # noqa: E402
+import bench_kd_ratio
 
 
 def test_epoch_seconds_reads_the_result_line() -> None:

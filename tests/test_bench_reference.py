@@ -8,9 +8,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_reference  # noqa: E402
+import bench_reference
 
 
 def test_data_yaml_gets_an_absolute_path_and_no_download(tmp_path: Path) -> None:

@@ -1,7 +1,6 @@
 """benchmarks/bench_teacher_forward.py: the teacher variants it times (the timings themselves are benchmarks)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,8 @@ from models.yolo import Model
 from optimizer.int8 import int8_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_teacher_forward as btf  # noqa: E402
+import bench_teacher_forward as btf
 
 
 @pytest.mark.skipif(bool(int8_unavailable()), reason="int8 teacher unavailable in this torch")

@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from optimizer.box_ciou import decoded_ciou_loss
-from utils.boxes import bbox_iou
+from utils.core.boxes import bbox_iou
 
 MIN_WH = 1e-6
 
 
 def reference(p: torch.Tensor, t: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
-    """1 - CIoU from utils.boxes.bbox_iou on boxes decoded as Detect decodes them, all through autograd."""
+    """1 - CIoU from utils.core.boxes.bbox_iou on boxes decoded as Detect decodes them, all through autograd."""
     def decode(x, a):
         s = x.sigmoid()
         wh = ((s[..., 2:] * 2).square() * a.view(1, -1, 1, 1, 2)).clamp(min=MIN_WH)

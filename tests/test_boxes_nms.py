@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.boxes import (bbox_iou, box_iou, clip_boxes, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywh,
-                         xyxy2xywhn)
-from utils.nms import MAX_WH, _offset_nms, non_max_suppression
+from utils.core.boxes import (bbox_iou, box_iou, clip_boxes, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywh,
+                              xyxy2xywhn)
+from utils.evaluation.nms import MAX_WH, _offset_nms, non_max_suppression
 
 
 def test_conversions_roundtrip():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models.yolo import Model
-from utils.checkpoint import (attempt_load, build_checkpoint, save_checkpoint, strip_optimizer, torch_load)
-from utils.errors import UserError
+from utils.training.checkpoint import (attempt_load, build_checkpoint, save_checkpoint, strip_optimizer, torch_load)
+from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_one_line_errors(case, tmp_path, fixtures_dir):
     msg = str(e.value)
     assert f.name in msg and "\n" not in msg
     expected = {"missing": "not found", "truncated": "truncated", "text": "not a torch checkpoint",
-                "no_model": "no 'model'", "empty": "empty", "state_dict": "no 'model'"}[case]
+                "no_model": "no 'model'", "empty": "empty", "state_dict": "bare state_dict"}[case]
     assert expected in msg
 
 
@@ -82,8 +82,7 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
 
 SAVE_CHECK = r"""
 import sys, torch
-sys.path.insert(0, sys.argv[1])
-from utils.checkpoint import attempt_load
+from utils.training.checkpoint import attempt_load
 m = attempt_load(sys.argv[2], fuse=False)
 torch.manual_seed(0)
 x = torch.rand(2, 3, 64, 64)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import utils.datasets as D
-import utils.labels as L
+import utils.data.datasets as D
+import utils.data.labels as L
 from tests.data_helpers import solid, write_jpg, write_label, write_png
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 GOOD1 = "0 0.5 0.5 0.2 0.2\n1 0.25 0.3 0.1 0.12\n"
 
@@ -377,7 +377,7 @@ def test_permission_denied_files_are_skipped_with_a_warning(tmp_path, monkeypatc
 def test_image_vanishing_after_scan_is_skipped(tmp_path, caplog):
     """A file deleted mid-run is skipped with one warning; a training loader keeps serving samples."""
     from data.scripts.generate_shapes import generate
-    from utils.datasets import LoadImagesAndLabels
+    from utils.data.datasets import LoadImagesAndLabels
 
     root = generate(tmp_path / "s", n_train=4, n_val=1, seed=2, imgsz=64)
     ds = LoadImagesAndLabels(root / "images" / "train", img_size=64, augment=False, nc=8, substitute_failed=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optimizer.loss import DIST_NORMS, OutputDistillationLoss, compute_distillation_output_loss
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 GOLDEN_CASES = [("distill_l2_T1", "l2", 1.0), ("distill_l2_T5", "l2", 5.0),
                 ("distill_kl_T1", "kl", 1.0), ("distill_kl_T5", "kl", 5.0)]

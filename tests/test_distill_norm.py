@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from optimizer.loss import DIST_NORMS, OutputDistillationLoss
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 HYP = {"box": 0.05, "obj": 0.7, "cls": 0.3}
 EMPTY = -20.0  # teacher objectness logit of a cell it calls empty: sigmoid ≈ 2e-9

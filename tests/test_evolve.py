@@ -17,9 +17,9 @@ import yaml
 import train
 from conftest import ROOT, random_checkpoint, run_cli
 from optimizer.config import KD_SPECS
-from utils import evolve as ev
-from utils.errors import UserError
-from utils.hyp import HYP_SPECS, load_hyp
+from utils.training import evolve as ev
+from utils.core.errors import UserError
+from utils.training.hyp import HYP_SPECS, load_hyp
 
 TRAIN = str(ROOT / "train.py")
 LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"

@@ -11,9 +11,9 @@ from optimizer.config import KD_SPECS, KDConfig, add_kd_args
 from optimizer.teacher import Teacher
 from optimizer.criterion import BALANCE_HIGH, BALANCE_LOW, DetectionCriterion, Distiller, balance_ratios, \
     balance_warnings
-from utils.checkpoint import torch_load
-from utils.errors import UserError
-from utils.hyp import load_hyp, validate_hyp
+from utils.training.checkpoint import torch_load
+from utils.core.errors import UserError
+from utils.training.hyp import load_hyp, validate_hyp
 
 TRAIN = str(ROOT / "train.py")
 LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
@@ -108,7 +108,7 @@ def test_balance_ratios_and_warnings():
 
 def test_distiller_reports_balance_once(caplog):
     from models.yolo import Model
-    from utils.loss import ComputeLoss, scale_hyp
+    from utils.training.loss import ComputeLoss, scale_hyp
 
     torch.manual_seed(0)
     student = Model("yolov5n.yaml", nc=8)
@@ -138,7 +138,7 @@ def test_distiller_parts_share_the_detection_scale(n_unlabeled):
     """The logged parts are per-image like YOLOv5's loss items: their sum x the labelled batch size is the loss
     that is back-propagated, so dbox/box etc. compare what each part weighs in the gradient."""
     from models.yolo import Model
-    from utils.loss import ComputeLoss, scale_hyp
+    from utils.training.loss import ComputeLoss, scale_hyp
 
     torch.manual_seed(0)
     student = Model("yolov5n.yaml", nc=8)

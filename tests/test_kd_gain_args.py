@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import kd_gain  # noqa: E402
+import kd_gain
 
 FLAGS = argparse.Namespace(dist_loss="l2", temperature=5.0, distill_ratio=0.5)
 

@@ -1,16 +1,14 @@
 """The checkpoint keeper (resume point, last/best/periodic saves, temp-file hygiene) and train()'s inputs."""
 import copy
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
 from models.yolo import Model
-from utils.checkpoint import torch_load
-from utils.engine import ModelEMA, build_optimizer
-from utils.errors import UserError
-from utils.keeper import CheckpointKeeper, ResumePoint
+from utils.training.checkpoint import torch_load
+from utils.training.engine import ModelEMA, build_optimizer
+from utils.core.errors import UserError
+from utils.training.keeper import CheckpointKeeper, ResumePoint
 
 
 def test_resume_point_counts_epochs():
@@ -76,11 +74,10 @@ def test_clean_interrupted_removes_temp_files_and_later_rows(tmp_path):
 
 
 def test_train_changes_neither_hyp_nor_opt(tiny_data, tmp_path):
-    sys.path.insert(0, str(ROOT))
     import train
     from optimizer.config import KDConfig
-    from utils.distributed import DistInfo
-    from utils.hyp import load_hyp
+    from utils.core.distributed import DistInfo
+    from utils.training.hyp import load_hyp
 
     opt = train.parse_opt(["--data", str(tiny_data), "--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4",
                            "--workers", "0", "--noautoanchor", "--noplots", "--noval", "--epochs", "1",

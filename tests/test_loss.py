@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from models.yolo import Model
-from utils.boxes import bbox_iou
-from utils.checkpoint import attempt_load
-from utils.loss import ComputeLoss, FocalLoss, scale_hyp, smooth_BCE
+from utils.core.boxes import bbox_iou
+from utils.training.checkpoint import attempt_load
+from utils.training.loss import ComputeLoss, FocalLoss, scale_hyp, smooth_BCE
 
 LN2 = math.log(2.0)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.boxes import xywh2xyxy
-from utils.metrics import ConfusionMatrix, ap_per_class, compute_ap, fitness, process_batch, smooth
+from utils.core.boxes import xywh2xyxy
+from utils.evaluation.metrics import ConfusionMatrix, ap_per_class, compute_ap, fitness, process_batch, smooth
 
 IOUV = torch.linspace(0.5, 0.95, 10)
 
@@ -96,11 +96,11 @@ def test_ap_per_class_no_labels():
 
 def test_ap_per_class_calls_plots(monkeypatch, tmp_path):
     calls = []
-    fake = types.ModuleType("utils.plots")
+    fake = types.ModuleType("utils.reporting.plots")
     fake.plot_pr_curve = lambda px, py, ap, save_dir, names: calls.append(("pr", save_dir.name, len(py), names))
     fake.plot_mc_curve = lambda px, py, save_dir, names, xlabel="Confidence", ylabel="Metric": \
         calls.append(("mc", save_dir.name, ylabel, py.shape))
-    monkeypatch.setitem(sys.modules, "utils.plots", fake)
+    monkeypatch.setitem(sys.modules, "utils.reporting.plots", fake)
     tp = np.array([[True] * 10, [False] * 10, [True] * 10])
     ap_per_class(tp, np.array([0.9, 0.5, 0.4]), np.array([0.0, 0.0, 2.0]), np.array([0.0, 2.0, 2.0]), plot=True,
                  save_dir=tmp_path, names={0: "a", 1: "b", 2: "c"}, prefix="val_")
@@ -178,9 +178,9 @@ def test_confusion_matrix_iou_strict_and_one_match_per_label():
 
 def test_confusion_matrix_plot_delegates(monkeypatch, tmp_path):
     got = {}
-    fake = types.ModuleType("utils.plots")
+    fake = types.ModuleType("utils.reporting.plots")
     fake.plot_confusion_matrix = lambda matrix, nc, save_dir, names, normalize=True: got.update(
         nc=nc, save_dir=save_dir, names=names, normalize=normalize, shape=matrix.shape)
-    monkeypatch.setitem(sys.modules, "utils.plots", fake)
+    monkeypatch.setitem(sys.modules, "utils.reporting.plots", fake)
     ConfusionMatrix(nc=3).plot(normalize=False, save_dir=str(tmp_path), names=("a", "b", "c"))
     assert got == {"nc": 3, "save_dir": tmp_path, "names": ("a", "b", "c"), "normalize": False, "shape": (4, 4)}

@@ -4,8 +4,8 @@ import torch
 
 from models.common import Conv
 from models.yolo import Detect, Model, parse_model, set_inplace_activations, to_training_layout
-from utils.checkpoint import attempt_load
-from utils.errors import UserError
+from utils.training.checkpoint import attempt_load
+from utils.core.errors import UserError
 
 PARAMS = {"n": 1_872_157, "s": 7_235_389, "m": 21_190_557, "l": 46_563_709, "x": 86_749_405}
 
@@ -167,7 +167,7 @@ def test_v50_layout_focus_spp_and_legacy_update(tmp_path):
     """The v5.0 table (Focus stem, SPP) builds to its known size; v5.0 Detect buffers are updated on load."""
     import yaml
 
-    from utils.checkpoint import update_legacy
+    from utils.training.checkpoint import update_legacy
 
     m = Model(yaml.safe_load(V50_S))
     assert sum(p.numel() for p in m.parameters()) == 7_276_605

@@ -1,4 +1,4 @@
-"""Tests for utils/plots.py and utils/loggers.py: results.csv format, TensorBoard, and that every plot writes a file."""
+"""Tests for utils/reporting/plots.py and utils/reporting/loggers.py: results.csv format, TensorBoard, and that every plot writes a file."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from utils import plots
-from utils.loggers import KD_KEYS, RESULTS_KEYS, RunLogger, read_results_csv
-from utils.plots import (output_to_target, plot_confusion_matrix, plot_images, plot_labels, plot_mc_curve,
-                         plot_pr_curve, plot_results)
+from utils.reporting import plots
+from utils.reporting.loggers import KD_KEYS, RESULTS_KEYS, RunLogger, read_results_csv
+from utils.reporting.plots import (output_to_target, plot_confusion_matrix, plot_images, plot_labels, plot_mc_curve,
+                                   plot_pr_curve, plot_results)
 
 
 @pytest.fixture(autouse=True)

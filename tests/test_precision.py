@@ -17,12 +17,12 @@ from optimizer.criterion import DetectionCriterion, Distiller
 from optimizer.int8 import int8_unavailable
 from optimizer.teacher import INT8_CALIBRATION_BATCHES, Teacher, cpu_supports_bf16, load_teacher, \
     resolve_teacher_precision
-from utils.checkpoint import build_checkpoint, torch_load
-from utils.engine import CompiledForward, LoopState, ModelEMA, build_optimizer, lr_lambda, resolve_amp, \
+from utils.training.checkpoint import build_checkpoint, torch_load
+from utils.training.engine import CompiledForward, LoopState, ModelEMA, build_optimizer, lr_lambda, resolve_amp, \
     train_one_epoch
-from utils.errors import UserError
-from utils.hyp import load_hyp
-from utils.loss import ComputeLoss, scale_hyp
+from utils.core.errors import UserError
+from utils.training.hyp import load_hyp
+from utils.training.loss import ComputeLoss, scale_hyp
 
 TRAIN = str(ROOT / "train.py")
 LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
@@ -380,7 +380,6 @@ def test_cli_amp_compile_and_bf16_teacher_end_to_end(tiny_data, tmp_path):
     code = ("import sys, torch\n"
             "def boom(*a, **k):\n    raise RuntimeError('no C++ compiler')\n"
             "torch.compile = boom\n"
-            f"sys.path.insert(0, {str(ROOT)!r})\n"
             "import train\n"
             "sys.exit(train.main(sys.argv[1:]))\n")
     r = run_cli(["-c", code, *args], cwd=tmp_path)
@@ -409,7 +408,6 @@ def test_cli_int8_teacher_end_to_end(tiny_data, tmp_path):
             "0", "--noautoanchor", "--noplots", "--project", str(tmp_path), "--name", "run", "--epochs",
             "2", "--t_weights", str(teacher), "--teacher-precision", "int8"]
     code = ("import sys\n"
-            f"sys.path.insert(0, {str(ROOT)!r})\n"
             "import optimizer.teacher as t\n"
             "t.INT8_CALIBRATION_BATCHES = 2\n"
             "import train\n"

@@ -1,16 +1,14 @@
 """benchmarks/run_curves.py: best epoch, plateau test and ratio from hand-written results.csv files."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import run_curves  # noqa: E402
-from utils.loggers import RESULTS_KEYS, format_header, format_row  # noqa: E402
+import run_curves
+from utils.reporting.loggers import RESULTS_KEYS, format_header, format_row
 
 
 def _write_run(folder: Path, map5095: list[float]) -> Path:

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import yaml
 
-import utils.datasets as D
+import utils.data.datasets as D
 from tests.data_helpers import ROOT, load_generator
 
 gen = load_generator()
@@ -53,7 +53,6 @@ def refuse(*a, **k):
 socket.socket = refuse
 socket.create_connection = refuse
 socket.getaddrinfo = refuse
-sys.path.insert(0, {str(ROOT)!r})
 from tests.data_helpers import load_generator
 load_generator().generate({str(tmp_path / 'n')!r}, 3, 1)
 bad = [m for m in ('requests', 'urllib.request', 'http.client', 'urllib3', 'ftplib') if m in sys.modules]

@@ -8,7 +8,7 @@ import torch
 from models.yolo import Model, load_model_yaml
 from optimizer.loss import OutputDistillationLoss
 from optimizer.teacher import Teacher, check_teacher_unchanged, file_sha256, load_teacher, preflight
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 NAMES = {0: "circle", 1: "square", 2: "rect", 3: "triangle"}
 

@@ -1,13 +1,12 @@
 """Tiny end-to-end runs (imgsz 64, a handful of images): run folder, val reproduction, resume, divergence."""
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
 from conftest import ROOT, kill9_when, run_cli
-from utils.checkpoint import torch_load
-from utils.loggers import read_results_csv
+from utils.training.checkpoint import torch_load
+from utils.reporting.loggers import read_results_csv
 
 TRAIN = str(ROOT / "train.py")
 VAL = str(ROOT / "val.py")
@@ -37,7 +36,6 @@ def test_two_epochs_run_folder_and_val_reproduces(tiny_data, tmp_path):
     assert ck["epoch"] == -1 and ck["optimizer"] is None and "resume_state" not in ck
     best_epoch = max(range(2), key=lambda i: 0.1 * res["metrics/mAP_0.5"][i] + 0.9 * res["metrics/mAP_0.5:0.95"][i])
 
-    sys.path.insert(0, str(ROOT))
     import val
     (p, r, map50, map_, *_), _, _ = val.run(str(tiny_data), weights=str(run / "weights/best.pt"), imgsz=64,
                                             batch_size=8, project=tmp_path / "val", plots=False, workers=0)
@@ -72,7 +70,6 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_data, tmp_path):
 def test_non_finite_detection_loss_stops_cleanly(tiny_data, tmp_path):
     # starting weights whose activations overflow fp32: every detection loss is non-finite (an absurd lr0, the
     # old way to get there, is now refused by the hyp check)
-    sys.path.insert(0, str(ROOT))
     from conftest import overflowing_checkpoint
 
     overflowing_checkpoint(tmp_path / "s.pt", "yolov5n.yaml")
@@ -90,10 +87,9 @@ def test_non_finite_detection_loss_stops_cleanly(tiny_data, tmp_path):
 
 def test_pruned_student_trains_as_loaded(tiny_data, tmp_path):
     """A checkpoint whose layer widths no longer match its yaml is trained with its own architecture."""
-    sys.path.insert(0, str(ROOT))
     from models.common import Conv
     from models.yolo import Model
-    from utils.checkpoint import build_checkpoint, save_checkpoint
+    from utils.training.checkpoint import build_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     m = Model("yolov5n.yaml", nc=8)

@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from conftest import ROOT, overflowing_checkpoint, random_checkpoint, run_cli
-from utils.checkpoint import build_checkpoint, save_checkpoint, torch_load
-from utils.engine import build_optimizer, build_scheduler, lr_lambda
-from utils.loggers import read_results_csv
+from utils.training.checkpoint import build_checkpoint, save_checkpoint, torch_load
+from utils.training.engine import build_optimizer, build_scheduler, lr_lambda
+from utils.reporting.loggers import read_results_csv
 
 TRAIN = str(ROOT / "train.py")
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
@@ -77,7 +77,7 @@ def test_bad_hyp_values_are_one_line(tiny_data, tmp_path, changes, needle):
 
 
 def test_unknown_and_defaulted_hyp_keys_warn_once(caplog):
-    from utils.hyp import validate_hyp
+    from utils.training.hyp import validate_hyp
 
     hyp = yaml.safe_load(LOW.read_text())
     hyp["lr00"] = 0.02

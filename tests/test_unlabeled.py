@@ -6,8 +6,8 @@ import torch
 import yaml
 
 from conftest import DEMO_NAMES, ROOT, kill9_when, run_cli
-from utils.checkpoint import torch_load
-from utils.loggers import KD_KEYS, read_results_csv
+from utils.training.checkpoint import torch_load
+from utils.reporting.loggers import KD_KEYS, read_results_csv
 
 TRAIN = str(ROOT / "train.py")
 KD_KEYS_SHORT = ("dbox", "dobj", "dcls")  # the distillation parts of a criterion's `parts`
@@ -48,8 +48,8 @@ def _yaml(root: Path, name: str, unlabeled) -> Path:
 
 @pytest.mark.parametrize("form", ["folder", "folders", "txt"])
 def test_yaml_forms(unl_data, form, caplog):
-    from utils.datasets import check_dataset
-    from utils.unlabeled import build_unlabeled_stream
+    from utils.data.datasets import check_dataset
+    from utils.data.unlabeled import build_unlabeled_stream
 
     extra = unl_data / "extra"
     u1, u2 = str(extra / "images" / "u1"), str(extra / "images" / "u2")
@@ -69,7 +69,7 @@ def test_yaml_forms(unl_data, form, caplog):
 
 
 def test_stream_reseeds_per_epoch_and_cycles(unl_data):
-    from utils.unlabeled import build_unlabeled_stream
+    from utils.data.unlabeled import build_unlabeled_stream
 
     s = build_unlabeled_stream(str(unl_data / "extra" / "images" / "u1"), 1.0, 3, 64, 32, {"mosaic": 0.0}, workers=0,
                                rank=-1, world_size=1, seed=0)
@@ -83,7 +83,7 @@ def test_stream_reseeds_per_epoch_and_cycles(unl_data):
 
 
 def test_zero_ratio_disables_the_stream(unl_data):
-    from utils.unlabeled import build_unlabeled_stream, unlabeled_batch_size
+    from utils.data.unlabeled import build_unlabeled_stream, unlabeled_batch_size
 
     assert unlabeled_batch_size(0.0, 16) == 0 and unlabeled_batch_size(0.01, 16) == 1
     assert unlabeled_batch_size(2.0, 8) == 16
@@ -118,9 +118,9 @@ def _one_step_setup(teacher8):
     from models.yolo import Model
     from optimizer.config import KDConfig
     from optimizer.criterion import Distiller
-    from utils.engine import LoopState, build_optimizer
-    from utils.hyp import load_hyp
-    from utils.loss import ComputeLoss, scale_hyp
+    from utils.training.engine import LoopState, build_optimizer
+    from utils.training.hyp import load_hyp
+    from utils.training.loss import ComputeLoss, scale_hyp
 
     torch.manual_seed(1)
     model = Model("yolov5n.yaml", nc=8)
@@ -139,7 +139,7 @@ def _one_step_setup(teacher8):
 
 
 def _epoch(model, crit, opt, loader, hyp, state_cls, unlabeled=None):
-    from utils.engine import train_one_epoch
+    from utils.training.engine import train_one_epoch
 
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     for g in opt.param_groups:
@@ -178,7 +178,7 @@ def test_distillation_reaches_the_unlabelled_images(teacher8):
 
 
 def test_broken_unlabelled_images_are_skipped(unl_data, tmp_path, caplog):
-    from utils.unlabeled import build_unlabeled_stream
+    from utils.data.unlabeled import build_unlabeled_stream
 
     d = tmp_path / "u"
     d.mkdir()

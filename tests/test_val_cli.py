@@ -75,7 +75,7 @@ def test_val_cli_one_line_errors(numeric_val_set, fixtures_dir, tmp_path):
                                           ({"task": "study"}, "study")])
 def test_val_run_refuses_unsupported_options(kwargs, word, random_student, tiny_data, tmp_path):
     import val
-    from utils.errors import UserError
+    from utils.core.errors import UserError
 
     with pytest.raises(UserError) as e:
         val.run(str(tiny_data), weights=str(random_student), imgsz=64, workers=0, device="cpu",
@@ -86,7 +86,7 @@ def test_val_run_refuses_unsupported_options(kwargs, word, random_student, tiny_
 
 def test_val_run_refuses_an_ensemble(random_student, tiny_data, tmp_path):
     import val
-    from utils.errors import UserError
+    from utils.core.errors import UserError
 
     with pytest.raises(UserError, match="--weights"):
         val.run(str(tiny_data), weights=[str(random_student)] * 2, imgsz=64, workers=0, device="cpu",
@@ -95,8 +95,8 @@ def test_val_run_refuses_an_ensemble(random_student, tiny_data, tmp_path):
 
 def test_val_speed_task_times_square_unpadded_val_batches(random_student, tiny_data, tmp_path, monkeypatch):
     import val
-    import utils.datasets as D
-    from utils.datasets import check_dataset
+    import utils.data.datasets as D
+    from utils.data.datasets import check_dataset
 
     seen = {}
     real = D.create_dataloader
@@ -123,8 +123,8 @@ def test_val_cli_speed_task(tiny_data, random_student, tmp_path):
 def test_evaluate_is_what_run_with_a_model_returns(tiny_data, random_student, tmp_path):
     """The in-training call run(model=...) is evaluate() on the caller's model and dataloader."""
     import val
-    from utils.checkpoint import attempt_load
-    from utils.datasets import check_dataset, create_dataloader
+    from utils.training.checkpoint import attempt_load
+    from utils.data.datasets import check_dataset, create_dataloader
 
     data = check_dataset(str(tiny_data))
     loader = create_dataloader(data["val"], 64, 4, 32, False, pad=0.5, rect=True, workers=0, nc=8,

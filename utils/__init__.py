@@ -1,1 +1,1 @@
-"""Utilities split by subject: boxes, nms, loss, datasets, augment, metrics, checkpoint, plots, loggers, distributed."""
+"""Subject packages, lowest layer first: core, data, evaluation, reporting, training (see README: Layout)."""

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.config import find_file, read_yaml
-from utils.errors import UserError
+from utils.core.config import find_file, read_yaml
+from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HYP_DIR = ROOT / "data" / "hyps"
 
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from utils.config import atomic_write
+from utils.core.config import atomic_write
 
 LOGGER = logging.getLogger("yolov5kd")
 # bumped whenever the row rules change, so caches built under older rules are rebuilt

@@ -7,7 +7,7 @@ import time
 import torch
 import torchvision
 
-from utils.boxes import xywh2xyxy
+from utils.core.boxes import xywh2xyxy
 
 LOGGER = logging.getLogger("yolov5kd")
 

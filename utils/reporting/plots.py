@@ -14,17 +14,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-import matplotlib
+import cv2
+import numpy as np
+import torch
+# Figure objects are drawn without pyplot, so no GUI backend is ever chosen (headless workers never open a window)
+from matplotlib.figure import Figure
 
-matplotlib.use('Agg')  # headless workers: never try to open a window
-from matplotlib.figure import Figure  # noqa: E402  (must follow the backend choice)
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from utils.boxes import xyxy2xywh  # noqa: E402
-from utils.smoothing import smooth  # noqa: E402
+from utils.core.boxes import xyxy2xywh
+from utils.core.smoothing import smooth
 
 LOGGER = logging.getLogger("yolov5kd")
 STRICT = os.environ.get('KD_PLOTS_STRICT', '0') == '1'

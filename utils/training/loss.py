@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from utils.boxes import bbox_iou
-from utils.distributed import de_parallel
+from utils.core.boxes import bbox_iou
+from utils.core.distributed import de_parallel
 
 # Objectness weight per detection level, small strides first.
 BALANCE_3 = [4.0, 1.0, 0.4]

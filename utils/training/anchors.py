@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.distributed import de_parallel
+from utils.core.distributed import de_parallel
 
 LOGGER = logging.getLogger("yolov5kd")
 PREFIX = "AutoAnchor: "

@@ -8,8 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.boxes import box_iou
-from utils.smoothing import smooth
+from utils.core.boxes import box_iou
+from utils.core.smoothing import smooth
 
 LOGGER = logging.getLogger("yolov5kd")
 
@@ -36,9 +36,9 @@ def compute_ap(recall: np.ndarray, precision: np.ndarray) -> tuple[float, np.nda
 
 def _plot_fns():
     try:
-        from utils.plots import plot_mc_curve, plot_pr_curve
+        from utils.reporting.plots import plot_mc_curve, plot_pr_curve
     except ImportError:
-        LOGGER.warning("WARNING ⚠️ utils.plots unavailable, metric curves not plotted")
+        LOGGER.warning("WARNING ⚠️ utils.reporting.plots unavailable, metric curves not plotted")
         return None, None
     return plot_pr_curve, plot_mc_curve
 
@@ -180,11 +180,11 @@ class ConfusionMatrix:
         return tp[:-1], fp[:-1]
 
     def plot(self, normalize: bool = True, save_dir: Path | str = "", names: Sequence[str] | dict = ()) -> None:
-        """Save confusion_matrix.png via utils.plots (skipped with a warning if plotting is unavailable)."""
+        """Save confusion_matrix.png via utils.reporting.plots (skipped with a warning if plotting is unavailable)."""
         try:
-            from utils.plots import plot_confusion_matrix
+            from utils.reporting.plots import plot_confusion_matrix
         except ImportError:
-            LOGGER.warning("WARNING ⚠️ utils.plots unavailable, confusion matrix not plotted")
+            LOGGER.warning("WARNING ⚠️ utils.reporting.plots unavailable, confusion matrix not plotted")
             return
         plot_confusion_matrix(self.matrix, self.nc, Path(save_dir), names, normalize=normalize)
 

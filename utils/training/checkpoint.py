@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from models import common, yolo
-from utils.distributed import de_parallel  # re-exported: older callers import it from here
-from utils.config import atomic_write
-from utils.errors import UserError
+from utils.core.distributed import de_parallel  # re-exported: older callers import it from here
+from utils.core.config import atomic_write
+from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 

@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from utils import plots as _plots
-from utils.plots import load_results_csv
+from utils.reporting import plots as _plots
+from utils.reporting.plots import load_results_csv
 
 LOGGER = logging.getLogger("yolov5kd")
 

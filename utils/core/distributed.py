@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 

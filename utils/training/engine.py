@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.distributed import de_parallel
-from utils.errors import UserError
+from utils.core.distributed import de_parallel
+from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 NBS = 64  # nominal batch size: gradients are accumulated up to it
@@ -300,7 +300,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     (loss, parts); the parts, whatever they are, become the progress columns and the epoch means. With `amp`
     the forward and loss run under autocast at `amp_dtype` (None: the device's default, fp16 on CUDA, bf16 on
     CPU); `forward` (e.g. a CompiledForward) replaces model(imgs) for the student's forward pass.
-    `unlabeled` (a utils.unlabeled.UnlabeledStream, distillation only) adds one batch of unlabelled images to
+    `unlabeled` (a utils.data.unlabeled.UnlabeledStream, distillation only) adds one batch of unlabelled images to
     every step (see step_loss)."""
     model.train()
     nb = len(loader)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from utils.datasets import GENERATOR_SEED, create_dataloader
-from utils.errors import UserError
+from utils.data.datasets import GENERATOR_SEED, create_dataloader
+from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 # Keeps the unlabelled stream's shuffling independent of the labelled loader's (which uses GENERATOR_SEED + ...).

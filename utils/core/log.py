@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 

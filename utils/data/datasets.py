@@ -18,19 +18,19 @@ import torch
 
 from torch.utils.data import DataLoader, Dataset, distributed
 
-from utils.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective, warp_image,
-                           warp_targets)
-from utils.boxes import xywhn2xyxy, xyn2xy, xyxy2xywhn
-from utils.config import find_file, read_yaml
-from utils.errors import UserError
-from utils.labels import (IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache,
-                          save_cache)
+from utils.data.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective, warp_image,
+                                warp_targets)
+from utils.core.boxes import xywhn2xyxy, xyn2xy, xyxy2xywhn
+from utils.core.config import find_file, read_yaml
+from utils.core.errors import UserError
+from utils.data.labels import (IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache,
+                               save_cache)
 
 __all__ = ["IMG_FORMATS", "img2label_paths", "check_dataset", "available_memory", "batch_memory_need", "LoadImagesAndLabels", "create_dataloader",
            "reseed_loader", "seed_worker"]
 
 LOGGER = logging.getLogger("yolov5kd")
-ROOT = Path(__file__).resolve().parents[1]  # repository root; relative dataset paths hang off it
+ROOT = Path(__file__).resolve().parents[2]  # repository root; relative dataset paths hang off it
 GENERATOR_SEED = 6148914691236517205
 MAX_NAME_CHARS = 200  # class names are labels on plots and in results, not documents
 MAX_PATH_CHARS = 65536  # all paths of one key together

@@ -8,7 +8,7 @@ from typing import BinaryIO, Callable
 
 import yaml
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 
 def find_file(name: str | Path, folders: list[Path], what: str) -> Path:

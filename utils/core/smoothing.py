@@ -1,7 +1,7 @@
 """The one box filter of the project: metrics pick the best-F1 confidence with it and the plots draw the
 smoothed mean curve with it.
 
-It sits below both utils.metrics and utils.plots because metrics hands its figures to plots (ap_per_class with
+It sits below both utils.evaluation.metrics and utils.reporting.plots because metrics hands its figures to plots (ap_per_class with
 plot=True, ConfusionMatrix.plot); plots importing it from metrics would close a loop.
 """
 from __future__ import annotations

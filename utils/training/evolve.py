@@ -31,15 +31,15 @@ import yaml
 from optimizer.config import KD_HYP_KEYS, KD_SPECS, KDConfig
 from optimizer.loss import DIST_NORMS
 from optimizer.teacher import file_sha256
-from utils.config import atomic_write, find_file, read_yaml
-from utils.distributed import DistInfo, select_device
-from utils.errors import UserError
-from utils.hyp import HYP_DIR, HYP_SPECS, load_hyp
-from utils.log import hold_run_folder, increment_path
-from utils.metrics import fitness
+from utils.core.config import atomic_write, find_file, read_yaml
+from utils.core.distributed import DistInfo, select_device
+from utils.core.errors import UserError
+from utils.training.hyp import HYP_DIR, HYP_SPECS, load_hyp
+from utils.core.log import hold_run_folder, increment_path
+from utils.evaluation.metrics import fitness
 
 LOGGER = logging.getLogger("yolov5kd")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROJECT = ROOT / "runs" / "evolve"
 
 MUTATION_P = 0.8  # chance that a numeric key takes part in a generation's mutation
@@ -52,7 +52,7 @@ MAX_FAILED_IN_A_ROW = 3  # a mutated hyp that fails to train scores 0; this many
 # key: (mutation gain, lower bound, upper bound). Gain 0: carried in evolve.csv, never mutated.
 # The first 29 rows are YOLOv5 v7.0's; the last three are this project's distillation keys (evolved only
 # when a teacher is given; unlabeled_ratio is carried, not mutated: it sets the cost of a step, and the
-# fitness would simply favour more compute). Every range lies inside the key's valid range in utils/hyp.py
+# fitness would simply favour more compute). Every range lies inside the key's valid range in utils/training/hyp.py
 # / KD_SPECS.
 BOUNDS: dict[str, tuple[float, float, float]] = {
     "lr0": (1, 1e-5, 1e-1),
@@ -256,7 +256,7 @@ def write_best_hyp(path: Path, base: Mapping[str, Any], rows: Sequence[Mapping[s
 
 def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
     """evolve.png: fitness against each evolved value (via a temp file, so an old plot is never half-replaced)."""
-    from utils.plots import plot_evolve
+    from utils.reporting.plots import plot_evolve
 
     # savefig picks the format from the suffix, so the temp name keeps it; the ".evolve.png." prefix is what
     # remove_stale_temps looks for, as for atomic_write's temp files

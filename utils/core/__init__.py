@@ -1,0 +1,1 @@
+"""The lowest layer: errors, yaml io and atomic writes, logging and run folders, boxes, distributed helpers."""

@@ -1,0 +1,1 @@
+"""Data: dataset yaml, label verification and cache, augmentation, loaders, the unlabelled stream."""

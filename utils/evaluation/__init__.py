@@ -1,0 +1,1 @@
+"""Evaluation: metrics (AP, P/R, confusion matrix) and non-max suppression."""

@@ -1,0 +1,1 @@
+"""Reporting: plots, results.csv and TensorBoard."""

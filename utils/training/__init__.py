@@ -1,0 +1,1 @@
+"""Training: the loop (engine), the detection loss, checkpoint io and keeper, the hyp table, evolution, AutoAnchor."""
