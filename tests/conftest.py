@@ -91,3 +91,11 @@ def kill9_when(args: list[str], cwd: Path, ready, timeout: float = 300) -> None:
     assert proc.poll() is None, "the process finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Each test carries the marker of its layer folder (unit, golden, e2e), so `-m "not e2e"` is the fast loop."""
+    for item in items:
+        layer = Path(str(item.fspath)).parent.name
+        if layer in ("unit", "golden", "e2e"):
+            item.add_marker(getattr(pytest.mark, layer))

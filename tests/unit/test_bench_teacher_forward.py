@@ -9,7 +9,7 @@ import torch
 from models.yolo import Model
 from optimizer.int8 import int8_unavailable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 import bench_teacher_forward as btf
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 import run_curves
 from utils.reporting.loggers import RESULTS_KEYS, format_header, format_row

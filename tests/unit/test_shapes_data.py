@@ -1,6 +1,7 @@
 """The shapes demo-data generator: deterministic bytes, offline, valid labels, shapes.yaml wiring."""
 from __future__ import annotations
 
+import pytest
 import logging
 import os
 import subprocess
@@ -45,6 +46,7 @@ def test_generator_skips_complete_output_and_redoes_incomplete(tmp_path):
     assert len(list((out / "images" / "train").iterdir())) == 2
 
 
+@pytest.mark.e2e
 def test_generator_never_uses_the_network(tmp_path):
     code = f"""
 import socket, sys

@@ -170,6 +170,7 @@ def _all_row(text: str) -> list[str]:
     return next(line.split() for line in text.splitlines() if line.split()[:1] == ["all"])
 
 
+@pytest.mark.e2e
 def test_val_cli_on_bad_labels_and_an_image_broken_after_caching(bad_corpus, ckpt8, tmp_path):
     root = bad_corpus.parent
     D.LoadImagesAndLabels(root / "images", img_size=64, nc=len(DEMO_NAMES))  # build the cache val.py will reuse
@@ -232,6 +233,7 @@ def test_val_cli_refuses_contradicting_yaml(ckpt8, tmp_path):
     assert str(y) in err[0] and "nc: 3" in err[0] and "8 entries" in err[0]
 
 
+@pytest.mark.e2e
 def test_train_cli_on_bad_labels(bad_corpus, tmp_path):
     """train.py over the same corpus: bad rows dropped with their warnings, the good ones trained and evaluated."""
     r = run_cli([str(ROOT / "train.py"), "--data", str(bad_corpus), "--cfg", "yolov5n.yaml", "--imgsz", "64",

@@ -369,6 +369,7 @@ def test_flags_and_resume_record():
     assert train.parse_opt(["--no-amp"]).amp is False
 
 
+@pytest.mark.e2e
 def test_cli_amp_compile_and_bf16_teacher_end_to_end(tiny_data, tmp_path):
     """One epoch of KD with --amp --compile --teacher-precision bf16, torch.compile made to fail (so nothing is
     compiled for real): the run finishes, validates the teacher, says what it chose, and records the settings
@@ -397,6 +398,7 @@ def test_cli_amp_compile_and_bf16_teacher_end_to_end(tiny_data, tmp_path):
     assert KDConfig.from_record(ck["opt"]).teacher_precision == "bf16" == KDConfig.from_record(opt).teacher_precision
 
 
+@pytest.mark.e2e
 def test_cli_int8_teacher_end_to_end(tiny_data, tmp_path):
     """Two epochs of KD from an int8 teacher observing for 2 batches (train.py's Teacher made to calibrate that
     soon, so the quantised network teaches the later steps): the run finishes, says what it chose and when it

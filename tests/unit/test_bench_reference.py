@@ -1,13 +1,14 @@
 """benchmarks/bench_reference.py: the pieces that do not need a reference checkout."""
 from __future__ import annotations
 
+import pytest
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 import bench_reference
 
@@ -29,6 +30,7 @@ def test_both_trainers_get_the_same_job_arguments() -> None:
     assert "--noplots" in args
 
 
+@pytest.mark.e2e
 def test_a_folder_without_train_py_is_refused_in_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_reference.py"), "--reference", str(tmp_path)],
                        capture_output=True, text=True)

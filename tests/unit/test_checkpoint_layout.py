@@ -45,6 +45,7 @@ def trained_run(tiny_data, tmp_path_factory):
     return root / "r" / "weights"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["last.pt", "best.pt", "epoch0.pt", "epoch1.pt"])
 def test_training_checkpoints_have_the_official_layout(trained_run, name):
     ck = torch_load(trained_run / name)

@@ -12,7 +12,7 @@ from models.yolo import Model
 from utils.training.checkpoint import (attempt_load, build_checkpoint, save_checkpoint, strip_optimizer, torch_load)
 from utils.core.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Payload:
@@ -70,6 +70,7 @@ def test_one_line_errors(case, tmp_path, fixtures_dir):
     assert expected in msg
 
 
+@pytest.mark.e2e
 def test_cli_prints_one_line_without_traceback(tmp_path):
     f = tmp_path / "garbage.pt"
     f.write_text("garbage")
@@ -92,6 +93,7 @@ torch.save(y, sys.argv[3])
 """
 
 
+@pytest.mark.e2e
 def test_saved_checkpoint_roundtrip_in_fresh_process(tmp_path, fixtures_dir):
     model = attempt_load(fixtures_dir / "student.pt", fuse=False)
     ckpt = build_checkpoint(model, ema=model, updates=5, epoch=2, best_fitness=0.25,

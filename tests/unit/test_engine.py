@@ -99,12 +99,13 @@ print(took, min(default), sum(kept))
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_stops_refaulting_activations():
     """With glibc's defaults the large blocks a step frees go back to the OS and are faulted in again on
     the next step; after keep_freed_memory() later steps reuse them. Run in a fresh process, since the
     setting is process-wide and cannot be undone."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT.format(root=root)], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
