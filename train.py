@@ -510,6 +510,12 @@ def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:
     return new
 
 
+def resolve_run(opt: argparse.Namespace, hyp: dict) -> KDConfig:
+    """A new run's distillation config (flag > hyp > default) with the teacher's sha256; --evolve resolves by it too."""
+    kd = KDConfig.resolve(vars(opt), hyp, opt.cli_given)
+    return dataclasses.replace(kd, t_sha256=file_sha256(kd.t_weights)) if kd.enabled else kd
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: set up (DDP if launched by torchrun), train, and print user errors as one line."""
     opt = parse_opt(argv)
@@ -519,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         if opt.evolve is not None:  # many trainings of train() with mutated hyps, into runs/evolve/exp*
             from utils.training.evolve import run_evolution
             check_flags(opt)
-            return run_evolution(opt, info, train)
+            return run_evolution(opt, info, train, resolve_run, KD_SPECS)
         if opt.resume:
             opt = prepare_resume(opt)
             hyp = load_hyp(opt.hyp, KD_SPECS)
@@ -527,9 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             check_flags(opt)
             hyp = load_hyp(opt.hyp, KD_SPECS)
-            kd = KDConfig.resolve(vars(opt), hyp, opt.cli_given)
-            if kd.enabled:
-                kd = dataclasses.replace(kd, t_sha256=file_sha256(kd.t_weights))
+            kd = resolve_run(opt, hyp)
             hyp.update(kd.hyp_values())  # the run's hyp.yaml records the values in effect
             vars(opt).update(kd.as_dict())  # ... and so do opt.yaml and the checkpoints' opt
             opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))

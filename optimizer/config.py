@@ -9,19 +9,21 @@ from typing import Any
 from optimizer.loss import DIST_LOSSES, DIST_NORMS
 from optimizer.teacher import TEACHER_PRECISIONS
 from utils.core.errors import UserError
-from utils.training.hyp import HypSpec, check_value
+from utils.training.hyp import EVOLVE_SWITCH, HypSpec, check_value
 
 # The distillation settings a hyp yaml may carry, with their defaults and valid ranges. train.py hands
 # them to utils.training.hyp.load_hyp, so a hyp file is checked in one pass.
 # dist_norm 'iou' at distill_ratio 0.05 measured best in the convergence benchmark on both demo datasets
 # (README, Results). Norm and ratio move together: the weighted-over-the-teacher's-objects forms (weighted,
 # soft, iou) give terms ~50x larger than the seed's 'mean' terms, whose ratio was 0.5.
+# train.py --evolve mutates them only when a teacher is given; unlabeled_ratio is carried, not mutated (gain 0):
+# it sets the cost of a step, and the fitness would simply favour more compute.
 KD_SPECS: dict[str, HypSpec] = {
-    "distill_ratio": HypSpec(0.05, 0.0, 1e6),
-    "temperature": HypSpec(5.0, 0.0, 1e4, lo_open=True),
-    "dist_norm": HypSpec("iou", kind=str, choices=DIST_NORMS),
+    "distill_ratio": HypSpec(0.05, 0.0, 1e6, evolve=(1, 0.01, 5.0)),
+    "temperature": HypSpec(5.0, 0.0, 1e4, lo_open=True, evolve=(1, 1.0, 10.0)),
+    "dist_norm": HypSpec("iou", kind=str, choices=DIST_NORMS, evolve=EVOLVE_SWITCH),
     # unlabelled images per labelled image in each step, used when the dataset yaml has 'unlabeled:'
-    "unlabeled_ratio": HypSpec(1.0, 0.0, 64.0),
+    "unlabeled_ratio": HypSpec(1.0, 0.0, 64.0, evolve=(0, 0.0, 64.0)),
 }
 KD_HYP_KEYS = tuple(KD_SPECS)
 

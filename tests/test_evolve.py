@@ -26,6 +26,9 @@ LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots", "--epochs", "1"]
 KD = ("distill_ratio", "temperature", "dist_norm", "unlabeled_ratio")
+SPECS = {**HYP_SPECS, **KD_SPECS}  # the one table evolve reads its bounds and choices from
+BOUNDS = {k: s.evolve for k, s in SPECS.items() if s.evolve is not None and not s.choices}  # numeric keys
+CHOICES = {k: s.choices for k, s in SPECS.items() if s.evolve is not None and s.choices}  # categorical keys
 
 
 def _low(**extra) -> dict:
@@ -34,10 +37,10 @@ def _low(**extra) -> dict:
 
 def _in_bounds(hyp: dict, keys) -> None:
     for k in keys:
-        if k in ev.CHOICES:
-            assert hyp[k] in ev.CHOICES[k], (k, hyp[k])
+        if k in CHOICES:
+            assert hyp[k] in CHOICES[k], (k, hyp[k])
             continue
-        _, lo, hi = ev.BOUNDS[k]
+        _, lo, hi = BOUNDS[k]
         assert lo <= hyp[k] <= hi, (k, hyp[k])
         assert round(hyp[k], 5) == hyp[k], (k, hyp[k])
 
@@ -50,59 +53,100 @@ def _read_csv(path):
 # ------------------------------------------------------------------------------------------------- pure functions
 def test_bounds_lie_inside_the_valid_hyp_ranges():
     specs = {**HYP_SPECS, **KD_SPECS}
-    assert set(ev.BOUNDS) | set(ev.CHOICES) == set(specs)
-    for k, (gain, lo, hi) in ev.BOUNDS.items():
+    assert set(BOUNDS) | set(CHOICES) == set(specs)  # every key is evolved (or carried)
+    assert not hasattr(ev, "BOUNDS") and not hasattr(ev, "CHOICES")  # the spec table is the only copy
+    for k, (gain, lo, hi) in BOUNDS.items():
         s = specs[k]
         assert gain >= 0 and lo <= hi, k
         assert s.lo <= lo and hi <= s.hi and not (s.lo_open and lo == s.lo), k
-    assert ev.CHOICES["dist_norm"] == KD_SPECS["dist_norm"].choices
+    assert CHOICES == {"dist_norm": KD_SPECS["dist_norm"].choices}
+    assert KD_SPECS["dist_norm"].evolve[0] > 0  # switched, not only carried
+    # YOLOv5 v7.0's table, then the distillation keys: the same values in the same order as before they moved
+    assert [(k, *v) for k, v in BOUNDS.items()] == [
+        ("lr0", 1, 1e-5, 1e-1), ("lrf", 1, 0.01, 1.0), ("momentum", 0.3, 0.6, 0.98), ("weight_decay", 1, 0.0, 0.001),
+        ("warmup_epochs", 1, 0.0, 5.0), ("warmup_momentum", 1, 0.0, 0.95), ("warmup_bias_lr", 1, 0.0, 0.2),
+        ("box", 1, 0.02, 0.2), ("cls", 1, 0.2, 4.0), ("cls_pw", 1, 0.5, 2.0), ("obj", 1, 0.2, 4.0),
+        ("obj_pw", 1, 0.5, 2.0), ("iou_t", 0, 0.1, 0.7), ("anchor_t", 1, 2.0, 8.0), ("anchors", 2, 2.0, 10.0),
+        ("fl_gamma", 0, 0.0, 2.0), ("hsv_h", 1, 0.0, 0.1), ("hsv_s", 1, 0.0, 0.9), ("hsv_v", 1, 0.0, 0.9),
+        ("degrees", 1, 0.0, 45.0), ("translate", 1, 0.0, 0.9), ("scale", 1, 0.0, 0.9), ("shear", 1, 0.0, 10.0),
+        ("perspective", 0, 0.0, 0.001), ("flipud", 1, 0.0, 1.0), ("fliplr", 0, 0.0, 1.0), ("mosaic", 1, 0.0, 1.0),
+        ("mixup", 1, 0.0, 1.0), ("copy_paste", 1, 0.0, 1.0), ("distill_ratio", 1, 0.01, 5.0),
+        ("temperature", 1, 1.0, 10.0), ("unlabeled_ratio", 0, 0.0, 64.0)]
+
+
+def test_evolve_imports_nothing_from_the_layer_above():
+    src = Path(ev.__file__).read_text()
+    assert "optimizer" not in {ln.split()[1].split(".")[0] for ln in src.splitlines()
+                               if ln.startswith(("from ", "import "))}
+
+
+PINNED_GEN5 = {
+    "lr0": 0.00893, "lrf": 0.01088, "momentum": 0.90821, "weight_decay": 0.00048, "warmup_epochs": 3.79907,
+    "warmup_momentum": 0.67269, "warmup_bias_lr": 0.07594, "box": 0.03407, "cls": 0.49644, "cls_pw": 1.00107,
+    "obj": 0.9959, "obj_pw": 0.54727, "iou_t": 0.2, "anchor_t": 4.0, "fl_gamma": 0.0, "hsv_h": 0.01502,
+    "hsv_s": 0.9, "hsv_v": 0.40031, "degrees": 0.0, "translate": 0.07788, "scale": 0.66283, "shear": 0.0,
+    "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0, "copy_paste": 0.0,
+    "distill_ratio": 0.05183, "temperature": 3.3407, "dist_norm": "iou", "unlabeled_ratio": 1.0}
+
+
+def test_generations_are_the_same_draws_as_before():
+    # pinned from the implementation before the bounds moved into the specs: a seed's evolution must not change
+    hyp = _low()
+    keys = ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=True, autoanchor=False)
+    rows = []
+    for g in range(6):
+        h = ev.next_hyp(hyp, rows, keys, SPECS, seed=7, generation=g)
+        rows.append(ev.make_row([0.5, 0.5, (g * 37 % 11) / 20, (g * 13 % 7) / 20, 0.1, 0.1, 0.1], h, keys, g))
+    assert [r["dist_norm"] for r in rows] == ["iou", "iou", "weighted", "weighted", "iou", "iou"]
+    assert {k: rows[-1][k] for k in keys} == PINNED_GEN5 and list(keys) == list(PINNED_GEN5)
 
 
 def test_mutation_stays_within_bounds_over_many_draws():
     hyp = _low(anchors=3)
-    assert ev.evolved_keys(hyp, teacher=False, autoanchor=True)[-1] == "anchors"
-    assert "anchors" not in ev.evolved_keys(hyp, teacher=True, autoanchor=True)  # the teacher's count is kept
-    keys = [*ev.evolved_keys(hyp, teacher=True, autoanchor=False), "anchors"]
+    assert ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=False, autoanchor=True)[-1] == "anchors"
+    # the teacher's count is kept
+    assert "anchors" not in ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=True, autoanchor=True)
+    keys = [*ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=True, autoanchor=False), "anchors"]
     assert set(KD) <= set(keys)
     rng = np.random.default_rng(0)
-    lo_parent = {**hyp, **{k: ev.BOUNDS[k][1] for k in keys if k not in ev.CHOICES}, "anchors": 2}
-    hi_parent = {**hyp, **{k: ev.BOUNDS[k][2] for k in keys if k not in ev.CHOICES}, "anchors": 10}
+    lo_parent = {**hyp, **{k: BOUNDS[k][1] for k in keys if k not in CHOICES}, "anchors": 2}
+    hi_parent = {**hyp, **{k: BOUNDS[k][2] for k in keys if k not in CHOICES}, "anchors": 10}
     changed = collections.Counter()
     for i in range(600):
         parent = (hyp, lo_parent, hi_parent)[i % 3]
-        child = ev.mutate(parent, keys, rng)
+        child = ev.mutate(parent, keys, SPECS, rng)
         _in_bounds(child, keys)
         assert isinstance(child["anchors"], int)
         assert any(child[k] != parent[k] for k in keys)
         for k in keys:
             changed[k] += child[k] != parent[k]
-        for k, (gain, _, _) in ev.BOUNDS.items():
+        for k, (gain, _, _) in BOUNDS.items():
             if gain == 0:
                 assert child[k] == parent[k], k
-    assert all(changed[k] > 0 for k in keys if ev.BOUNDS.get(k, (1,))[0] > 0), changed
+    assert all(changed[k] > 0 for k in keys if BOUNDS.get(k, (1,))[0] > 0), changed
     assert load_hyp(child, KD_SPECS) == child  # a mutated hyp is a valid hyp
     # the categorical key switches at about SWITCH_P, to every other choice
     switched = collections.Counter()
     n = 3000
     for _ in range(n):
-        c = ev.mutate(hyp, keys, rng)["dist_norm"]
+        c = ev.mutate(hyp, keys, SPECS, rng)["dist_norm"]
         if c != hyp["dist_norm"]:
             switched[c] += 1
     assert abs(sum(switched.values()) / n - ev.SWITCH_P) < 0.03
-    assert set(switched) == set(ev.CHOICES["dist_norm"]) - {hyp["dist_norm"]}
+    assert set(switched) == set(CHOICES["dist_norm"]) - {hyp["dist_norm"]}
 
 
 def test_kd_keys_are_evolved_only_with_a_teacher():
     hyp = _low()
-    without = ev.evolved_keys(hyp, teacher=False, autoanchor=False)
+    without = ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=False, autoanchor=False)
     assert not set(KD) & set(without) and "anchors" not in without
-    assert without == [k for k in hyp if k in ev.BOUNDS and k not in KD]  # the hyp file's order
+    assert without == [k for k in hyp if k in BOUNDS and k not in KD]  # the hyp file's order
     rng = np.random.default_rng(1)
     for _ in range(50):
-        child = ev.mutate(hyp, without, rng)
+        child = ev.mutate(hyp, without, SPECS, rng)
         assert all(child[k] == hyp[k] for k in KD)
-    with_t = ev.evolved_keys(hyp, teacher=True, autoanchor=False)
-    moved = [ev.mutate(hyp, with_t, rng) for _ in range(50)]
+    with_t = ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=True, autoanchor=False)
+    moved = [ev.mutate(hyp, with_t, SPECS, rng) for _ in range(50)]
     assert any(c["distill_ratio"] != hyp["distill_ratio"] for c in moved)
     assert any(c["temperature"] != hyp["temperature"] for c in moved)
 
@@ -124,13 +168,14 @@ def test_parent_selection_is_fitness_weighted_over_the_top_five():
 
 def test_generation_randomness_depends_on_seed_and_index():
     hyp = _low()
-    keys = ev.evolved_keys(hyp, teacher=True, autoanchor=False)
-    rows = [ev.make_row([0.5, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1], ev.constrain(hyp, keys), keys, 0)]
-    a = ev.next_hyp(hyp, rows, keys, seed=0, generation=1)
-    assert a == ev.next_hyp(hyp, rows, keys, seed=0, generation=1)  # a restarted generation draws the same
-    assert a != ev.next_hyp(hyp, rows, keys, seed=0, generation=2)
-    assert a != ev.next_hyp(hyp, rows, keys, seed=1, generation=1)
-    assert ev.next_hyp(hyp, [], keys, seed=0, generation=0) == ev.constrain(hyp, keys)  # generation 0: the start
+    keys = ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=True, autoanchor=False)
+    rows = [ev.make_row([0.5, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1], ev.constrain(hyp, keys, SPECS), keys, 0)]
+    a = ev.next_hyp(hyp, rows, keys, SPECS, seed=0, generation=1)
+    assert a == ev.next_hyp(hyp, rows, keys, SPECS, seed=0, generation=1)  # a restarted generation draws the same
+    assert a != ev.next_hyp(hyp, rows, keys, SPECS, seed=0, generation=2)
+    assert a != ev.next_hyp(hyp, rows, keys, SPECS, seed=1, generation=1)
+    # generation 0: the start
+    assert ev.next_hyp(hyp, [], keys, SPECS, seed=0, generation=0) == ev.constrain(hyp, keys, SPECS)
 
 
 # --------------------------------------------------------------------------------------- the loop, stand-in training
@@ -147,6 +192,9 @@ def _fake_train(calls, fail_at=()):
     return fn
 
 
+EVOLVE_DEPS = (train.resolve_run, KD_SPECS)  # what train.py hands run_evolution besides its training
+
+
 def _opt(tmp_path, *args):
     return train.parse_opt(["--data", "none.yaml", "--device", "cpu", "--project", str(tmp_path), "--name", "e",
                             *args])
@@ -161,7 +209,7 @@ def no_plot(monkeypatch):
 def test_loop_writes_rows_outputs_and_continues(tmp_path, teacher, no_plot):
     calls = []
     opt = _opt(tmp_path, "--evolve", "2", "--t_weights", str(teacher), "--distill_ratio", "0.9", "--noautoanchor")
-    assert ev.run_evolution(opt, train.DistInfo(), _fake_train(calls)) == 0
+    assert ev.run_evolution(opt, train.DistInfo(), _fake_train(calls), *EVOLVE_DEPS) == 0
     run = tmp_path / "e"
     rows = _read_csv(run / "evolve.csv")
     assert [r["generation"] for r in rows] == ["0", "1"]
@@ -172,7 +220,8 @@ def test_loop_writes_rows_outputs_and_continues(tmp_path, teacher, no_plot):
     (run / "gen/weights").mkdir(parents=True)
     opt = _opt(tmp_path, "--evolve", "4", "--t_weights", str(teacher), "--distill_ratio", "0.9", "--noautoanchor",
                "--exist-ok")
-    assert ev.run_evolution(opt, train.DistInfo(), _fake_train(calls, fail_at=(3,))) == 0
+    assert ev.run_evolution(opt, train.DistInfo(), _fake_train(calls, fail_at=(3,)),
+                            *EVOLVE_DEPS) == 0
     rows2 = _read_csv(run / "evolve.csv")
     assert rows2[:2] == rows and [r["generation"] for r in rows2] == ["0", "1", "2", "3"]
     assert len({tuple(v for k, v in r.items() if k not in ev.METRIC_KEYS + ev.TAIL_KEYS) for r in rows2}) == 4
@@ -181,26 +230,27 @@ def test_loop_writes_rows_outputs_and_continues(tmp_path, teacher, no_plot):
     best = max(rows2, key=lambda r: float(r["fitness"]))
     hyp = load_hyp(run / "hyp_evolve.yaml", KD_SPECS)
     keys = [k for k in rows2[0] if k not in ev.METRIC_KEYS + ev.TAIL_KEYS]
-    assert {k: str(hyp[k]) if k in ev.CHOICES else hyp[k] for k in keys} == \
-        {k: best[k] if k in ev.CHOICES else float(best[k]) for k in keys}
+    assert {k: str(hyp[k]) if k in CHOICES else hyp[k] for k in keys} == \
+        {k: best[k] if k in CHOICES else float(best[k]) for k in keys}
     assert f"Generation {best['generation']}," in (run / "hyp_evolve.yaml").read_text()
     # asking for fewer generations than done trains nothing
     n = len(calls)
     opt = _opt(tmp_path, "--evolve", "3", "--t_weights", str(teacher), "--noautoanchor", "--exist-ok")
-    assert ev.run_evolution(opt, train.DistInfo(), _fake_train(calls)) == 0 and len(calls) == n
+    assert ev.run_evolution(opt, train.DistInfo(), _fake_train(calls), *EVOLVE_DEPS) == 0 and len(calls) == n
     # other columns (no teacher now) are refused in one line
     with pytest.raises(UserError, match="columns differ"):
         ev.run_evolution(_opt(tmp_path, "--evolve", "5", "--noautoanchor", "--exist-ok"), train.DistInfo(),
-                         _fake_train(calls))
+                         _fake_train(calls), *EVOLVE_DEPS)
 
 
 def test_failing_start_and_repeated_failures_stop(tmp_path, no_plot):
     with pytest.raises(UserError, match="non-finite"):
-        ev.run_evolution(_opt(tmp_path, "--evolve", "3"), train.DistInfo(), _fake_train([], fail_at=(0,)))
+        ev.run_evolution(_opt(tmp_path, "--evolve", "3"), train.DistInfo(), _fake_train([], fail_at=(0,)),
+                         *EVOLVE_DEPS)
     assert not (tmp_path / "e/evolve.csv").exists()
     with pytest.raises(UserError, match="non-finite"):
         ev.run_evolution(_opt(tmp_path, "--evolve", "9", "--exist-ok"), train.DistInfo(),
-                         _fake_train([], fail_at=(1, 2, 3)))
+                         _fake_train([], fail_at=(1, 2, 3)), *EVOLVE_DEPS)
     rows = _read_csv(tmp_path / "e/evolve.csv")
     assert len(rows) == 3 and "anchors" in rows[0]  # AutoAnchor on: anchors is evolved, from 3
 
@@ -243,7 +293,7 @@ def _check_run(run, n, teacher: bool):
     keys = [k for k in rows[0] if k not in ev.METRIC_KEYS + ev.TAIL_KEYS]
     assert list(rows[0])[:7] == list(ev.METRIC_KEYS)
     assert bool(set(KD) & set(keys)) == teacher
-    values = [{k: r[k] if k in ev.CHOICES else float(r[k]) for k in keys} for r in rows]
+    values = [{k: r[k] if k in CHOICES else float(r[k]) for k in keys} for r in rows]
     assert len({tuple(v.values()) for v in values}) == n  # no generation repeated
     for v in values:
         _in_bounds(v, keys)

@@ -1,10 +1,11 @@
 """Hyperparameter evolution for `train.py --evolve [N]`: YOLOv5 v7.0's scheme, extended to the KD keys.
 
-Generation 0 trains the starting hyp (clipped to the bounds below). Every later generation picks a parent
-from the best rows of evolve.csv (fitness-weighted), multiplies its values by random gains, clips them to
-the bounds and trains with the result for --epochs epochs (validation and saving in the final epoch only).
-The run folder keeps three files: evolve.csv (one row per finished generation), hyp_evolve.yaml (the best
-row as a hyp file for --hyp) and evolve.png. A generation trains in <run>/gen/, which is removed afterwards.
+Generation 0 trains the starting hyp (clipped to the evolve bounds of the hyp specs, HypSpec.evolve). Every
+later generation picks a parent from the best rows of evolve.csv (fitness-weighted), multiplies its values by
+random gains, clips them to the bounds and trains with the result for --epochs epochs (validation and saving
+in the final epoch only). The run folder keeps three files: evolve.csv (one row per finished generation),
+hyp_evolve.yaml (the best row as a hyp file for --hyp) and evolve.png. A generation trains in <run>/gen/, which
+is removed afterwards.
 
 Started again on the same folder (same --name with --exist-ok), an evolution continues after the last row
 of its evolve.csv. A row is written (whole file, temp + rename) only once its generation has finished, and
@@ -21,20 +22,17 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from optimizer.config import KD_HYP_KEYS, KD_SPECS, KDConfig
-from optimizer.loss import DIST_NORMS
-from optimizer.teacher import file_sha256
 from utils.core.config import atomic_write, find_file, read_yaml
 from utils.core.distributed import DistInfo, select_device
 from utils.core.errors import UserError
-from utils.training.hyp import HYP_DIR, HYP_SPECS, load_hyp
+from utils.training.hyp import HYP_DIR, HYP_SPECS, HypSpec, load_hyp
 from utils.core.log import hold_run_folder, increment_path
 from utils.evaluation.metrics import fitness
 
@@ -49,79 +47,42 @@ SWITCH_P = 0.2  # chance that a categorical key (dist_norm) switches to another 
 TOP_N = 5  # parents are drawn from this many best rows
 MAX_FAILED_IN_A_ROW = 3  # a mutated hyp that fails to train scores 0; this many failures in a row stop the run
 
-# key: (mutation gain, lower bound, upper bound). Gain 0: carried in evolve.csv, never mutated.
-# The first 29 rows are YOLOv5 v7.0's; the last three are this project's distillation keys (evolved only
-# when a teacher is given; unlabeled_ratio is carried, not mutated: it sets the cost of a step, and the
-# fitness would simply favour more compute). Every range lies inside the key's valid range in utils/training/hyp.py
-# / KD_SPECS.
-BOUNDS: dict[str, tuple[float, float, float]] = {
-    "lr0": (1, 1e-5, 1e-1),
-    "lrf": (1, 0.01, 1.0),
-    "momentum": (0.3, 0.6, 0.98),
-    "weight_decay": (1, 0.0, 0.001),
-    "warmup_epochs": (1, 0.0, 5.0),
-    "warmup_momentum": (1, 0.0, 0.95),
-    "warmup_bias_lr": (1, 0.0, 0.2),
-    "box": (1, 0.02, 0.2),
-    "cls": (1, 0.2, 4.0),
-    "cls_pw": (1, 0.5, 2.0),
-    "obj": (1, 0.2, 4.0),
-    "obj_pw": (1, 0.5, 2.0),
-    "iou_t": (0, 0.1, 0.7),
-    "anchor_t": (1, 2.0, 8.0),
-    "anchors": (2, 2.0, 10.0),
-    "fl_gamma": (0, 0.0, 2.0),
-    "hsv_h": (1, 0.0, 0.1),
-    "hsv_s": (1, 0.0, 0.9),
-    "hsv_v": (1, 0.0, 0.9),
-    "degrees": (1, 0.0, 45.0),
-    "translate": (1, 0.0, 0.9),
-    "scale": (1, 0.0, 0.9),
-    "shear": (1, 0.0, 10.0),
-    "perspective": (0, 0.0, 0.001),
-    "flipud": (1, 0.0, 1.0),
-    "fliplr": (0, 0.0, 1.0),
-    "mosaic": (1, 0.0, 1.0),
-    "mixup": (1, 0.0, 1.0),
-    "copy_paste": (1, 0.0, 1.0),
-    "distill_ratio": (1, 0.01, 5.0),
-    "temperature": (1, 1.0, 10.0),
-    "unlabeled_ratio": (0, 0.0, 64.0),
-}
-CHOICES: dict[str, tuple[str, ...]] = {"dist_norm": tuple(DIST_NORMS)}  # categorical keys, switched at SWITCH_P
-KD_KEYS = tuple(KD_HYP_KEYS)  # distill_ratio, temperature, dist_norm, unlabeled_ratio: only with --t_weights
-
 METRIC_KEYS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
                "val/box_loss", "val/obj_loss", "val/cls_loss")
 TAIL_KEYS = ("generation", "fitness")
 OUTPUTS = ("evolve.csv", "hyp_evolve.yaml", "evolve.png")
 
 
+Specs = Mapping[str, HypSpec]  # every hyp key's spec: HYP_SPECS merged with the caller's (the KD keys)
+
+
 # --------------------------------------------------------------------------------------------- pure functions
-def evolved_keys(hyp: Mapping[str, Any], teacher: bool, autoanchor: bool) -> list[str]:
-    """The hyp keys evolve.csv carries, in the hyp's order: the table's keys (gain 0 included), the KD keys
-    only with a teacher, `anchors` only with AutoAnchor on and no teacher (output distillation needs the
-    teacher's number of anchors per level)."""
+def evolved_keys(hyp: Mapping[str, Any], specs: Specs, teacher_keys: Collection[str], teacher: bool,
+                 autoanchor: bool) -> list[str]:
+    """The hyp keys evolve.csv carries, in the hyp's order: the keys whose spec has evolve bounds (gain 0
+    included), `teacher_keys` (the KD keys) only with a teacher, `anchors` only with AutoAnchor on and no
+    teacher (output distillation needs the teacher's number of anchors per level)."""
     keys = []
     for k in hyp:
-        if k not in BOUNDS and k not in CHOICES:
+        if k not in specs or specs[k].evolve is None:
             continue
-        if (k in KD_KEYS and not teacher) or (k == "anchors" and (teacher or not autoanchor)):
+        if (k in teacher_keys and not teacher) or (k == "anchors" and (teacher or not autoanchor)):
             continue
         keys.append(k)
     return keys
 
 
-def constrain(hyp: Mapping[str, Any], keys: Sequence[str]) -> dict:
+def constrain(hyp: Mapping[str, Any], keys: Sequence[str], specs: Specs) -> dict:
     """A copy with every numeric evolved key clipped to its bounds and rounded to 5 decimals (whole numbers
     for int keys such as anchors, as the hyp file requires)."""
     out = dict(hyp)
     for k in keys:
-        if k in CHOICES:
+        s = specs[k]
+        if s.choices:
             continue
-        _, lo, hi = BOUNDS[k]
+        _, lo, hi = s.evolve
         v = round(min(max(float(out[k]), lo), hi), 5)
-        out[k] = int(round(v)) if HYP_SPECS.get(k) is not None and HYP_SPECS[k].kind is int else v
+        out[k] = int(round(v)) if s.kind is int else v
     return out
 
 
@@ -135,14 +96,14 @@ def select_parent(rows: Sequence[Mapping[str, Any]], rng: np.random.Generator) -
     return rows[int(order[rng.choice(len(order), p=w / w.sum())])]
 
 
-def mutate(parent: Mapping[str, Any], keys: Sequence[str], rng: np.random.Generator) -> dict:
+def mutate(parent: Mapping[str, Any], keys: Sequence[str], specs: Specs, rng: np.random.Generator) -> dict:
     """The parent's values with the numeric keys multiplied by v = clip(g·[U<0.8]·N(0,1)·u·0.2 + 1, 0.3, 3)
     (one u per draw, redrawn until some v differs from 1), categorical keys switched with probability
-    SWITCH_P to one of their other choices (uniformly), then constrained to the bounds. A draw that the
-    clipping and rounding turn back into the parent is drawn again (at most 100 times), so a generation does
-    not retrain its parent."""
-    numeric = [k for k in keys if k not in CHOICES]
-    g = np.array([float(BOUNDS[k][0]) for k in numeric])
+    SWITCH_P to one of their other choices (uniformly; gain 0 keeps them), then constrained to the bounds. A
+    draw that the clipping and rounding turn back into the parent is drawn again (at most 100 times), so a
+    generation does not retrain its parent."""
+    numeric = [k for k in keys if not specs[k].choices]
+    g = np.array([float(specs[k].evolve[0]) for k in numeric])
     child = dict(parent)
     for _ in range(100):
         out = dict(parent)
@@ -154,10 +115,11 @@ def mutate(parent: Mapping[str, Any], keys: Sequence[str], rng: np.random.Genera
             for k, x in zip(numeric, v):
                 out[k] = float(parent[k]) * float(x)
         for k in keys:
-            if k in CHOICES and rng.random() < SWITCH_P:
-                others = [c for c in CHOICES[k] if c != parent[k]]
+            # the gain test comes first so that a carried categorical key draws nothing
+            if specs[k].choices and specs[k].evolve[0] > 0 and rng.random() < SWITCH_P:
+                others = [c for c in specs[k].choices if c != parent[k]]
                 out[k] = others[int(rng.integers(len(others)))]
-        child = constrain(out, keys)
+        child = constrain(out, keys, specs)
         if any(child[k] != parent[k] for k in keys):
             break
     return child
@@ -168,15 +130,15 @@ def generation_rng(seed: int, generation: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) % 2**32, int(generation)])
 
 
-def next_hyp(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], keys: Sequence[str], seed: int,
-             generation: int) -> dict:
+def next_hyp(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], keys: Sequence[str], specs: Specs,
+             seed: int, generation: int) -> dict:
     """Generation `generation`'s hyp: the (constrained) starting hyp when there are no rows yet, else a
     mutated copy of a parent drawn from the rows. Keys outside `keys` keep the starting hyp's values."""
     if not rows:
-        return constrain(base, keys)
+        return constrain(base, keys, specs)
     rng = generation_rng(seed, generation)
     parent = select_parent(rows, rng)
-    return mutate({**base, **{k: parent[k] for k in keys}}, keys, rng)
+    return mutate({**base, **{k: parent[k] for k in keys}}, keys, specs, rng)
 
 
 def make_row(results: Sequence[float] | None, hyp: Mapping[str, Any], keys: Sequence[str], generation: int) -> dict:
@@ -201,17 +163,18 @@ def write_rows(path: Path, header: Sequence[str], rows: Sequence[Mapping[str, An
     atomic_write(path, buf.getvalue())
 
 
-def _parse(key: str, text: str) -> Any:
-    if key in CHOICES:
-        if text not in CHOICES[key]:
-            raise ValueError(f"{key} {text!r} is not one of {', '.join(CHOICES[key])}")
+def _parse(key: str, text: str, specs: Specs) -> Any:
+    s = specs.get(key)
+    if s is not None and s.choices:
+        if text not in s.choices:
+            raise ValueError(f"{key} {text!r} is not one of {', '.join(s.choices)}")
         return text
-    if key == "generation" or (key in HYP_SPECS and HYP_SPECS[key].kind is int):
+    if key == "generation" or (s is not None and s.kind is int):
         return int(float(text))
     return float(text)
 
 
-def read_rows(path: Path, header: Sequence[str]) -> list[dict]:
+def read_rows(path: Path, header: Sequence[str], specs: Specs) -> list[dict]:
     """The rows of an existing evolve.csv, checked against this evolution's columns and numbered 0, 1, …"""
     with open(path, newline="") as f:
         lines = [r for r in csv.reader(f) if r]
@@ -226,7 +189,7 @@ def read_rows(path: Path, header: Sequence[str]) -> list[dict]:
         try:
             if len(line) != len(header):
                 raise ValueError(f"{len(line)} values for {len(header)} columns")
-            row = {k: _parse(k, v) for k, v in zip(header, line)}
+            row = {k: _parse(k, v, specs) for k, v in zip(header, line)}
         except ValueError as e:
             raise UserError(f"{path}: row {i + 1} cannot be read ({e})") from None
         if row["generation"] != i:
@@ -254,14 +217,14 @@ def write_best_hyp(path: Path, base: Mapping[str, Any], rows: Sequence[Mapping[s
     return hyp
 
 
-def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
+def write_plot(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str], specs: Specs) -> None:
     """evolve.png: fitness against each evolved value (via a temp file, so an old plot is never half-replaced)."""
     from utils.reporting.plots import plot_evolve
 
     # savefig picks the format from the suffix, so the temp name keeps it; the ".evolve.png." prefix is what
     # remove_stale_temps looks for, as for atomic_write's temp files
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    plot_evolve({k: [r[k] for r in rows] for k in keys if BOUNDS.get(k, (1,))[0] != 0},
+    plot_evolve({k: [r[k] for r in rows] for k in keys if specs[k].evolve[0] != 0},
                 [float(r["fitness"]) for r in rows], tmp, best=int(best_row(rows)["generation"]))
     if tmp.exists():
         os.replace(tmp, path)
@@ -275,27 +238,35 @@ def remove_stale_temps(run: Path) -> int:
     return len(stale)
 
 
-def check_evolvable(hyp_arg: Any) -> None:
-    """A hyp file must hold every key the table mutates (the KD keys and `anchors` have defaults)."""
+def check_evolvable(hyp_arg: Any, specs: Specs, teacher_keys: Collection[str]) -> None:
+    """A hyp file must hold every key the specs mutate (the teacher keys and `anchors` have defaults)."""
     if isinstance(hyp_arg, dict):
         raw = hyp_arg
         where = "hyp"
     else:
         p = find_file(hyp_arg, [HYP_DIR], "hyp yaml")
         raw, where = read_yaml(p, "hyp yaml"), str(p)
-    missing = [k for k, (gain, _, _) in BOUNDS.items()
-               if gain and k not in raw and k not in KD_KEYS and k != "anchors"]
+    missing = [k for k, s in specs.items()
+               if s.evolve is not None and s.evolve[0] and k not in raw and k not in teacher_keys and k != "anchors"]
     if missing:
         raise UserError(f"{where}: --evolve mutates {', '.join(missing)}, which this hyp file lacks "
                         f"(add them, e.g. from data/hyps/hyp.scratch-low.yaml)")
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-TrainFn = Callable[[dict, argparse.Namespace, Any, DistInfo, KDConfig], Sequence[float]]
+# The caller (train.py) hands in its training and its run-config resolution, so this layer needs nothing
+# from the distillation package above it; the config is a frozen dataclass with enabled, hyp_values() and
+# as_dict(), whose KD fields are named as the teacher keys.
+TrainFn = Callable[[dict, argparse.Namespace, Any, DistInfo, Any], Sequence[float]]
+ResolveFn = Callable[[argparse.Namespace, dict], Any]
 
 
-def run_evolution(opt: argparse.Namespace, info: DistInfo, train_fn: TrainFn) -> int:
-    """--evolve N: check the options, then train the remaining generations in-process with train_fn."""
+def run_evolution(opt: argparse.Namespace, info: DistInfo, train_fn: TrainFn, resolve_fn: ResolveFn,
+                  kd_specs: Mapping[str, HypSpec]) -> int:
+    """--evolve N: check the options, then train the remaining generations in-process with train_fn.
+
+    resolve_fn(opt, hyp) is the config a new run resolves (flag > hyp > default, teacher sha256); kd_specs are
+    the distillation keys' specs (as for load_hyp), evolved only with a teacher."""
     n = opt.evolve
     if info.world_size > 1:
         raise UserError(f"--evolve is not supported with DDP (WORLD_SIZE {info.world_size}); run it as one process")
@@ -305,32 +276,33 @@ def run_evolution(opt: argparse.Namespace, info: DistInfo, train_fn: TrainFn) ->
     if n < 1:
         raise UserError(f"--evolve {n}: must be >= 1 (the number of generations)")
     autoanchor = not opt.noautoanchor
-    check_evolvable(opt.hyp)
-    base = load_hyp(opt.hyp, KD_SPECS)
+    specs = {**HYP_SPECS, **kd_specs}
+    teacher_keys = tuple(kd_specs)
+    check_evolvable(opt.hyp, specs, teacher_keys)
+    base = load_hyp(opt.hyp, kd_specs)
     # flag > hyp > default, as for training: a typed --distill_ratio/--temperature/--dist_norm is the value of
     # generation 0, from which the later generations mutate
-    kd = KDConfig.resolve(vars(opt), base, opt.cli_given)
-    if kd.enabled:
-        kd = dataclasses.replace(kd, t_sha256=file_sha256(kd.t_weights))
+    kd = resolve_fn(opt, base)
     base.update(kd.hyp_values())
     if autoanchor and not kd.enabled and "anchors" not in base:
         base["anchors"] = 3  # evolved from 3 per level; AutoAnchor then computes them for the data
-    keys = evolved_keys(base, kd.enabled, autoanchor)
+    keys = evolved_keys(base, specs, teacher_keys, kd.enabled, autoanchor)
     header = [*METRIC_KEYS, *keys, *TAIL_KEYS]
 
     project = opt.project if "project" in opt.cli_given else DEFAULT_PROJECT
     run = increment_path(Path(project) / opt.name, exist_ok=opt.exist_ok)
     device = select_device(opt.device, opt.batch_size)
     with hold_run_folder(run):  # a second evolution into the same folder would interleave evolve.csv rows
-        return _evolve_generations(opt, run, n, base, kd, keys, header, device, train_fn)
+        return _evolve_generations(opt, run, n, base, kd, keys, header, device, train_fn, specs, teacher_keys)
 
 
-def _evolve_generations(opt: argparse.Namespace, run: Path, n: int, base: dict, kd: KDConfig, keys: list[str],
-                        header: list[str], device: Any, train_fn: TrainFn) -> int:
+def _evolve_generations(opt: argparse.Namespace, run: Path, n: int, base: dict, kd: Any, keys: list[str],
+                        header: list[str], device: Any, train_fn: TrainFn, specs: Specs,
+                        teacher_keys: Sequence[str]) -> int:
     """Train the generations evolve.csv lacks into `run` (held by the caller), writing each row as it finishes."""
     csv_path, yaml_path, png_path, gen_dir = (run / "evolve.csv", run / "hyp_evolve.yaml", run / "evolve.png",
                                               run / "gen")
-    rows = read_rows(csv_path, header) if csv_path.is_file() else []
+    rows = read_rows(csv_path, header, specs) if csv_path.is_file() else []
     stale = remove_stale_temps(run)
     if rows:
         LOGGER.info(f"Evolve: continuing {csv_path}, {len(rows)} of {n} generations already done"
@@ -338,14 +310,14 @@ def _evolve_generations(opt: argparse.Namespace, run: Path, n: int, base: dict, 
 
     def outputs() -> None:
         write_best_hyp(yaml_path, base, rows, keys, n)
-        write_plot(png_path, rows, keys)
+        write_plot(png_path, rows, keys, specs)
 
     failed, trained = 0, 0
     try:
         for g in range(len(rows), n):
             shutil.rmtree(gen_dir, ignore_errors=True)  # what a generation cut short left behind
-            hyp = next_hyp(base, rows, keys, opt.seed, g)
-            gkd = dataclasses.replace(kd, **{k: hyp[k] for k in KD_KEYS})  # the evolved values, never the flags
+            hyp = next_hyp(base, rows, keys, specs, opt.seed, g)
+            gkd = dataclasses.replace(kd, **{k: hyp[k] for k in teacher_keys})  # the evolved values, never the flags
             gopt = argparse.Namespace(**vars(opt))
             gopt.save_dir, gopt.resume, gopt.hyp = str(gen_dir), False, dict(hyp)
             gopt.noval = gopt.nosave = gopt.noplots = True  # validate and save the final epoch only

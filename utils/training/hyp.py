@@ -17,7 +17,10 @@ HYP_DIR = ROOT / "data" / "hyps"
 
 @dataclass(frozen=True)
 class HypSpec:
-    """Default and closed/open bounds of one hyp key; `required` keys have no sensible default."""
+    """Default and closed/open bounds of one hyp key; `required` keys have no sensible default; `evolve` is
+    its part in train.py --evolve: (mutation gain, lower bound, upper bound), gain 0 = carried in evolve.csv but
+    never mutated, None = never evolved. A categorical key (with `choices`) is switched between its choices,
+    so only its gain counts (EVOLVE_SWITCH)."""
 
     default: Any
     lo: float = 0.0
@@ -26,40 +29,45 @@ class HypSpec:
     required: bool = False
     kind: type = float
     choices: tuple = ()
+    evolve: tuple[float, float, float] | None = None
 
+
+# the evolve marker of a categorical key: switched to another choice, its bounds unused
+EVOLVE_SWITCH: tuple[float, float, float] = (1, 0.0, 0.0)
 
 # Defaults are hyp.scratch-low's values. Keys marked required are the ones the loss and the optimizer
-# cannot run without; the augmentation keys fall back to their default with one warning.
+# cannot run without; the augmentation keys fall back to their default with one warning. The evolve ranges
+# are YOLOv5 v7.0's and lie inside each key's valid range (tests/test_evolve.py checks it).
 HYP_SPECS: dict[str, HypSpec] = {
-    "lr0": HypSpec(0.01, 0.0, 10.0, lo_open=True, required=True),
-    "lrf": HypSpec(0.01, 0.0, 1.0, lo_open=True, required=True),
-    "momentum": HypSpec(0.937, 0.0, 1.0, required=True),
-    "weight_decay": HypSpec(0.0005, 0.0, 1.0, required=True),
-    "warmup_epochs": HypSpec(3.0, 0.0, 1e4, required=True),
-    "warmup_momentum": HypSpec(0.8, 0.0, 1.0, required=True),
-    "warmup_bias_lr": HypSpec(0.1, 0.0, 10.0, required=True),
-    "box": HypSpec(0.05, required=True),
-    "cls": HypSpec(0.5, required=True),
-    "cls_pw": HypSpec(1.0, lo_open=True, required=True),
-    "obj": HypSpec(1.0, required=True),
-    "obj_pw": HypSpec(1.0, lo_open=True, required=True),
-    "iou_t": HypSpec(0.2, 0.0, 1.0),
-    "anchor_t": HypSpec(4.0, 1.0, 100.0, lo_open=True, required=True),
-    "anchors": HypSpec(3, 1, 100, kind=int),
-    "fl_gamma": HypSpec(0.0, 0.0, 100.0, required=True),
-    "hsv_h": HypSpec(0.015, 0.0, 1.0),
-    "hsv_s": HypSpec(0.7, 0.0, 1.0),
-    "hsv_v": HypSpec(0.4, 0.0, 1.0),
-    "degrees": HypSpec(0.0, 0.0, 360.0),
-    "translate": HypSpec(0.1, 0.0, 1.0),
-    "scale": HypSpec(0.5, 0.0, 1.0),
-    "shear": HypSpec(0.0, 0.0, 90.0),
-    "perspective": HypSpec(0.0, 0.0, 0.01),
-    "flipud": HypSpec(0.0, 0.0, 1.0),
-    "fliplr": HypSpec(0.5, 0.0, 1.0),
-    "mosaic": HypSpec(1.0, 0.0, 1.0),
-    "mixup": HypSpec(0.0, 0.0, 1.0),
-    "copy_paste": HypSpec(0.0, 0.0, 1.0),
+    "lr0": HypSpec(0.01, 0.0, 10.0, lo_open=True, required=True, evolve=(1, 1e-5, 1e-1)),
+    "lrf": HypSpec(0.01, 0.0, 1.0, lo_open=True, required=True, evolve=(1, 0.01, 1.0)),
+    "momentum": HypSpec(0.937, 0.0, 1.0, required=True, evolve=(0.3, 0.6, 0.98)),
+    "weight_decay": HypSpec(0.0005, 0.0, 1.0, required=True, evolve=(1, 0.0, 0.001)),
+    "warmup_epochs": HypSpec(3.0, 0.0, 1e4, required=True, evolve=(1, 0.0, 5.0)),
+    "warmup_momentum": HypSpec(0.8, 0.0, 1.0, required=True, evolve=(1, 0.0, 0.95)),
+    "warmup_bias_lr": HypSpec(0.1, 0.0, 10.0, required=True, evolve=(1, 0.0, 0.2)),
+    "box": HypSpec(0.05, required=True, evolve=(1, 0.02, 0.2)),
+    "cls": HypSpec(0.5, required=True, evolve=(1, 0.2, 4.0)),
+    "cls_pw": HypSpec(1.0, lo_open=True, required=True, evolve=(1, 0.5, 2.0)),
+    "obj": HypSpec(1.0, required=True, evolve=(1, 0.2, 4.0)),
+    "obj_pw": HypSpec(1.0, lo_open=True, required=True, evolve=(1, 0.5, 2.0)),
+    "iou_t": HypSpec(0.2, 0.0, 1.0, evolve=(0, 0.1, 0.7)),
+    "anchor_t": HypSpec(4.0, 1.0, 100.0, lo_open=True, required=True, evolve=(1, 2.0, 8.0)),
+    "anchors": HypSpec(3, 1, 100, kind=int, evolve=(2, 2.0, 10.0)),
+    "fl_gamma": HypSpec(0.0, 0.0, 100.0, required=True, evolve=(0, 0.0, 2.0)),
+    "hsv_h": HypSpec(0.015, 0.0, 1.0, evolve=(1, 0.0, 0.1)),
+    "hsv_s": HypSpec(0.7, 0.0, 1.0, evolve=(1, 0.0, 0.9)),
+    "hsv_v": HypSpec(0.4, 0.0, 1.0, evolve=(1, 0.0, 0.9)),
+    "degrees": HypSpec(0.0, 0.0, 360.0, evolve=(1, 0.0, 45.0)),
+    "translate": HypSpec(0.1, 0.0, 1.0, evolve=(1, 0.0, 0.9)),
+    "scale": HypSpec(0.5, 0.0, 1.0, evolve=(1, 0.0, 0.9)),
+    "shear": HypSpec(0.0, 0.0, 90.0, evolve=(1, 0.0, 10.0)),
+    "perspective": HypSpec(0.0, 0.0, 0.01, evolve=(0, 0.0, 0.001)),
+    "flipud": HypSpec(0.0, 0.0, 1.0, evolve=(1, 0.0, 1.0)),
+    "fliplr": HypSpec(0.5, 0.0, 1.0, evolve=(0, 0.0, 1.0)),
+    "mosaic": HypSpec(1.0, 0.0, 1.0, evolve=(1, 0.0, 1.0)),
+    "mixup": HypSpec(0.0, 0.0, 1.0, evolve=(1, 0.0, 1.0)),
+    "copy_paste": HypSpec(0.0, 0.0, 1.0, evolve=(1, 0.0, 1.0)),
 }
 OPTIONAL_NO_DEFAULT = ("anchors",)  # absent means "keep the model's anchors"
 
