@@ -23,12 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parent
-
 import val as validate
 from models.yolo import Model, check_img_size, set_inplace_activations, to_training_layout
 from optimizer.config import KD_SPECS, KDConfig, add_kd_args
-from optimizer.criterion import DetectionCriterion, Distiller, balance_ratios
+from optimizer.criterion import DetectionCriterion, Distiller
 from optimizer.teacher import check_teacher_unchanged, file_sha256
 from utils.training.anchors import check_anchors
 from utils.training.checkpoint import model_from_ckpt, torch_load
@@ -36,9 +34,9 @@ from utils.data.datasets import (available_memory, batch_memory_need, check_data
                                  reseed_loader)
 from utils.core.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel,
                                     dist_info_from_env, init_distributed, main_process_first, select_device)
-from utils.training.engine import (NBS, CompiledForward, EarlyStopping, LoopState, ModelEMA, accumulate_steps,
-                                   build_optimizer, build_scheduler, init_seeds, keep_freed_memory, lr_lambda, resolve_amp,
-                                   train_one_epoch)
+from utils.training.engine import (NBS, CompiledForward, EarlyStopping, LoopConfig, LoopState, ModelEMA, Optim,
+                                   StudentForward, accumulate_steps, build_optimizer, build_scheduler, init_seeds,
+                                   keep_freed_memory, lr_lambda, resolve_amp, train_one_epoch)
 from utils.core.errors import UserError
 from utils.core.config import read_yaml, yaml_save
 from utils.training.hyp import load_hyp
@@ -48,6 +46,8 @@ from utils.reporting.loggers import RunLogger
 from utils.training.loss import ComputeLoss, scale_hyp
 from utils.evaluation.metrics import fitness
 from utils.data.unlabeled import UnlabeledStream, build_unlabeled_stream
+
+ROOT = Path(__file__).resolve().parent
 
 LOGGER = logging.getLogger("yolov5kd")
 DEFAULT_HYP = ROOT / "data/hyps/hyp.scratch-low.yaml"
@@ -119,14 +119,12 @@ class Setup:
     hyp: dict  # this run's copy, weight decay scaled for the batch size
     train_loader: Any
     val_loader: Any
-    unlabeled: UnlabeledStream | None
     compute_loss: ComputeLoss
     criterion: DetectionCriterion
     keeper: CheckpointKeeper
     logger: RunLogger | None
     stopper: EarlyStopping
     scaler: torch.amp.GradScaler
-    forward: CompiledForward | None
     imgsz: int
     gs: int
     batch_size: int
@@ -251,7 +249,9 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
         ema.update_attr(model)
 
     compute_loss = ComputeLoss(base)
-    criterion = build_criterion(kd, compute_loss, base, imgsz, device, opt.trust_checkpoint)
+    # the module (and checkpoints) stay plain under --compile: only the training forward is compiled
+    forward = StudentForward(device, amp_dtype, CompiledForward(model) if opt.compile else None, info.world_size)
+    criterion = build_criterion(kd, compute_loss, base, imgsz, forward, opt.trust_checkpoint, unlabeled)
     reference = None
     if main and not opt.noval and not resuming:
         reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
@@ -261,9 +261,8 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
                        plots=not opt.noplots) if main else None
     return Setup(save_dir=save_dir, data_dict=data_dict, names=names, model=model, ema=ema, optimizer=optimizer,
                  scheduler=scheduler, lf=lf, hyp=hyp, train_loader=train_loader, val_loader=val_loader,
-                 unlabeled=unlabeled, compute_loss=compute_loss, criterion=criterion, keeper=keeper, logger=logger,
+                 compute_loss=compute_loss, criterion=criterion, keeper=keeper, logger=logger,
                  stopper=stopper, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-                 forward=CompiledForward(model) if opt.compile else None,  # the module (and checkpoints) stay plain
                  imgsz=imgsz, gs=gs, batch_size=batch_size, amp_dtype=amp_dtype, resume=resume, reference=reference)
 
 
@@ -287,10 +286,12 @@ def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: Di
     state = LoopState(last_opt_step=r.resume.start_epoch * nb - 1)
     best_fitness = r.resume.best_fitness
     results = (0, 0, 0, 0, 0, 0, 0)
-    if r.unlabeled is not None:
-        LOGGER.info(f"Unlabelled images: {len(r.unlabeled)} ({r.unlabeled.batch_size} per step beside "
-                    f"{r.batch_size // info.world_size} labelled, unlabeled_ratio "
-                    f"{r.criterion.config.unlabeled_ratio:g}), distillation only")
+    for line in r.criterion.describe():
+        LOGGER.info(line)
+    cfg = LoopConfig(epochs=r.resume.epochs, device=device, lf=r.lf, batch_size=r.batch_size, nw=nw, imgsz=r.imgsz,
+                     gs=r.gs, world_size=info.world_size, multi_scale=opt.multi_scale, show_progress=main,
+                     warmup={k: r.hyp[k] for k in ("warmup_bias_lr", "warmup_momentum", "momentum")})
+    optim = Optim(r.optimizer, r.scaler, r.ema)
     LOGGER.info(f"Image sizes {r.imgsz} train, {r.imgsz} val\nUsing {r.train_loader.num_workers} dataloader workers\n"
                 f"Logging results to {r.save_dir}\nStarting training for {r.resume.epochs} epochs...")
 
@@ -304,14 +305,8 @@ def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: Di
         # (workers 0) replays exactly what an uninterrupted one would have done
         init_seeds(opt.seed + 1 + info.rank + 1000 * epoch)
         reseed_loader(r.train_loader, opt.seed, info.rank, epoch)
-        if r.unlabeled is not None:
-            r.unlabeled.start_epoch(epoch)
-        res = train_one_epoch(r.model, r.train_loader, r.optimizer, r.scaler, r.criterion, r.ema, epoch,
-                              epochs=r.resume.epochs, device=device, hyp=r.hyp, lf=r.lf, batch_size=r.batch_size,
-                              nw=nw, state=state, imgsz=r.imgsz, gs=r.gs, amp=r.amp_dtype is not None,
-                              world_size=info.world_size, multi_scale=opt.multi_scale, show_progress=main,
-                              on_batch=on_batch if epoch == 0 else None, amp_dtype=r.amp_dtype, forward=r.forward,
-                              unlabeled=r.unlabeled)
+        res = train_one_epoch(r.model, r.train_loader, r.criterion, optim, epoch, state, cfg,
+                              on_batch=on_batch if epoch == 0 else None)
         r.scheduler.step()
         epochs_run += 1
         stop = False
@@ -327,8 +322,9 @@ def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: Di
             stop = r.stopper(epoch=epoch, fitness=fi)
             best_fitness = max(best_fitness, fi)
             r.logger.log_epoch(epoch, res.mloss, results, res.lrs)
-            if isinstance(r.criterion, Distiller):
-                r.logger.log_scalars({f"kd_balance/{k}": v for k, v in balance_ratios(res.mloss).items()}, epoch)
+            extra = r.criterion.epoch_scalars(res.mloss)
+            if extra:
+                r.logger.log_scalars(extra, epoch)
             r.keeper.save(epoch, r.model, r.ema, r.optimizer, opt, best_fitness, fi, final_epoch)
         if broadcast_flag(stop, info):
             break
@@ -372,12 +368,13 @@ def labels_to_class_weights(labels: np.ndarray, nc: int = 80) -> torch.Tensor:
     return torch.from_numpy(weights / weights.sum()).float()
 
 
-def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module, imgsz: int, device: torch.device,
-                    trust: bool) -> DetectionCriterion:
-    """The loss the loop minimises: detection alone, or detection + distillation from the configured teacher."""
+def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module, imgsz: int, forward: StudentForward,
+                    trust: bool, unlabeled: UnlabeledStream | None = None) -> DetectionCriterion:
+    """The loss the loop minimises: detection alone, or detection + distillation from the configured teacher
+    (which also takes the unlabelled stream)."""
     if not kd.enabled:
-        return DetectionCriterion(compute_loss)
-    return Distiller.build(kd, compute_loss, student, imgsz, device, trust=trust)
+        return DetectionCriterion(compute_loss, forward)
+    return Distiller.build(kd, compute_loss, student, imgsz, forward, trust=trust, unlabeled=unlabeled)
 
 
 def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_dict: dict, imgsz: int,
@@ -385,9 +382,11 @@ def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_
     """mAP50-95 of the teacher (the student's ceiling) and of the starting student when it was loaded from a
     checkpoint, measured before the first step so the end of training can say what changed."""
     out: dict[str, float] = {}
-    if isinstance(criterion, Distiller):
-        LOGGER.info(f"Teacher {criterion.config.t_weights} on the validation set (the ceiling for the student):")
-        r = validate.evaluate(deepcopy(criterion.teacher.model).float(), val_loader, data_dict, plots=False,
+    ceiling = criterion.reference_model()
+    if ceiling is not None:
+        name, ref_model = ceiling
+        LOGGER.info(f"{name} on the validation set (the ceiling for the student):")
+        r = validate.evaluate(deepcopy(ref_model).float(), val_loader, data_dict, plots=False,
                               single_cls=opt.single_cls, half=False).results
         LOGGER.info(f"Teacher mAP50 {r[2]:.4f}, mAP50-95 {r[3]:.4f}")
         out["teacher"] = float(r[3])

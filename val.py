@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parent
 
 from utils.core.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.training.checkpoint import attempt_load
@@ -32,6 +31,8 @@ from models.yolo import check_img_size
 from utils.core.log import increment_path, setup_logging
 from utils.evaluation.metrics import ConfusionMatrix, ap_per_class, process_batch
 from utils.evaluation.nms import non_max_suppression
+
+ROOT = Path(__file__).resolve().parent
 
 LOGGER = logging.getLogger("yolov5kd")
 COCO91 = ([*range(1, 12)] + [*range(13, 26)] + [27, 28] + [*range(31, 45)] + [*range(46, 66)] + [67, 70]

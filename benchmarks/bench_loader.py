@@ -15,11 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 import yaml
 
 from utils.data.datasets import check_dataset, create_dataloader
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ensure_dataset() -> dict:

@@ -20,8 +20,8 @@ from common import criterion_for, demo_data, load_hyp, peak_memory_mb, student, 
 from utils.data.datasets import create_dataloader
 from utils.core.distributed import select_device
 from utils.data.unlabeled import build_unlabeled_stream
-from utils.training.engine import (CompiledForward, LoopState, ModelEMA, build_optimizer, lr_lambda, resolve_amp,
-                                   train_one_epoch)
+from utils.training.engine import (CompiledForward, LoopConfig, LoopState, ModelEMA, Optim, StudentForward,
+                                   build_optimizer, lr_lambda, resolve_amp, train_one_epoch)
 
 
 def main() -> int:
@@ -45,27 +45,27 @@ def main() -> int:
     loader, _ = create_dataloader(data["train"], a.imgsz, a.batch, 32, hyp=hyp, augment=True, workers=a.workers,
                                   shuffle=True)
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    criterion = criterion_for(model, imgsz=a.imgsz, device=device, kd=a.kd, teacher_precision=a.teacher_precision)
     amp_dtype = resolve_amp(True if a.amp else None, device)
     unlabeled = None
     if a.kd and a.unlabeled_ratio > 0:
         unlabeled = build_unlabeled_stream(data["train"], a.unlabeled_ratio, a.batch, a.imgsz, 32, hyp,
                                            workers=a.workers, rank=-1, world_size=1, seed=0)
-    forward = CompiledForward(model) if a.compile else None
-    common = dict(epochs=2, device=device, hyp=hyp, lf=lr_lambda(2, hyp["lrf"]), batch_size=a.batch, nw=100,
-                  imgsz=a.imgsz, gs=32, amp=amp_dtype is not None, amp_dtype=amp_dtype, forward=forward,
-                  show_progress=False, unlabeled=unlabeled)
+    forward = StudentForward(device, amp_dtype, CompiledForward(model) if a.compile else None)
+    criterion = criterion_for(model, imgsz=a.imgsz, forward=forward, kd=a.kd, teacher_precision=a.teacher_precision,
+                              unlabeled=unlabeled)
+    cfg = LoopConfig(epochs=2, device=device, warmup=hyp, lf=lr_lambda(2, hyp["lrf"]), batch_size=a.batch, nw=100,
+                     imgsz=a.imgsz, gs=32, show_progress=False)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     state = LoopState()
     # epoch 0 warms up workers, allocator and page cache (and compiles); epoch 1 is timed
     t0 = time.perf_counter()
-    train_one_epoch(model, loader, opt, scaler, criterion, ModelEMA(model), 0, state=state, **common)
+    train_one_epoch(model, loader, criterion, Optim(opt, scaler, ModelEMA(model)), 0, state, cfg)
     sync(device)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_one_epoch(model, loader, opt, scaler, criterion, ModelEMA(model), 1, state=state, **common)
+    train_one_epoch(model, loader, criterion, Optim(opt, scaler, ModelEMA(model)), 1, state, cfg)
     sync(device)
     dt = time.perf_counter() - t0
     n = len(loader.dataset)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 import torch
 import yaml
@@ -14,8 +13,12 @@ from optimizer.config import KDConfig
 from optimizer.criterion import DetectionCriterion, Distiller
 from optimizer.teacher import Teacher, load_teacher, resolve_teacher_precision
 from utils.data.datasets import check_dataset
-from utils.training.engine import ModelEMA, build_optimizer, keep_freed_memory, optimizer_step, step_loss, to_input
+from utils.data.unlabeled import UnlabeledStream
+from utils.training.engine import (ModelEMA, StudentForward, build_optimizer, keep_freed_memory, optimizer_step,
+                                   resolve_amp, to_input)
 from utils.training.loss import ComputeLoss, scale_hyp
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
 torch.set_flush_denormal(True)  # as train.py does
@@ -51,31 +54,32 @@ def teacher(nc: int, device: torch.device, precision: str = "auto") -> Teacher:
     return t
 
 
-def criterion_for(model: torch.nn.Module, imgsz: int, device: torch.device, kd: bool,
-                  teacher_precision: str = "auto") -> DetectionCriterion:
+def criterion_for(model: torch.nn.Module, imgsz: int, forward: StudentForward, kd: bool,
+                  teacher_precision: str = "auto", unlabeled: UnlabeledStream | None = None) -> DetectionCriterion:
     """train.py's criterion: the detection loss, or detection + distillation from the demo teacher."""
     if not kd:
-        return DetectionCriterion(ComputeLoss(model))
-    t = teacher(int(model.nc), device, teacher_precision)
-    return Distiller(KDConfig(t_weights=t.path), ComputeLoss(model), t, model, imgsz)
+        return DetectionCriterion(ComputeLoss(model), forward)
+    t = teacher(int(model.nc), forward.device, teacher_precision)
+    return Distiller(KDConfig(t_weights=t.path), ComputeLoss(model), t, model, imgsz, forward, unlabeled)
 
 
 class Stepper:
-    """One optimizer step of train.py's loop (the engine's step_loss and optimizer_step, no accumulation),
+    """One optimizer step of train.py's loop (the criterion's step and the engine's optimizer_step, no accumulation),
     with the plain criterion or, given a teacher, the distilling one."""
 
     def __init__(self, model, hyp: dict, device: torch.device, teacher: Teacher | None = None, amp: bool = False,
                  imgsz: int = 320):
         self.model, self.device, self.amp = model, device, amp
         self.opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-        self.criterion = (DetectionCriterion(ComputeLoss(model)) if teacher is None else
-                          Distiller(KDConfig(t_weights=teacher.path), ComputeLoss(model), teacher, model, imgsz))
+        forward = StudentForward(device, resolve_amp(True, device) if amp else None)
+        self.criterion = (DetectionCriterion(ComputeLoss(model), forward) if teacher is None else
+                          Distiller(KDConfig(t_weights=teacher.path), ComputeLoss(model), teacher, model, imgsz,
+                                    forward))
         self.ema = ModelEMA(model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor) -> float:
-        loss, _ = step_loss(self.model, self.criterion, to_input(imgs, self.device), targets, device=self.device,
-                            amp=self.amp)
+        loss, _ = self.criterion(self.model, to_input(imgs, self.device), targets)
         self.scaler.scale(loss).backward()
         optimizer_step(self.model, self.opt, self.scaler, self.ema)
         return float(loss.detach())

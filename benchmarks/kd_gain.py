@@ -26,11 +26,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 from optimizer.config import KD_SPECS
 from utils.reporting.loggers import read_results_csv
 from utils.evaluation.metrics import fitness
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
 DEMO_STUDENT = ROOT / "checkpoint" / "yolov5n-shapes.pt"

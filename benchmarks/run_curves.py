@@ -15,10 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 from kd_gain import M50, M5095, best_index, plateau_gain
 from utils.reporting.loggers import read_results_csv
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PLATEAU_POINTS = 0.5  # the convergence benchmark's test: < 0.5 mAP50-95 points in the last 20 % of epochs
 

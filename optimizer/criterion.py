@@ -1,13 +1,12 @@
-"""The training criterion: one callable whose call returns (loss, parts), plain or distilled.
+"""The training criterion: one callable that runs a training step's forward passes and returns (loss, parts).
 
-    criterion.before_forward(imgs)          # distilled: the teacher runs here, before the student
-    loss, parts = criterion(pred, targets)  # plain: {box, obj, cls}; distilled: + {dbox, dobj, dcls}
+    loss, parts = criterion(model, imgs, targets)   # plain: {box, obj, cls}; distilled: + {dbox, dobj, dcls}
 
-With unlabelled images the teacher runs once on the labelled and unlabelled images together, and the call
-gets the student's maps of the unlabelled images as well: the detection loss sees only the labelled ones,
-the distillation loss all of them.
-
-The training loop knows nothing else about distillation: it logs whatever `parts` holds.
+The distiller owns the teacher, the unlabelled stream and the balance report: each step it draws the
+unlabelled batch, runs the teacher once on the labelled and unlabelled images together (before the student,
+so the teacher's activations are freed first), then the student. The detection loss sees only the labelled
+images, the distillation loss all of them. The training loop knows nothing about any of this: it logs
+whatever `parts` holds.
 """
 from __future__ import annotations
 
@@ -17,11 +16,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from optimizer.config import KDConfig
 from optimizer.loss import KL_OBJ_NORMS, OutputDistillationLoss
 from optimizer.teacher import Teacher, load_teacher, preflight
 from utils.core.errors import UserError
+from utils.data.unlabeled import UnlabeledStream
+from utils.training.engine import StudentForward, to_input
 
 LOGGER = logging.getLogger("yolov5kd")
 
@@ -37,73 +39,107 @@ class DetectionCriterion:
 
     parts = DETECTION_PARTS
     detection_parts = DETECTION_PARTS  # the parts of `parts` that come from the detection loss
+    progress_note = ""  # shown beside the progress bar
 
-    def __init__(self, compute_loss: Any):
-        """Wrap a ComputeLoss (its call gives (loss * bs, tensor([box, obj, cls])))."""
+    def __init__(self, compute_loss: Any, forward: StudentForward):
+        """Wrap a ComputeLoss (its call gives (loss * bs, tensor([box, obj, cls]))) and how the student runs."""
         self.compute_loss = compute_loss
+        self.forward = forward
 
-    def before_forward(self, imgs: torch.Tensor) -> None:
-        """Nothing to do before the student's forward pass."""
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the loop before each epoch."""
 
-    def __call__(self, pred: list[torch.Tensor], targets: torch.Tensor,
-                 unlabeled_pred: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss (for backward) and its detached parts."""
-        if unlabeled_pred is not None:
-            raise ValueError("unlabelled images carry no loss without a teacher")
+    def __call__(self, model: nn.Module, imgs: torch.Tensor,
+                 targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The student's forward on `imgs`, then the total loss (for backward) and its detached parts."""
+        with self.forward.autocast():
+            pred = self.forward(model, imgs)
+            return self._detection(pred, targets.to(self.forward.device))
+
+    def _detection(self, pred: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss, items = self.compute_loss(pred, targets)
         return loss, dict(zip(DETECTION_PARTS, items.detach()))
 
     def end_epoch(self) -> None:
         """Called by the loop after each epoch."""
 
+    def describe(self) -> list[str]:
+        """Lines for the start of training (nothing for the detection loss alone)."""
+        return []
+
+    def epoch_scalars(self, mloss: Mapping[str, float]) -> dict[str, float]:
+        """Extra per-epoch figures for TensorBoard, from the epoch's mean parts."""
+        return {}
+
+    def reference_model(self) -> tuple[str, nn.Module] | None:
+        """(name, model) of a model whose mAP bounds the student's, measured before training; None if none."""
+        return None
+
 
 class Distiller(DetectionCriterion):
-    """Detection loss plus output distillation from a frozen teacher; owns the teacher and the pre-flight."""
+    """Detection loss plus output distillation from a frozen teacher; owns the teacher, the pre-flight, the
+    unlabelled stream and the balance report."""
 
     parts = DETECTION_PARTS + DISTILLATION_PARTS
 
-    def __init__(self, config: KDConfig, compute_loss: Any, teacher: Teacher, student: nn.Module, imgsz: int):
+    def __init__(self, config: KDConfig, compute_loss: Any, teacher: Teacher, student: nn.Module, imgsz: int,
+                 forward: StudentForward, unlabeled: UnlabeledStream | None = None):
         """Check the pair once (raises UserError naming both values) and build the loss from the result."""
-        super().__init__(compute_loss)
+        super().__init__(compute_loss, forward)
         self.config = config
         self.teacher = teacher
+        self.unlabeled = unlabeled
         checks = preflight(teacher, student, imgsz)
         self.loss = OutputDistillationLoss(student, dist_loss=config.dist_loss, T=config.temperature,
                                            distill_ratio=config.distill_ratio, norm=config.dist_norm,
                                            teacher_anchors=checks["teacher_anchors"])
-        self._t_maps: list[torch.Tensor] | None = None
         self._sums: dict[str, float] = {}
         self._seen = 0
         self.reported = False
+        if unlabeled is not None:
+            self.progress_note = f"+{unlabeled.batch_size} of {len(unlabeled)} unlabelled/step"
 
     @classmethod
-    def build(cls, config: KDConfig, compute_loss: Any, student: nn.Module, imgsz: int, device: torch.device,
-              trust: bool = False) -> Distiller:
+    def build(cls, config: KDConfig, compute_loss: Any, student: nn.Module, imgsz: int, forward: StudentForward,
+              trust: bool = False, unlabeled: UnlabeledStream | None = None) -> Distiller:
         """Load the teacher named by the config (safe loader, fused, frozen) and check it against the student."""
         if not config.enabled:
             raise UserError("distillation needs a teacher checkpoint (--t_weights)")
-        teacher = load_teacher(config.t_weights, device=device, trust=trust, precision=config.teacher_precision)
+        teacher = load_teacher(config.t_weights, device=forward.device, trust=trust,
+                               precision=config.teacher_precision)
         teacher.model.to(memory_format=torch.channels_last)  # same NHWC layout as the student's input
-        return cls(config, compute_loss, teacher, student, imgsz)
+        return cls(config, compute_loss, teacher, student, imgsz, forward, unlabeled)
 
-    def before_forward(self, imgs: torch.Tensor) -> None:
-        """Run the teacher first: its activations are freed before the student's fill memory (measured on 2 CPU
-        cores, the KD step then costs ~2% over plain step + teacher forward, instead of ~6%). With unlabelled
-        images, `imgs` holds the labelled batch followed by the unlabelled one."""
-        self._t_maps = self.teacher(imgs)
+    def start_epoch(self, epoch: int) -> None:
+        """The unlabelled stream's shuffle for this epoch."""
+        if self.unlabeled is not None:
+            self.unlabeled.start_epoch(epoch)
 
-    def __call__(self, pred: list[torch.Tensor], targets: torch.Tensor,
-                 unlabeled_pred: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Detection loss on `pred` (the labelled images) + distillation loss on `pred` and `unlabeled_pred`
-        together, and the six parts; the teacher maps are those of before_forward."""
-        if self._t_maps is None:
-            raise RuntimeError("Distiller: before_forward(imgs) must run before each loss call")
-        loss, parts = super().__call__(pred, targets)
+    def __call__(self, model: nn.Module, imgs: torch.Tensor,
+                 targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher on labelled + unlabelled images, then the student; detection loss on the labelled images,
+        distillation loss on all of them, and the six parts."""
+        u_imgs = self._unlabeled_batch(imgs)
+        # The teacher runs first: its activations are freed before the student's fill memory (measured on 2 CPU
+        # cores, the KD step then costs ~2% over plain step + teacher forward, instead of ~6%).
+        t_maps = self.teacher(imgs if u_imgs is None else torch.cat((imgs, u_imgs), 0))
+        with self.forward.autocast():
+            pred = self.forward(model, imgs)
+            targets = targets.to(self.forward.device)
+            # the student runs the unlabelled images in a second pass, so that batch-norm statistics, and with
+            # them the detection loss of the labelled images, are exactly what they would be without them
+            u_pred = None if u_imgs is None else self.forward.second_pass(model, u_imgs)
+            return self.losses(pred, targets, t_maps, u_pred)
+
+    def losses(self, pred: list[torch.Tensor], targets: torch.Tensor, t_maps: list[torch.Tensor],
+               u_pred: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Detection loss on `pred` (the labelled images) + distillation loss on `pred` and `u_pred` together
+        against the teacher's maps of both, and the six parts."""
+        loss, parts = self._detection(pred, targets)
         bs = pred[0].shape[0]
-        if unlabeled_pred is not None:
-            pred = [torch.cat((p, u), 0) for p, u in zip(pred, unlabeled_pred)]
-        kd_loss, kd_parts = self.loss(pred, self._t_maps)  # fp32 inside, whatever the autocast state
-        self._t_maps = None
+        if u_pred is not None:
+            pred = [torch.cat((p, u), 0) for p, u in zip(pred, u_pred)]
+        kd_loss, kd_parts = self.loss(pred, t_maps)  # fp32 inside, whatever the autocast state
         # The detection parts are per-image means (the loss is their sum x batch size) while the seed's KD
         # parts already carry the batch size: put them on the detection parts' scale, so that logged columns
         # and balance ratios compare what each part weighs in the gradient (sum(parts) x bs == loss).
@@ -111,6 +147,30 @@ class Distiller(DetectionCriterion):
         if not self.reported:
             self._accumulate(parts)
         return loss + kd_loss.to(loss.dtype), parts
+
+    def _unlabeled_batch(self, imgs: torch.Tensor) -> torch.Tensor | None:
+        if self.unlabeled is None:
+            return None
+        u_imgs = to_input(self.unlabeled.next_batch(), self.forward.device)
+        if u_imgs.shape[2:] != imgs.shape[2:]:  # multi-scale: one size for the teacher's combined batch
+            u_imgs = F.interpolate(u_imgs, size=imgs.shape[2:], mode="bilinear", align_corners=False)
+        return u_imgs
+
+    def describe(self) -> list[str]:
+        """The unlabelled stream, when there is one."""
+        if self.unlabeled is None:
+            return []
+        u = self.unlabeled
+        return [f"Unlabelled images: {len(u)} ({u.batch_size} per step beside {u.labelled_batch} labelled, "
+                f"unlabeled_ratio {self.config.unlabeled_ratio:g}), distillation only"]
+
+    def epoch_scalars(self, mloss: Mapping[str, float]) -> dict[str, float]:
+        """Each distillation part over its detection counterpart."""
+        return {f"kd_balance/{k}": v for k, v in balance_ratios(mloss).items()}
+
+    def reference_model(self) -> tuple[str, nn.Module] | None:
+        """The teacher: the student's ceiling."""
+        return f"Teacher {self.config.t_weights}", self.teacher.model
 
     def _accumulate(self, parts: Mapping[str, torch.Tensor]) -> None:
         vals = {k: float(v) for k, v in parts.items()}

@@ -113,12 +113,15 @@ class _Stream:
     def next_batch(self) -> torch.Tensor:
         return self.imgs
 
+    def start_epoch(self, epoch: int) -> None:
+        """A fixed batch has no shuffle to restart."""
+
 
 def _one_step_setup(teacher8):
     from models.yolo import Model
     from optimizer.config import KDConfig
     from optimizer.criterion import Distiller
-    from utils.training.engine import LoopState, build_optimizer
+    from utils.training.engine import LoopState, StudentForward, build_optimizer
     from utils.training.hyp import load_hyp
     from utils.training.loss import ComputeLoss, scale_hyp
 
@@ -128,7 +131,7 @@ def _one_step_setup(teacher8):
     model.hyp = scale_hyp(hyp, 3, 8, 64, 0.0)
     model.nc = 8
     crit = Distiller.build(KDConfig(t_weights=str(teacher8), teacher_precision="fp32"), ComputeLoss(model), model,
-                           64, torch.device("cpu"))
+                           64, StudentForward(torch.device("cpu")))
     opt = build_optimizer(model, "SGD", 0.0, 0.9, 0.0)  # lr 0 everywhere: the step changes no weight
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=g)
@@ -139,14 +142,15 @@ def _one_step_setup(teacher8):
 
 
 def _epoch(model, crit, opt, loader, hyp, state_cls, unlabeled=None):
-    from utils.training.engine import train_one_epoch
+    from utils.training.engine import LoopConfig, Optim, train_one_epoch
 
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     for g in opt.param_groups:
         g.setdefault("initial_lr", 0.0)
-    return train_one_epoch(model, loader, opt, scaler, crit, None, 0, epochs=1, device=torch.device("cpu"), hyp=hyp,
-                           lf=lambda x: 1.0, batch_size=2, nw=100, state=state_cls(), imgsz=64, gs=32, amp=False,
-                           show_progress=False, unlabeled=unlabeled)
+    crit.unlabeled = unlabeled  # the distiller owns the stream
+    cfg = LoopConfig(epochs=1, device=torch.device("cpu"), warmup=hyp, lf=lambda x: 1.0, batch_size=2, nw=100,
+                     imgsz=64, gs=32, show_progress=False)
+    return train_one_epoch(model, loader, crit, Optim(opt, scaler, None), 0, state_cls(), cfg)
 
 
 def test_detection_loss_untouched_by_unlabelled_images(teacher8):
@@ -165,9 +169,9 @@ def test_distillation_reaches_the_unlabelled_images(teacher8):
 
     def grads(u_imgs):
         model.zero_grad()
-        crit.before_forward(imgs if u_imgs is None else torch.cat((imgs, u_imgs.detach()), 0))
+        t_maps = crit.teacher(imgs if u_imgs is None else torch.cat((imgs, u_imgs.detach()), 0))
         pred = model(imgs)
-        loss, _ = crit(pred, targets, unlabeled_pred=None if u_imgs is None else model(u_imgs))
+        loss, _ = crit.losses(pred, targets, t_maps, None if u_imgs is None else model(u_imgs))
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 

@@ -18,8 +18,8 @@ from optimizer.int8 import int8_unavailable
 from optimizer.teacher import INT8_CALIBRATION_BATCHES, Teacher, cpu_supports_bf16, load_teacher, \
     resolve_teacher_precision
 from utils.training.checkpoint import build_checkpoint, torch_load
-from utils.training.engine import CompiledForward, LoopState, ModelEMA, build_optimizer, lr_lambda, resolve_amp, \
-    train_one_epoch
+from utils.training.engine import (CompiledForward, LoopConfig, LoopState, ModelEMA, Optim, StudentForward,
+                                   build_optimizer, lr_lambda, resolve_amp, train_one_epoch)
 from utils.core.errors import UserError
 from utils.training.hyp import load_hyp
 from utils.training.loss import ComputeLoss, scale_hyp
@@ -250,16 +250,17 @@ def _batches(n: int = 3, bs: int = 2, seed: int = 0) -> list:
     return out
 
 
-def _train(model, criterion, **kw):
+def _train(model, criterion):
     hyp = load_hyp(LOW, KD_SPECS)
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     state = LoopState()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    res = train_one_epoch(model, _batches(), opt, torch.amp.GradScaler("cuda", enabled=False), criterion,
-                          ModelEMA(model), 0, epochs=1, device=CPU, hyp=hyp, lf=lr_lambda(1, hyp["lrf"]),
-                          batch_size=2, nw=100, state=state, imgsz=64, gs=32, show_progress=False, **kw)
+    cfg = LoopConfig(epochs=1, device=CPU, warmup=hyp, lf=lr_lambda(1, hyp["lrf"]), batch_size=2, nw=100, imgsz=64,
+                     gs=32, show_progress=False)
+    res = train_one_epoch(model, _batches(), criterion, Optim(opt, torch.amp.GradScaler("cuda", enabled=False),
+                                                              ModelEMA(model)), 0, state, cfg)
     moved = any(not torch.equal(before[k], v) for k, v in model.named_parameters())  # the optimizer stepped
     return res, state, moved
 
@@ -267,8 +268,6 @@ def _train(model, criterion, **kw):
 def test_cpu_amp_training_steps_pass_the_nonfinite_guard(caplog):
     student = _student()
     torch.manual_seed(1)
-    kd = Distiller(KDConfig(t_weights="t.pt"), ComputeLoss(student),
-                   Teacher(Model("yolov5n.yaml", nc=8).eval().fuse(), precision="bf16"), student, 64)
     dtypes = []
 
     def forward(x):
@@ -276,8 +275,11 @@ def test_cpu_amp_training_steps_pass_the_nonfinite_guard(caplog):
         dtypes.append(out[0].dtype)
         return out
 
+    kd = Distiller(KDConfig(t_weights="t.pt"), ComputeLoss(student),
+                   Teacher(Model("yolov5n.yaml", nc=8).eval().fuse(), precision="bf16"), student, 64,
+                   StudentForward(CPU, torch.bfloat16, forward))
     with caplog.at_level(logging.WARNING, logger="yolov5kd"):
-        res, state, moved = _train(student, kd, amp=True, amp_dtype=torch.bfloat16, forward=forward)
+        res, state, moved = _train(student, kd)
     assert dtypes == [torch.bfloat16] * 3  # the student really ran under bf16 autocast
     assert res.skipped == 0 and state.nonfinite == 0 and not any("non-finite" in m for m in _messages(caplog))
     assert list(res.mloss) == list(kd.parts) and all(torch.isfinite(torch.tensor(list(res.mloss.values()))))
@@ -295,7 +297,7 @@ def test_compile_unavailable_warns_once_and_trains_eagerly(monkeypatch, caplog):
     student = _student()
     with caplog.at_level(logging.WARNING, logger="yolov5kd"):
         fwd = CompiledForward(student)
-        res, state, moved = _train(student, DetectionCriterion(ComputeLoss(student)), amp=False, forward=fwd)
+        res, state, moved = _train(student, DetectionCriterion(ComputeLoss(student), StudentForward(CPU, None, fwd)))
     warns = [m for m in _messages(caplog) if "--compile" in m]
     assert warns == ["WARNING: --compile: torch.compile is unavailable or failed here (RuntimeError: Compiler: cc "
                      "not found); training eagerly"]
@@ -315,7 +317,7 @@ def test_compile_failing_at_the_first_call_falls_back(monkeypatch, caplog):
     student = _student()
     with caplog.at_level(logging.WARNING, logger="yolov5kd"):
         fwd = CompiledForward(student)
-        res, _, moved = _train(student, DetectionCriterion(ComputeLoss(student)), amp=False, forward=fwd)
+        res, _, moved = _train(student, DetectionCriterion(ComputeLoss(student), StudentForward(CPU, None, fwd)))
     assert len(calls) == 1 and len([m for m in _messages(caplog) if "--compile" in m]) == 1
     assert res.skipped == 0 and moved
 
@@ -336,7 +338,7 @@ def test_compiled_forward_is_used_and_never_reaches_the_checkpoint(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: FakeCompiled(model))
     student = _student()
     fwd = CompiledForward(student)
-    res, _, moved = _train(student, DetectionCriterion(ComputeLoss(student)), amp=False, forward=fwd)
+    res, _, moved = _train(student, DetectionCriterion(ComputeLoss(student), StudentForward(CPU, None, fwd)))
     assert wrapped == [0, 1, 1, 1] and moved
     ckpt = build_checkpoint(student, ema=deepcopy(student))
     assert type(ckpt["model"]) is Model and not any("_orig_mod" in k for k in ckpt["model"].state_dict())

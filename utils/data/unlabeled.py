@@ -31,8 +31,9 @@ def unlabeled_batch_size(ratio: float, labelled_batch: int) -> int:
 class UnlabeledStream:
     """Endless, per-epoch reseeded batches of unlabelled images (uint8 NCHW, like the labelled loader's)."""
 
-    def __init__(self, loader: DataLoader, seed: int, rank: int):
+    def __init__(self, loader: DataLoader, seed: int, rank: int, labelled_batch: int | None = None):
         self.loader = loader
+        self.labelled_batch = labelled_batch  # the per-process labelled batch each unlabelled one goes beside
         self.dataset = loader.dataset
         self.seed = seed
         self.rank = max(rank, 0)
@@ -88,4 +89,4 @@ def build_unlabeled_stream(paths: str | Path | Sequence[str | Path], ratio: floa
     loader, _ = create_dataloader(paths, imgsz, batch, stride, hyp=hyp, augment=True, cache=cache, rank=rank,
                                   world_size=world_size, workers=workers, prefix="unlabeled: ", shuffle=True,
                                   seed=seed, labelled=False)
-    return UnlabeledStream(loader, seed, rank)
+    return UnlabeledStream(loader, seed, rank, labelled_batch)

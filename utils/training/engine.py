@@ -9,7 +9,7 @@ import random
 import sys
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -226,7 +226,7 @@ def accumulate_steps(batch_size: float) -> int:
     return max(round(NBS / batch_size), 1)
 
 
-def _warmup(optimizer, ni: int, nw: int, epoch: int, lf, hyp: dict, batch_size: int) -> int:
+def _warmup(optimizer, ni: int, nw: int, epoch: int, lf, hyp: Mapping[str, float], batch_size: int) -> int:
     xi = [0, nw]
     # during warmup the accumulation ramps from 1 batch up to accumulate_steps(), like the learning rate
     accumulate = max(1, round(float(np.interp(ni, xi, [1, NBS / batch_size]))))
@@ -253,28 +253,28 @@ def to_input(imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
     return imgs.to(device, non_blocking=True).to(torch.float32, memory_format=torch.channels_last).div_(255)
 
 
-def step_loss(model: nn.Module, criterion, imgs: torch.Tensor, targets: torch.Tensor, *, device: torch.device,
-              amp: bool = False, amp_dtype: torch.dtype | None = None, forward: Callable | None = None,
-              u_imgs: torch.Tensor | None = None, world_size: int = 1) -> tuple[torch.Tensor, dict]:
-    """One batch through the criterion (teacher first, then the student's forward under autocast):
-    (loss to back-propagate, the criterion's parts).
+@dataclass(frozen=True)
+class StudentForward:
+    """How the student runs in a training step: autocast dtype (None: fp32), an optional compiled forward and the
+    DDP world size. A criterion calls it; the loop never runs the model itself."""
 
-    With `u_imgs` (unlabelled images, distillation only) the teacher sees labelled + unlabelled images in one
-    batch; the student runs them in two forward passes so that batch-norm statistics, and with them the
-    detection loss of the labelled images, are exactly what they would be without the unlabelled ones."""
-    criterion.before_forward(imgs if u_imgs is None else torch.cat((imgs, u_imgs), 0))
-    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
-        pred = (forward or model)(imgs)
-        if u_imgs is None:
-            loss, parts = criterion(pred, targets.to(device))
-        else:
-            # DDP allows one forward per backward, so the unlabelled pass runs on the wrapped module; its
-            # gradients join the labelled pass's before DDP's all-reduce
-            u_forward = de_parallel(model) if world_size > 1 else (forward or model)
-            loss, parts = criterion(pred, targets.to(device), unlabeled_pred=u_forward(u_imgs))
-    if world_size > 1:
-        loss = loss * world_size  # DDP averages gradients across ranks
-    return loss, parts
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    compiled: Callable | None = None
+    world_size: int = 1
+
+    def autocast(self) -> torch.autocast:
+        """The autocast region the student's forward passes and the loss run in."""
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def __call__(self, model: nn.Module, imgs: torch.Tensor) -> list[torch.Tensor]:
+        """The student's raw maps for `imgs` (the compiled forward when there is one)."""
+        return (self.compiled or model)(imgs)
+
+    def second_pass(self, model: nn.Module, imgs: torch.Tensor) -> list[torch.Tensor]:
+        """A second forward in the same step: DDP allows one forward per backward on the wrapped module, so a
+        second pass runs on the bare module; its gradients join the first pass's before DDP's all-reduce."""
+        return (de_parallel(model) if self.world_size > 1 else (self.compiled or model))(imgs)
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ema: ModelEMA | None) -> None:
@@ -288,51 +288,67 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, e
         ema.update(model)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scaler, criterion, ema,
-                    epoch: int, *, epochs: int, device: torch.device, hyp: dict, lf, batch_size: int, nw: int,
-                    state: LoopState, imgsz: int, gs: int, amp: bool, world_size: int = 1,
-                    multi_scale: bool = False, show_progress: bool = True,
-                    on_batch: Callable | None = None, amp_dtype: torch.dtype | None = None,
-                    forward: Callable | None = None, unlabeled=None) -> EpochResult:
+@dataclass(frozen=True)
+class Optim:
+    """What a step updates: the optimizer, its gradient scaler, and the EMA (None outside the main process)."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None = None
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The settings of train_one_epoch that stay fixed over a training."""
+
+    epochs: int
+    device: torch.device
+    warmup: Mapping[str, float]  # warmup_bias_lr, warmup_momentum, momentum
+    lf: Callable[[int], float]
+    batch_size: int
+    nw: int  # warmup iterations
+    imgsz: int
+    gs: int
+    world_size: int = 1
+    multi_scale: bool = False
+    show_progress: bool = True
+
+
+def train_one_epoch(model: nn.Module, loader, criterion, optim: Optim, epoch: int, state: LoopState, cfg: LoopConfig,
+                    on_batch: Callable | None = None) -> EpochResult:
     """Train for one epoch (warmup, accumulation to 64 images, clipping, EMA) with one criterion.
 
-    `criterion.before_forward(imgs)` runs before the student's forward and `criterion(pred, targets)` returns
-    (loss, parts); the parts, whatever they are, become the progress columns and the epoch means. With `amp`
-    the forward and loss run under autocast at `amp_dtype` (None: the device's default, fp16 on CUDA, bf16 on
-    CPU); `forward` (e.g. a CompiledForward) replaces model(imgs) for the student's forward pass.
-    `unlabeled` (a utils.data.unlabeled.UnlabeledStream, distillation only) adds one batch of unlabelled images to
-    every step (see step_loss)."""
+    `criterion(model, imgs, targets)` returns (loss, parts); the parts, whatever they are, become the progress
+    columns and the epoch means. How the model is run (autocast, compiled forward) is the criterion's."""
     model.train()
+    criterion.start_epoch(epoch)
+    optimizer, scaler, ema = optim.optimizer, optim.scaler, optim.ema
     nb = len(loader)
     names = tuple(criterion.parts)
-    det_parts = set(criterion.detection_parts)  # the rest come from distillation
-    mloss = torch.zeros(len(names), device=device)
+    det_parts = set(criterion.detection_parts)  # the rest come from whatever else the criterion adds
+    mloss = torch.zeros(len(names), device=cfg.device)
     skipped = 0
-    accumulate = accumulate_steps(batch_size)
+    accumulate = accumulate_steps(cfg.batch_size)
     pbar = enumerate(loader)
-    if show_progress:
+    if cfg.show_progress:
         cols = ("Epoch", "GPU_mem", *(f"{k}_loss" for k in names), "Instances", "Size")
         LOGGER.info(("\n" + "%11s" * len(cols)) % cols)
         pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
-        if unlabeled is not None:
-            pbar.set_postfix_str(f"+{unlabeled.batch_size} of {len(unlabeled)} unlabelled/step", refresh=False)
+        if criterion.progress_note:
+            pbar.set_postfix_str(criterion.progress_note, refresh=False)
     optimizer.zero_grad(set_to_none=True)
     i = -1
     bad: list[str] = []
     for i, (imgs, targets, paths, _) in pbar:
         ni = i + nb * epoch
-        imgs = to_input(imgs, device)
-        if ni <= nw:
-            accumulate = _warmup(optimizer, ni, nw, epoch, lf, hyp, batch_size)
-        if multi_scale:
-            imgs = _multi_scale(imgs, imgsz, gs)
-        u_imgs = None
-        if unlabeled is not None:
-            u_imgs = to_input(unlabeled.next_batch(), device)
-            if u_imgs.shape[2:] != imgs.shape[2:]:  # multi-scale: one size for the teacher's combined batch
-                u_imgs = F.interpolate(u_imgs, size=imgs.shape[2:], mode="bilinear", align_corners=False)
-        loss, parts = step_loss(model, criterion, imgs, targets, device=device, amp=amp, amp_dtype=amp_dtype,
-                                forward=forward, u_imgs=u_imgs, world_size=world_size)
+        imgs = to_input(imgs, cfg.device)
+        if ni <= cfg.nw:
+            accumulate = _warmup(optimizer, ni, cfg.nw, epoch, cfg.lf, cfg.warmup, cfg.batch_size)
+        if cfg.multi_scale:
+            imgs = _multi_scale(imgs, cfg.imgsz, cfg.gs)
+        loss, parts = criterion(model, imgs, targets)
+        if cfg.world_size > 1:
+            loss = loss * cfg.world_size  # DDP averages gradients across ranks
         items = torch.stack([parts[k].reshape(()).float() for k in names])
 
         if not torch.isfinite(loss).all():
@@ -343,9 +359,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             LOGGER.warning(f"non-finite {_nonfinite_part(bad, det_parts)} at epoch {epoch}, batch {i} "
                            f"({dict(zip(names, items.tolist()))}); step skipped")
             if state.nonfinite >= MAX_NONFINITE:
-                raise UserError(f"training diverged: non-finite {_nonfinite_part(bad, det_parts)} at epoch {epoch}, batch {i} "
-                                f"({state.nonfinite} batches in a row); {_nonfinite_advice(bad, det_parts)}. "
-                                f"Checkpoints already written keep the last finite weights")
+                raise UserError(f"training diverged: non-finite {_nonfinite_part(bad, det_parts)} at epoch {epoch}, "
+                                f"batch {i} ({state.nonfinite} batches in a row); {_nonfinite_advice(bad, det_parts)}."
+                                f" Checkpoints already written keep the last finite weights")
             continue
         state.nonfinite = 0
         scaler.scale(loss).backward()
@@ -355,17 +371,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             state.last_opt_step = ni
 
         mloss = (mloss * (i - skipped) + items) / (i - skipped + 1)
-        if show_progress:
-            mem = f"{torch.cuda.memory_reserved(device) / 1e9 if device.type == 'cuda' else 0:.3g}G"
+        if cfg.show_progress:
+            mem = f"{torch.cuda.memory_reserved(cfg.device) / 1e9 if cfg.device.type == 'cuda' else 0:.3g}G"
             pbar.set_description(("%11s" * 2 + "%11.4g" * (len(mloss) + 2)) %
-                                 (f"{epoch}/{epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
+                                 (f"{epoch}/{cfg.epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
         if on_batch is not None:
             on_batch(ni, imgs, targets, paths)
 
     if i >= 0 and skipped == i + 1:
-        raise UserError(f"training diverged: every batch of epoch {epoch} had a non-finite {_nonfinite_part(bad, det_parts)} "
-                        f"({skipped} skipped); {_nonfinite_advice(bad, det_parts)}. Checkpoints already written keep the last "
-                        f"finite weights")
+        raise UserError(f"training diverged: every batch of epoch {epoch} had a non-finite "
+                        f"{_nonfinite_part(bad, det_parts)} ({skipped} skipped); {_nonfinite_advice(bad, det_parts)}. "
+                        f"Checkpoints already written keep the last finite weights")
     criterion.end_epoch()
     # Step what is left of the last accumulation now, so no gradient crosses the epoch's checkpoint.
     last_ni = i + nb * epoch

@@ -206,6 +206,7 @@ def no_plot(monkeypatch):
     monkeypatch.setattr(ev, "write_plot", lambda *a, **k: None)
 
 
+@pytest.mark.e2e
 def test_loop_writes_rows_outputs_and_continues(tmp_path, teacher, no_plot):
     calls = []
     opt = _opt(tmp_path, "--evolve", "2", "--t_weights", str(teacher), "--distill_ratio", "0.9", "--noautoanchor")
@@ -243,6 +244,7 @@ def test_loop_writes_rows_outputs_and_continues(tmp_path, teacher, no_plot):
                          _fake_train(calls), *EVOLVE_DEPS)
 
 
+@pytest.mark.e2e
 def test_failing_start_and_repeated_failures_stop(tmp_path, no_plot):
     with pytest.raises(UserError, match="non-finite"):
         ev.run_evolution(_opt(tmp_path, "--evolve", "3"), train.DistInfo(), _fake_train([], fail_at=(0,)),
@@ -306,6 +308,7 @@ def _check_run(run, n, teacher: bool):
     return rows, values, hyp
 
 
+@pytest.mark.e2e
 def test_evolve_without_teacher_continues_after_kill9(tiny_data, tmp_path):
     args = [TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "exp"]
     csv = tmp_path / "exp/evolve.csv"
@@ -332,6 +335,7 @@ def test_evolve_without_teacher_continues_after_kill9(tiny_data, tmp_path):
     assert all(hyp[k] == low[k] for k in KD)  # without a teacher the KD keys keep their starting values
 
 
+@pytest.mark.e2e
 def test_evolve_with_teacher(tiny_data, teacher, tmp_path):
     r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "kd",
                  "--t_weights", str(teacher), "--evolve", "3"], cwd=tmp_path)

@@ -9,6 +9,7 @@ import yaml
 from conftest import ROOT, random_checkpoint, run_cli
 from optimizer.config import KD_SPECS, KDConfig, add_kd_args
 from optimizer.teacher import Teacher
+from utils.training.engine import StudentForward
 from optimizer.criterion import BALANCE_HIGH, BALANCE_LOW, DetectionCriterion, Distiller, balance_ratios, \
     balance_warnings
 from utils.training.checkpoint import torch_load
@@ -66,6 +67,7 @@ def test_from_record_keeps_the_recorded_values():
     assert (old.dist_norm, old.distill_ratio) == ("mean", 0.5)
 
 
+@pytest.mark.e2e
 def test_resume_keeps_the_kd_values(tiny_data, tmp_path):
     teacher = random_checkpoint(tmp_path / "t.pt", "yolov5s.yaml")
     hyp = yaml.safe_load(LOW.read_text())
@@ -114,13 +116,13 @@ def test_distiller_reports_balance_once(caplog):
     student = Model("yolov5n.yaml", nc=8)
     student.hyp = scale_hyp(load_hyp(LOW, KD_SPECS), 3, 8, 64)
     imgs = torch.rand(2, 3, 64, 64)
+    forward = StudentForward(torch.device("cpu"))
     d = Distiller(KDConfig(t_weights="t.pt", distill_ratio=1e4), ComputeLoss(student),
-                  Teacher(Model("yolov5n.yaml", nc=8)), student, 64)
+                  Teacher(Model("yolov5n.yaml", nc=8)), student, 64, forward)
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2]])
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
         for _ in range(3):
-            d.before_forward(imgs)
-            loss, parts = d(student(imgs), targets)
+            loss, parts = d(student, imgs, targets)
             assert list(parts) == ["box", "obj", "cls", "dbox", "dobj", "dcls"]
             loss.backward()
         d.end_epoch()
@@ -128,9 +130,8 @@ def test_distiller_reports_balance_once(caplog):
     reports = [r.getMessage() for r in caplog.records if "Distillation balance" in r.getMessage()]
     assert len(reports) == 1 and "dobj" in reports[0] and "\n" not in reports[0]
     assert any("above" in r.getMessage() and "lower distill_ratio" in r.getMessage() for r in caplog.records)
-    plain = DetectionCriterion(ComputeLoss(student))
-    plain.before_forward(imgs)
-    assert list(plain(student(imgs), targets)[1]) == ["box", "obj", "cls"]
+    plain = DetectionCriterion(ComputeLoss(student), forward)
+    assert list(plain(student, imgs, targets)[1]) == ["box", "obj", "cls"]
 
 
 @pytest.mark.parametrize("n_unlabeled", [0, 3])
@@ -146,13 +147,12 @@ def test_distiller_parts_share_the_detection_scale(n_unlabeled):
     bs = 4
     imgs = torch.rand(bs + n_unlabeled, 3, 64, 64)
     d = Distiller(KDConfig(t_weights="t.pt", distill_ratio=0.5), ComputeLoss(student),
-                  Teacher(Model("yolov5n.yaml", nc=8)), student, 64)
+                  Teacher(Model("yolov5n.yaml", nc=8)), student, 64, StudentForward(torch.device("cpu")))
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2], [2, 3, 0.3, 0.6, 0.1, 0.3]])
-    d.before_forward(imgs)
-    t_maps = [m.clone() for m in d._t_maps]
+    t_maps = d.teacher(imgs)
     pred = student(imgs)
     lab, unl = [p[:bs] for p in pred], ([p[bs:] for p in pred] if n_unlabeled else None)
-    loss, parts = d(lab, targets, unl)
+    loss, parts = d.losses(lab, targets, [m.clone() for m in t_maps], unl)
     assert float(loss.detach()) == pytest.approx(sum(float(v) for v in parts.values()) * bs, rel=1e-5)
     _, raw = d.loss(pred, t_maps)  # the seed-scaled parts (x the batch size of all images the KD saw)
     for k in ("dbox", "dobj", "dcls"):
