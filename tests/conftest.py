@@ -70,6 +70,15 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env_extra: dict | No
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def one_error(r) -> str:
+    """The one 'ERROR:' line of a CLI run refused with exit code 2 and no traceback."""
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert len(err) == 1, r.stderr[-2000:]
+    return err[0]
+
+
 @pytest.fixture(scope="session")
 def teacher8(tmp_path_factory) -> Path:
     """A yolov5s teacher for the 8 demo classes (random weights: the tests using it check the plumbing)."""

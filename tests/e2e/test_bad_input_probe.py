@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import utils.data.datasets as D
-from conftest import ROOT, run_cli
+from conftest import ROOT, one_error, run_cli
 from tests.data_helpers import solid, write_jpg, write_label
 from utils.training.checkpoint import model_from_ckpt, torch_load
 from utils.core.config import atomic_write, read_yaml
@@ -35,14 +35,6 @@ BOM = b"\xef\xbb\xbf"
 
 def _warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-def _one_error(r) -> str:
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr, r.stderr[-2000:]
-    err = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR:")]
-    assert len(err) == 1, r.stderr[-2000:]
-    return err[0]
 
 
 def _val_instances(stderr: str) -> list[int]:
@@ -106,7 +98,7 @@ def test_second_run_into_a_held_folder_is_refused(tiny_data, tmp_path):
         opt_yaml = (run / "opt.yaml").read_bytes()
         second = run_cli(_train_args(tiny_data, tmp_path / "runs", 1), cwd=tmp_path)
         assert first.poll() is None, "the check must happen while the first run still holds the folder"
-        err = _one_error(second)
+        err = one_error(second)
         assert str(run) in err and "another process" in err
         assert (run / "opt.yaml").read_bytes() == opt_yaml
     finally:
@@ -123,7 +115,7 @@ def test_held_folder_variant_evolution_and_kill(tiny_data, tmp_path):
     with hold_run_folder(run):
         r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--epochs", "1", "--evolve", "1", "--project",
                      str(tmp_path / "evo"), "--name", "e", "--exist-ok"], cwd=tmp_path)
-        assert "another process" in _one_error(r)
+        assert "another process" in one_error(r)
         assert list(run.iterdir()) == []
     # a holder killed with -9 leaves no stale lock behind
     code = f"import time; from utils.core.log import hold_run_folder\n" \
@@ -195,7 +187,7 @@ def test_alias_bomb_as_class_name_is_refused_in_one_line(tmp_path):
         D.check_dataset(y)
     r = run_cli([TRAIN, "--data", str(y), *COMMON, "--epochs", "1", "--project", str(tmp_path / "runs")],
                 cwd=tmp_path, timeout=120)
-    assert str(y) in _one_error(r) and len(r.stderr) < 5000
+    assert str(y) in one_error(r) and len(r.stderr) < 5000
     assert not (tmp_path / "runs").exists()
 
 
@@ -224,7 +216,7 @@ def test_alias_bomb_variant_as_train_path_and_small_nested_values(tmp_path):
 def test_freeze_of_every_layer_is_refused_at_start_up(tiny_data, tmp_path, freeze):
     r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--epochs", "1", "--freeze", *freeze,
                  "--project", str(tmp_path / "runs")], cwd=tmp_path)
-    err = _one_error(r)
+    err = one_error(r)
     assert "--freeze" in err and "nothing is left to train" in err
     assert not (tmp_path / "runs").exists()
 
@@ -234,7 +226,7 @@ def test_freeze_of_every_layer_is_refused_at_start_up(tiny_data, tmp_path, freez
 def test_imgsz_beyond_memory_is_one_line(tiny_data, tmp_path, args):
     r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--epochs", "1", *args,
                  "--project", str(tmp_path / "runs")], cwd=tmp_path, timeout=120)
-    err = _one_error(r)
+    err = one_error(r)
     assert f"--imgsz {args[1]}" in err and "GiB" in err
     assert not (tmp_path / "runs").exists()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, overflowing_checkpoint, random_checkpoint, run_cli
+from conftest import ROOT, one_error, overflowing_checkpoint, random_checkpoint, run_cli
 from utils.training.checkpoint import build_checkpoint, save_checkpoint, torch_load
 from utils.training.engine import build_optimizer, build_scheduler, lr_lambda
 from utils.reporting.loggers import read_results_csv
@@ -17,14 +17,6 @@ TRAIN = str(ROOT / "train.py")
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots"]
 LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
-
-
-def _one_error(r) -> str:
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr, r.stderr[-2000:]
-    err = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR:")]
-    assert len(err) == 1, r.stderr[-2000:]
-    return err[0]
 
 
 def _files(root) -> dict:
@@ -55,7 +47,7 @@ def _hyp_file(tmp_path, **changes):
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tiny_data, tmp_path, args, needle):
     r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path / "runs"), *args], cwd=tmp_path)
-    assert needle in _one_error(r)
+    assert needle in one_error(r)
     assert not (tmp_path / "runs").exists()
 
 
@@ -71,7 +63,7 @@ def test_bad_hyp_values_are_one_line(tiny_data, tmp_path, changes, needle):
     hyp = _hyp_file(tmp_path, **changes)
     r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path / "runs"), "--hyp", str(hyp)],
                 cwd=tmp_path)
-    err = _one_error(r)
+    err = one_error(r)
     assert needle in err and "hyp.custom.yaml" in err
     assert not (tmp_path / "runs").exists()
 
@@ -129,7 +121,7 @@ def _resumable(finished, dest, epoch: int, epochs: int, **opt_changes):
 def test_resume_of_a_stripped_checkpoint_writes_nothing(finished_run, tmp_path):
     before = _files(finished_run)
     r = run_cli([TRAIN, "--resume", str(finished_run / "weights/last.pt")], cwd=tmp_path)
-    assert "finished or stripped" in _one_error(r)
+    assert "finished or stripped" in one_error(r)
     assert _files(finished_run) == before
     assert list(tmp_path.iterdir()) == []
 
@@ -137,7 +129,7 @@ def test_resume_of_a_stripped_checkpoint_writes_nothing(finished_run, tmp_path):
 def test_resume_outside_a_run_folder_is_refused(tmp_path):
     shutil.copy(ROOT / "checkpoint/yolov5s-shapes.pt", tmp_path / "teacher.pt")
     r = run_cli([TRAIN, "--resume", str(tmp_path / "teacher.pt")], cwd=tmp_path)
-    assert "not inside a run's weights/ folder" in _one_error(r)
+    assert "not inside a run's weights/ folder" in one_error(r)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.pt"]
 
 
@@ -183,7 +175,7 @@ def test_kd_resume_refuses_a_different_teacher(finished_run, tmp_path):
                       t_sha256=file_sha256(teacher))
     random_checkpoint(teacher, "yolov5n.yaml", seed=2)  # someone put another model at the recorded path
     before = _files(tmp_path / "run")
-    err = _one_error(run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path))
+    err = one_error(run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path))
     assert "not the one this run started with" in err and str(teacher) in err
     assert _files(tmp_path / "run") == before
 
@@ -194,7 +186,7 @@ def test_teacher_with_nan_weights_is_refused(tiny_data, tmp_path):
     with torch.no_grad():
         ck["model"].model[0].conv.weight[0, 0, 0, 0] = float("nan")
     save_checkpoint(ck, tmp_path / "t.pt")
-    err = _one_error(run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path / "runs"),
+    err = one_error(run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path / "runs"),
                               "--t_weights", str(tmp_path / "t.pt"), "--epochs", "1"], cwd=tmp_path))
     assert "non-finite weights" in err and "t.pt" in err
 
@@ -202,7 +194,7 @@ def test_teacher_with_nan_weights_is_refused(tiny_data, tmp_path):
 def test_epoch_with_every_step_skipped_stops_and_names_the_distillation_loss(tiny_data, tmp_path):
     overflowing_checkpoint(tmp_path / "t.pt", "yolov5s.yaml")  # every teacher map is non-finite
     # 8 images at batch 4: two batches, fewer than the three-in-a-row limit
-    err = _one_error(run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path / "runs"),
+    err = one_error(run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path / "runs"),
                               "--name", "x", "--t_weights", str(tmp_path / "t.pt"), "--epochs", "1", "--noval"],
                              cwd=tmp_path))
     assert "every batch of epoch 0" in err and "distillation loss" in err and "lr0" not in err
