@@ -9,11 +9,14 @@ this project (`plain` = fp32 eager, `amp` = --amp, `compile` = --compile) the ru
 project, reference, project ... so that a drift in the machine's speed hits both sides alike; the ratio
 is taken pair by pair and its median printed. The reference is not part of this repository: pass the
 folder that holds its train.py (a git checkout, or the `yolov5` folder of the pip package), and with
---pythonpath whatever it needs that this venv lacks. docs/perf_reference.md says how it was set up here.
+--pythonpath whatever it needs that this venv lacks. docs/results/perf_reference.md says how it was set up
+here. Writes perf_reference.md into a new dated folder, docs/experiments/<YYYY-MM-DD>-perf-reference/ (or
+--out), carrying over that setup section; add a row for the folder to docs/experiments/index.md.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import statistics
@@ -26,6 +29,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+SETUP_DOC = ROOT / "docs" / "results" / "perf_reference.md"
 VARIANT_FLAGS = {"plain": [], "amp": ["--amp"], "compile": ["--compile"]}
 
 
@@ -67,6 +71,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def experiment_dir(name: str) -> Path:
+    """docs/experiments/<today>-<name>, the default home of a run's files."""
+    return ROOT / "docs" / "experiments" / f"{datetime.date.today().isoformat()}-{name}"
+
+
+def remind_index(out: Path) -> None:
+    """One line asking for the index row when the file went under docs/experiments/."""
+    exp = ROOT / "docs" / "experiments"
+    if exp in out.resolve().parents:
+        print(f"add a row for {out.resolve().parent.relative_to(exp)} to docs/experiments/index.md")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference", required=True, help="folder holding the reference YOLOv5 train.py")
@@ -79,7 +95,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--data", default=str(ROOT / "data" / "shapes.yaml"))
-    ap.add_argument("--out", default=str(ROOT / "docs" / "perf_reference.md"))
+    ap.add_argument("--out", default=None, help="file to write (default: perf_reference.md in a new dated folder "
+                    "docs/experiments/<YYYY-MM-DD>-perf-reference/)")
     a = ap.parse_args()
 
     ref = Path(a.reference).resolve()
@@ -121,7 +138,7 @@ def main() -> int:
         rows.append(f"| {variant} (`{' '.join(VARIANT_FLAGS[variant]) or 'fp32, eager'}`) | "
                     f"{statistics.median(t_proj):.1f} s | {statistics.median(t_ref):.1f} s | "
                     f"**{statistics.median(ratios):.2f}×** ({min(ratios):.2f}–{max(ratios):.2f}) |")
-    out = Path(a.out)
+    out = Path(a.out) if a.out else experiment_dir("perf-reference") / "perf_reference.md"
     reproduce = ("python benchmarks/bench_reference.py --reference REF" + (" --pythonpath DEPS" if a.pythonpath else "")
                  + f" --variants {' '.join(a.variants)} --pairs {a.pairs} --epochs {a.epochs} --imgsz {a.imgsz}"
                  f" --batch {a.batch} --workers {a.workers}")
@@ -130,13 +147,16 @@ def main() -> int:
             "validation included, reference and project interleaved.\n",
             "| this project | project, median per process | reference, median per process | "
             "speed ratio (reference time / project time, median of pairs, range) |", "|---|---|---|---|", *rows, ""]
-    if out.exists():
-        setup = out.read_text().split("## How the reference was set up", 1)
+    setup_from = out if out.exists() else SETUP_DOC  # a new file takes the setup notes of the results page
+    if setup_from.exists():
+        setup = setup_from.read_text().split("## How the reference was set up", 1)
         if len(setup) == 2:
-            body.append("## How the reference was set up" + setup[1].rstrip() + "\n")
+            section = setup[1].split("\n## ", 1)[0] if setup_from == SETUP_DOC else setup[1]
+            body.append("## How the reference was set up" + section.rstrip() + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(body))
     print(f"written {out} (logs in {work})")
+    remind_index(out)
     return 0
 
 

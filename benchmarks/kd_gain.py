@@ -8,12 +8,14 @@
     python benchmarks/kd_gain.py --mode unlabeled      # 20 % labelled + the rest unlabelled: 4 arms
 
 Each run is a plain `train.py` subprocess (yolov5n from scratch on the demo data unless --student is
-given); the figures come from the runs' results.csv. Writes docs/kd_<mode>.md (+ .png for the main
-experiment) and prints the README rows.
+given); the figures come from the runs' results.csv. Writes kd_<mode><tag>.md (+ the .png plots) into a new
+dated folder, docs/experiments/<YYYY-MM-DD>-kd-<mode><tag>/ (or --out), and prints the table rows; add a row
+for the folder to docs/experiments/index.md.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import math
 import os
@@ -472,6 +474,18 @@ def plot_arms(curves: dict, start: float, teacher: float, path: Path, a,
     plt.close(fig)
 
 
+def experiment_dir(name: str) -> Path:
+    """docs/experiments/<today>-<name>, the default home of a run's files (underscores become dashes)."""
+    return ROOT / "docs" / "experiments" / f"{datetime.date.today().isoformat()}-{name.replace('_', '-')}"
+
+
+def remind_index(folder: Path) -> None:
+    """One line asking for the index row when the files went under docs/experiments/."""
+    exp = ROOT / "docs" / "experiments"
+    if exp in folder.resolve().parents:
+        print(f"add a row for {folder.resolve().relative_to(exp)} to docs/experiments/index.md")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=["main", "sweep", "finetune", "converge", "unlabeled"], default="main")
@@ -511,8 +525,12 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets one thread when > 1)")
     ap.add_argument("--tag", default="", help="suffix of the docs files written (kd_<mode><tag>.md/.png)")
     ap.add_argument("--project", default=str(ROOT / "runs" / "kd_gain"))
-    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--out", default=None, help="folder for the .md/.png files (default: a new dated folder "
+                    "docs/experiments/<YYYY-MM-DD>-kd-<mode><tag>/)")
     a = ap.parse_args()
+    if a.out is None:
+        a.out = str(experiment_dir(f"kd-{a.mode}{a.tag}"))
+    Path(a.out).mkdir(parents=True, exist_ok=True)  # the plots are written before the table
     if a.ratios is None:
         a.ratios = [a.distill_ratio * f for f in (0.5, 1.0, 2.0)]
     lines = {"main": main_experiment, "sweep": sweep, "finetune": finetune, "converge": converge,
@@ -523,6 +541,7 @@ def main() -> int:
     out.write_text(f"# KD {a.mode}\n\nReproduce: `{cmd.strip()}`\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwritten {out}")
+    remind_index(Path(a.out))
     return 0
 
 

@@ -4,13 +4,17 @@
     python benchmarks/perf_table.py [--device cpu|0] [--reference DIR [--reference-pythonpath P]]
 
 Runs each benchmark script as a subprocess (one at a time, so they do not share the machine), writes
-docs/perf_table.md (figure + the command that reproduces it) and prints the table. With --reference (a
-reference YOLOv5 checkout; see benchmarks/bench_reference.py) it also times the reference trainer against
-this one, interleaved, and adds the side-by-side ratios.
+perf_table.md (figure + the command that reproduces it) into a new dated folder,
+docs/experiments/<YYYY-MM-DD>-perf-table-run<N>/ (or --out), and prints the table; add a row for the
+folder to docs/experiments/index.md (docs/results/performance.md holds the current figures). With
+--reference (a reference YOLOv5 checkout; see benchmarks/bench_reference.py) it also times the reference
+trainer against this one, interleaved, adds the side-by-side ratios and leaves that script's
+perf_reference.md next to perf_table.md.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import subprocess
@@ -34,14 +38,35 @@ def pick(lines: list[str], *prefixes: str) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip().startswith(prefixes)]
 
 
+def experiment_dir(name: str) -> Path:
+    """docs/experiments/<today>-<name>, the default home of a run's files."""
+    return ROOT / "docs" / "experiments" / f"{datetime.date.today().isoformat()}-{name}"
+
+
+def remind_index(out: Path) -> None:
+    """One line asking for the index row when the file went under docs/experiments/."""
+    exp = ROOT / "docs" / "experiments"
+    if exp in out.resolve().parents:
+        print(f"add a row for {out.resolve().parent.relative_to(exp)} to docs/experiments/index.md")
+
+
+def next_run() -> int:
+    """One past the highest N of the docs/experiments/*-perf-table-run<N> folders."""
+    ns = [int(d.name.rsplit("-run", 1)[1]) for d in (ROOT / "docs" / "experiments").glob("*-perf-table-run*")
+          if d.name.rsplit("-run", 1)[1].isdigit()]
+    return max(ns, default=0) + 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "perf_table.md"))
+    ap.add_argument("--out", default=None, help="file to write (default: perf_table.md in a new dated folder "
+                    "docs/experiments/<YYYY-MM-DD>-perf-table-run<N>/, N one past the last run)")
     ap.add_argument("--reference", default="", help="folder of a reference YOLOv5 train.py: add the side-by-side rows")
     ap.add_argument("--reference-pythonpath", default="", help="extra PYTHONPATH the reference needs")
     ap.add_argument("--reference-pairs", type=int, default=3)
     a = ap.parse_args()
+    out = Path(a.out) if a.out else experiment_dir(f"perf-table-run{next_run()}") / "perf_table.md"
     dev = [] if a.device == "cpu" else ["--device", a.device]
     import torch
     machine = (f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, device {a.device}, "
@@ -75,7 +100,8 @@ def main() -> int:
                         "the KD/plain step ratio it allows", ["benchmarks/bench_teacher_forward.py"],
                         ("cpu,", "plain step", "variant", *VARIANT_ROWS)))
     if a.reference:
-        ref = ["benchmarks/bench_reference.py", "--reference", a.reference, "--pairs", str(a.reference_pairs)]
+        ref = ["benchmarks/bench_reference.py", "--reference", a.reference, "--pairs", str(a.reference_pairs),
+               "--out", os.path.relpath(out.parent / "perf_reference.md", ROOT)]  # run from ROOT; no abs path in the table
         ref += ["--pythonpath", a.reference_pythonpath] if a.reference_pythonpath else []
         benches.append(("training time vs the reference YOLOv5 (yolov5n from scratch, 2 epochs, whole processes, "
                         "interleaved)", ref, ("project",)))
@@ -86,13 +112,13 @@ def main() -> int:
         cells = "<br>".join(f.replace("|", "\\|") for f in figures)  # a figure's own "|" must not split the row
         rows.append(f"| {what} | {cells} | `python {' '.join(args)}` |")
     lines = [f"Machine: {machine}.", "", "| what | figures | command |", "|---|---|---|", *rows]
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     flags = ("" if a.device == "cpu" else " --device " + a.device) + (" --reference REF" if a.reference else "")
     out.write_text(f"# Performance, one run\n\nReproduce: `python benchmarks/perf_table.py{flags}`\n\n"
                    + "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwritten {out}")
+    remind_index(out)
     return 0
 
 

@@ -10,7 +10,7 @@ OpenCV; never touches the network.
 
 `--variant many` draws 16 classes instead (the eight above plus pentagon, hexagon, star, ring, frame,
 parallelogram, trapezoid, semicircle; objects from 16 px; clutter without filled polygons or outlines,
-which are classes there): a capacity-bound version for the demo-data pilot in docs/data_v4_pilot.md.
+which are classes there): a capacity-bound version for the demo-data pilot in docs/experiments/2026-12-04-data-v4-pilot/data_v4_pilot.md.
 """
 from __future__ import annotations
 
