@@ -16,7 +16,6 @@ here. Writes perf_reference.md into a new dated folder, docs/experiments/<YYYY-M
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from experiments import experiment_dir, remind_index
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP_DOC = ROOT / "docs" / "results" / "perf_reference.md"
@@ -69,18 +70,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def experiment_dir(name: str) -> Path:
-    """docs/experiments/<today>-<name>, the default home of a run's files."""
-    return ROOT / "docs" / "experiments" / f"{datetime.date.today().isoformat()}-{name}"
-
-
-def remind_index(out: Path) -> None:
-    """One line asking for the index row when the file went under docs/experiments/."""
-    exp = ROOT / "docs" / "experiments"
-    if exp in out.resolve().parents:
-        print(f"add a row for {out.resolve().parent.relative_to(exp)} to docs/experiments/index.md")
 
 
 def main() -> int:

@@ -15,7 +15,6 @@ for the folder to docs/experiments/index.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import math
 import os
@@ -32,6 +31,8 @@ from pathlib import Path
 from optimizer.config import KD_SPECS
 from utils.reporting.loggers import read_results_csv
 from utils.evaluation.metrics import fitness
+
+from experiments import experiment_dir, remind_index
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -472,18 +473,6 @@ def plot_arms(curves: dict, start: float, teacher: float, path: Path, a,
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def experiment_dir(name: str) -> Path:
-    """docs/experiments/<today>-<name>, the default home of a run's files (underscores become dashes)."""
-    return ROOT / "docs" / "experiments" / f"{datetime.date.today().isoformat()}-{name.replace('_', '-')}"
-
-
-def remind_index(folder: Path) -> None:
-    """One line asking for the index row when the files went under docs/experiments/."""
-    exp = ROOT / "docs" / "experiments"
-    if exp in folder.resolve().parents:
-        print(f"add a row for {folder.resolve().relative_to(exp)} to docs/experiments/index.md")
 
 
 def main() -> int:

@@ -14,12 +14,13 @@ perf_reference.md next to perf_table.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from experiments import experiment_dir, remind_index
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT_ROWS = ("fp32 ", "bf16 ", "bf16-weights ", "int8 ")  # bench_teacher_forward.py's table lines
@@ -36,18 +37,6 @@ def run(args: list[str]) -> list[str]:
 def pick(lines: list[str], *prefixes: str) -> list[str]:
     """The result lines (those starting with one of the prefixes)."""
     return [ln.strip() for ln in lines if ln.strip().startswith(prefixes)]
-
-
-def experiment_dir(name: str) -> Path:
-    """docs/experiments/<today>-<name>, the default home of a run's files."""
-    return ROOT / "docs" / "experiments" / f"{datetime.date.today().isoformat()}-{name}"
-
-
-def remind_index(out: Path) -> None:
-    """One line asking for the index row when the file went under docs/experiments/."""
-    exp = ROOT / "docs" / "experiments"
-    if exp in out.resolve().parents:
-        print(f"add a row for {out.resolve().parent.relative_to(exp)} to docs/experiments/index.md")
 
 
 def next_run() -> int:

@@ -37,7 +37,7 @@ EVOLVE_SWITCH: tuple[float, float, float] = (1, 0.0, 0.0)
 
 # Defaults are hyp.scratch-low's values. Keys marked required are the ones the loss and the optimizer
 # cannot run without; the augmentation keys fall back to their default with one warning. The evolve ranges
-# are YOLOv5 v7.0's and lie inside each key's valid range (tests/test_evolve.py checks it).
+# are YOLOv5 v7.0's and lie inside each key's valid range (tests/unit/test_evolve.py checks it).
 HYP_SPECS: dict[str, HypSpec] = {
     "lr0": HypSpec(0.01, 0.0, 10.0, lo_open=True, required=True, evolve=(1, 1e-5, 1e-1)),
     "lrf": HypSpec(0.01, 0.0, 1.0, lo_open=True, required=True, evolve=(1, 0.01, 1.0)),
