@@ -28,24 +28,23 @@ from models.yolo import Model, check_img_size, set_inplace_activations, to_train
 from optimizer.config import KD_SPECS, KDConfig, add_kd_args
 from optimizer.criterion import DetectionCriterion, Distiller
 from optimizer.teacher import check_teacher_unchanged, file_sha256
+from utils.core.config import read_yaml, yaml_save
+from utils.core.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel, dist_info_from_env,
+                                    init_distributed, main_process_first, select_device)
+from utils.core.errors import UserError
+from utils.core.log import get_latest_run, hold_run_folder, increment_path, setup_logging
+from utils.data.datasets import available_memory, batch_memory_need, check_dataset, create_dataloader, reseed_loader
+from utils.data.unlabeled import UnlabeledStream, build_unlabeled_stream
+from utils.evaluation.metrics import fitness
+from utils.reporting.loggers import RunLogger
 from utils.training.anchors import check_anchors
 from utils.training.checkpoint import model_from_ckpt, torch_load
-from utils.data.datasets import (available_memory, batch_memory_need, check_dataset, create_dataloader,
-                                 reseed_loader)
-from utils.core.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel,
-                                    dist_info_from_env, init_distributed, main_process_first, select_device)
 from utils.training.engine import (NBS, CompiledForward, EarlyStopping, LoopConfig, LoopState, ModelEMA, Optim,
                                    StudentForward, accumulate_steps, build_optimizer, build_scheduler, init_seeds,
                                    keep_freed_memory, lr_lambda, resolve_amp, train_one_epoch)
-from utils.core.errors import UserError
-from utils.core.config import read_yaml, yaml_save
 from utils.training.hyp import load_hyp
-from utils.core.log import get_latest_run, hold_run_folder, increment_path, setup_logging
 from utils.training.keeper import CheckpointKeeper, ResumePoint, restore_ema
-from utils.reporting.loggers import RunLogger
 from utils.training.loss import ComputeLoss, scale_hyp
-from utils.evaluation.metrics import fitness
-from utils.data.unlabeled import UnlabeledStream, build_unlabeled_stream
 
 ROOT = Path(__file__).resolve().parent
 

@@ -21,16 +21,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-
-from utils.core.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
-from utils.training.checkpoint import attempt_load
-from utils.core.distributed import de_parallel
-from utils.training.engine import keep_freed_memory
-from utils.core.errors import UserError
 from models.yolo import check_img_size
+from utils.core.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.core.distributed import de_parallel
+from utils.core.errors import UserError
 from utils.core.log import increment_path, setup_logging
 from utils.evaluation.metrics import ConfusionMatrix, ap_per_class, process_batch
 from utils.evaluation.nms import non_max_suppression
+from utils.training.checkpoint import attempt_load
+from utils.training.engine import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent
 
@@ -278,8 +277,8 @@ def _standalone_setup(data, w, batch_size: int, imgsz: int, task: str, device: s
                       trust_checkpoint: bool) -> tuple[nn.Module, Iterable, dict, Path, int]:
     """The command line's side of run(): device, run folder, checkpoint, dataset and its dataloader;
     returns (model, dataloader, data, save_dir, imgsz)."""
-    from utils.data.datasets import check_dataset, create_dataloader
     from utils.core.distributed import select_device
+    from utils.data.datasets import check_dataset, create_dataloader
 
     device = select_device(device, batch_size)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)

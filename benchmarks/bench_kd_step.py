@@ -17,9 +17,8 @@ import time
 import torch
 
 from common import Stepper, demo_data, load_hyp, peak_memory_mb, student, sync, teacher
-
-from utils.data.datasets import create_dataloader
 from utils.core.distributed import select_device
+from utils.data.datasets import create_dataloader
 from utils.training.engine import init_seeds, to_input
 
 

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import yaml
 
 from utils.data.datasets import check_dataset, create_dataloader

@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 
 from common import DEMO_TEACHER, ROOT, Stepper, load_hyp, student
-
 from optimizer.teacher import Teacher, load_teacher
 from utils.data.datasets import check_dataset, create_dataloader
 from utils.training.engine import init_seeds, to_input

@@ -16,9 +16,8 @@ import time
 import torch
 
 from common import criterion_for, demo_data, load_hyp, peak_memory_mb, student, sync
-
-from utils.data.datasets import create_dataloader
 from utils.core.distributed import select_device
+from utils.data.datasets import create_dataloader
 from utils.data.unlabeled import build_unlabeled_stream
 from utils.training.engine import (CompiledForward, LoopConfig, LoopState, ModelEMA, Optim, StudentForward,
                                    build_optimizer, lr_lambda, resolve_amp, train_one_epoch)

@@ -9,9 +9,8 @@ import argparse
 import sys
 import time
 
-from common import DEMO_TEACHER, ROOT, demo_data
-
 import val
+from common import DEMO_TEACHER, ROOT, demo_data
 from utils.data.datasets import list_images
 
 

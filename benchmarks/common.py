@@ -4,7 +4,6 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-
 import torch
 import yaml
 

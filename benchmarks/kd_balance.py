@@ -16,10 +16,9 @@ import argparse
 import sys
 
 import torch
-
-from common import load_hyp, student, teacher
 from bench_kd_step import first_batch
 
+from common import load_hyp, student, teacher
 from optimizer.config import KDConfig
 from optimizer.loss import DIST_NORMS, OutputDistillationLoss
 from utils.training.checkpoint import attempt_load

@@ -18,21 +18,19 @@ import argparse
 import itertools
 import math
 import os
+import random
 import shutil
 import statistics
-import random
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
-from optimizer.config import KD_SPECS
-from utils.reporting.loggers import read_results_csv
-from utils.evaluation.metrics import fitness
-
 from experiments import experiment_dir, remind_index
+from optimizer.config import KD_SPECS
+from utils.evaluation.metrics import fitness
+from utils.reporting.loggers import read_results_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

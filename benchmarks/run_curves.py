@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from kd_gain import M50, M5095, best_index, plateau_gain
+
 from utils.reporting.loggers import read_results_csv
 
 ROOT = Path(__file__).resolve().parents[1]

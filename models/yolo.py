@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models.common import (C3, SPP, SPPF, Bottleneck, BottleneckCSP, Concat, Conv, DWConv, Focus)
+from models.common import C3, SPP, SPPF, Bottleneck, BottleneckCSP, Concat, Conv, DWConv, Focus
 from utils.core.config import find_file, read_yaml
 from utils.core.errors import UserError
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 
 from optimizer.int8 import convert_int8, int8_unavailable, prepare_int8
-from utils.training.checkpoint import attempt_load
 from utils.core.distributed import de_parallel
 from utils.core.errors import UserError
+from utils.training.checkpoint import attempt_load
 
 LOGGER = logging.getLogger("yolov5kd")
 

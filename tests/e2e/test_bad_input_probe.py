@@ -21,11 +21,11 @@ import torch
 import utils.data.datasets as D
 from conftest import ROOT, one_error, run_cli
 from tests.data_helpers import solid, write_jpg, write_label
-from utils.training.checkpoint import model_from_ckpt, torch_load
 from utils.core.config import atomic_write, read_yaml
 from utils.core.distributed import select_device
 from utils.core.errors import UserError
 from utils.core.log import hold_run_folder
+from utils.training.checkpoint import model_from_ckpt, torch_load
 
 TRAIN = str(ROOT / "train.py")
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
@@ -66,9 +66,8 @@ def test_single_cls_training_merges_every_class_into_one(tiny_data, tmp_path):
 
 
 def test_single_cls_variant_three_classes_other_size(tmp_path):
-    y = _dataset(tmp_path / "d", ["cat", "dog", "fox"],
-                 {"a": "2 0.5 0.5 0.3 0.3\n", "b": "1 0.3 0.3 0.2 0.2\n2 0.7 0.7 0.2 0.2\n", "c": "0 0.5 0.5 0.4 0.4\n"},
-                 size=96)
+    rows = {"a": "2 0.5 0.5 0.3 0.3\n", "b": "1 0.3 0.3 0.2 0.2\n2 0.7 0.7 0.2 0.2\n", "c": "0 0.5 0.5 0.4 0.4\n"}
+    y = _dataset(tmp_path / "d", ["cat", "dog", "fox"], rows, size=96)
     r = run_cli([TRAIN, "--data", str(y), *COMMON, "--imgsz", "96", "--epochs", "1", "--single-cls",
                  "--project", str(tmp_path / "runs")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -344,4 +343,3 @@ def test_evolve_outputs_get_the_runs_file_mode(tmp_path):
     atomic_write(tmp_path / "x.bin", lambda fh: fh.write(b"abc"))
     assert stat.S_IMODE((tmp_path / "x.bin").stat().st_mode) == want and (tmp_path / "x.bin").read_bytes() == b"abc"
     assert not list(tmp_path.glob(".*.tmp"))
-

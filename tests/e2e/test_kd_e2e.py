@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, kill9_when, run_cli
-from utils.training.checkpoint import torch_load
 from utils.reporting.loggers import KD_KEYS, read_results_csv
+from utils.training.checkpoint import torch_load
 
 TRAIN = str(ROOT / "train.py")
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",

@@ -5,8 +5,8 @@ import torch
 import yaml
 
 from conftest import ROOT, kill9_when, run_cli
-from utils.training.checkpoint import torch_load
 from utils.reporting.loggers import read_results_csv
+from utils.training.checkpoint import torch_load
 
 TRAIN = str(ROOT / "train.py")
 VAL = str(ROOT / "val.py")

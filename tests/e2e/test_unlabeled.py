@@ -6,8 +6,8 @@ import torch
 import yaml
 
 from conftest import DEMO_NAMES, ROOT, kill9_when, run_cli
-from utils.training.checkpoint import torch_load
 from utils.reporting.loggers import KD_KEYS, read_results_csv
+from utils.training.checkpoint import torch_load
 
 TRAIN = str(ROOT / "train.py")
 KD_KEYS_SHORT = ("dbox", "dobj", "dcls")  # the distillation parts of a criterion's `parts`

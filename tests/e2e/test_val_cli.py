@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from conftest import DEMO_NAMES as NAMES, ROOT, random_checkpoint, run_cli
-
+from conftest import DEMO_NAMES as NAMES
+from conftest import ROOT, random_checkpoint, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_val_run_refuses_an_ensemble(random_student, tiny_data, tmp_path):
 
 
 def test_val_speed_task_times_square_unpadded_val_batches(random_student, tiny_data, tmp_path, monkeypatch):
-    import val
     import utils.data.datasets as D
+    import val
     from utils.data.datasets import check_dataset
 
     seen = {}
@@ -123,8 +123,8 @@ def test_val_cli_speed_task(tiny_data, random_student, tmp_path):
 def test_evaluate_is_what_run_with_a_model_returns(tiny_data, random_student, tmp_path):
     """The in-training call run(model=...) is evaluate() on the caller's model and dataloader."""
     import val
-    from utils.training.checkpoint import attempt_load
     from utils.data.datasets import check_dataset, create_dataloader
+    from utils.training.checkpoint import attempt_load
 
     data = check_dataset(str(tiny_data))
     loader = create_dataloader(data["val"], 64, 4, 32, False, pad=0.5, rect=True, workers=0, nc=8,

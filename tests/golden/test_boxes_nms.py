@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.core.boxes import (bbox_iou, box_iou, clip_boxes, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywh,
-                              xyxy2xywhn)
+from utils.core.boxes import bbox_iou, box_iou, clip_boxes, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywh, xyxy2xywhn
 from utils.evaluation.nms import MAX_WH, _offset_nms, non_max_suppression
 
 

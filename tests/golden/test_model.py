@@ -4,8 +4,8 @@ import torch
 
 from models.common import Conv
 from models.yolo import Detect, Model, parse_model, set_inplace_activations, to_training_layout
-from utils.training.checkpoint import attempt_load
 from utils.core.errors import UserError
+from utils.training.checkpoint import attempt_load
 
 PARAMS = {"n": 1_872_157, "s": 7_235_389, "m": 21_190_557, "l": 46_563_709, "x": 86_749_405}
 

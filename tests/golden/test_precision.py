@@ -15,12 +15,12 @@ from models.yolo import Model
 from optimizer.config import KD_SPECS, KDConfig, add_kd_args
 from optimizer.criterion import DetectionCriterion, Distiller
 from optimizer.int8 import int8_unavailable
-from optimizer.teacher import INT8_CALIBRATION_BATCHES, Teacher, cpu_supports_bf16, load_teacher, \
-    resolve_teacher_precision
+from optimizer.teacher import (INT8_CALIBRATION_BATCHES, Teacher, cpu_supports_bf16, load_teacher,
+                               resolve_teacher_precision)
+from utils.core.errors import UserError
 from utils.training.checkpoint import build_checkpoint, torch_load
 from utils.training.engine import (CompiledForward, LoopConfig, LoopState, ModelEMA, Optim, StudentForward,
                                    build_optimizer, lr_lambda, resolve_amp, train_one_epoch)
-from utils.core.errors import UserError
 from utils.training.hyp import load_hyp
 from utils.training.loss import ComputeLoss, scale_hyp
 

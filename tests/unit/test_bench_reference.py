@@ -1,11 +1,11 @@
 """benchmarks/bench_reference.py: the pieces that do not need a reference checkout."""
 from __future__ import annotations
 
-import pytest
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models.yolo import Model
-from utils.training.checkpoint import (attempt_load, build_checkpoint, save_checkpoint, strip_optimizer, torch_load)
 from utils.core.errors import UserError
+from utils.training.checkpoint import attempt_load, build_checkpoint, save_checkpoint, strip_optimizer, torch_load
 
 ROOT = Path(__file__).resolve().parents[2]
 

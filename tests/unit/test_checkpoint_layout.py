@@ -10,8 +10,8 @@ import torch
 
 from conftest import ROOT, random_checkpoint, run_cli
 from models.yolo import INPLACE_TYPES, Model, to_training_layout
-from utils.training.checkpoint import attempt_load, build_checkpoint, save_checkpoint, strip_optimizer, torch_load
 from utils.core.errors import UserError
+from utils.training.checkpoint import attempt_load, build_checkpoint, save_checkpoint, strip_optimizer, torch_load
 
 TRAIN = str(ROOT / "train.py")
 

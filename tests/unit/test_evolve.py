@@ -17,8 +17,8 @@ import yaml
 import train
 from conftest import ROOT, random_checkpoint, run_cli
 from optimizer.config import KD_SPECS
-from utils.training import evolve as ev
 from utils.core.errors import UserError
+from utils.training import evolve as ev
 from utils.training.hyp import HYP_SPECS, load_hyp
 
 TRAIN = str(ROOT / "train.py")

@@ -8,12 +8,12 @@ import yaml
 
 from conftest import ROOT, random_checkpoint, run_cli
 from optimizer.config import KD_SPECS, KDConfig, add_kd_args
+from optimizer.criterion import (BALANCE_HIGH, BALANCE_LOW, DetectionCriterion, Distiller, balance_ratios,
+                                 balance_warnings)
 from optimizer.teacher import Teacher
-from utils.training.engine import StudentForward
-from optimizer.criterion import BALANCE_HIGH, BALANCE_LOW, DetectionCriterion, Distiller, balance_ratios, \
-    balance_warnings
-from utils.training.checkpoint import torch_load
 from utils.core.errors import UserError
+from utils.training.checkpoint import torch_load
+from utils.training.engine import StudentForward
 from utils.training.hyp import load_hyp, validate_hyp
 
 TRAIN = str(ROOT / "train.py")

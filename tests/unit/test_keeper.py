@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from models.yolo import Model
+from utils.core.errors import UserError
 from utils.training.checkpoint import torch_load
 from utils.training.engine import ModelEMA, build_optimizer
-from utils.core.errors import UserError
 from utils.training.keeper import CheckpointKeeper, ResumePoint
 
 

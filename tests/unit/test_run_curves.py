@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 import run_curves
+
 from utils.reporting.loggers import RESULTS_KEYS, format_header, format_row
 
 

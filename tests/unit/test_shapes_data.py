@@ -1,7 +1,6 @@
 """The shapes demo-data generator: deterministic bytes, offline, valid labels, shapes.yaml wiring."""
 from __future__ import annotations
 
-import pytest
 import logging
 import os
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import yaml
 
 import utils.data.datasets as D

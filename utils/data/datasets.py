@@ -15,25 +15,22 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 import torch
-
 from torch.utils.data import DataLoader, Dataset, distributed
 
-from utils.data.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective, warp_image,
-                                warp_targets)
-from utils.core.boxes import xywhn2xyxy, xyn2xy, xyxy2xywhn
+from utils.core.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 from utils.core.config import find_file, read_yaml
 from utils.core.errors import UserError
-from utils.data.labels import (IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache,
-                               save_cache)
+from utils.data.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective,
+                                warp_image, warp_targets)
+from utils.data.labels import IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache, save_cache
 
-__all__ = ["IMG_FORMATS", "img2label_paths", "check_dataset", "available_memory", "batch_memory_need", "LoadImagesAndLabels", "create_dataloader",
-           "reseed_loader", "seed_worker"]
+__all__ = ["IMG_FORMATS", "img2label_paths", "check_dataset", "available_memory", "batch_memory_need",
+           "LoadImagesAndLabels", "create_dataloader", "reseed_loader", "seed_worker"]
 
 LOGGER = logging.getLogger("yolov5kd")
 ROOT = Path(__file__).resolve().parents[2]  # repository root; relative dataset paths hang off it
 GENERATOR_SEED = 6148914691236517205
 MAX_NAME_CHARS = 200  # class names are labels on plots and in results, not documents
-MAX_PATH_CHARS = 65536  # all paths of one key together
 
 
 # ----------------------------------------------------------------------------------------------- dataset yaml
@@ -94,15 +91,13 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             raise UserError(f"{yaml_file}: nc: {d['nc']} contradicts the {n} entries of 'names'")
     d["nc"] = n
 
+    # checked before the paths are joined and resolved, for the same reason as the names
     for k in ("path", "train", "val", "test", "unlabeled", "download"):
         v = d.get(k)
-        one = (str, Path)
-        ok = v is None or isinstance(v, one) or (k not in ("path", "download") and isinstance(v, (list, tuple))
-                                                 and all(isinstance(x, one) for x in v))
-        if not ok or sum(len(str(x)) for x in ([v] if isinstance(v, one) else v or [])) > MAX_PATH_CHARS:
-            kind = "a string" if k in ("path", "download") else "a string or a list of strings"
-            got = type(v).__name__ if not ok else "too long a value"
-            raise UserError(f"{yaml_file}: '{k}' must be {kind}, got {got}")
+        listed = k not in ("path", "download") and isinstance(v, (list, tuple))
+        if not (v is None or isinstance(v, (str, Path)) or (listed and all(isinstance(x, (str, Path)) for x in v))):
+            kind = "a string or a list of strings" if k not in ("path", "download") else "a string"
+            raise UserError(f"{yaml_file}: '{k}' must be {kind}, got {type(v).__name__}")
     path = Path(d.get("path") or "")
     if not path.is_absolute():
         path = (ROOT / path).resolve()

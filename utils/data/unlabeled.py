@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from utils.data.datasets import GENERATOR_SEED, create_dataloader
 from utils.core.errors import UserError
+from utils.data.datasets import GENERATOR_SEED, create_dataloader
 
 LOGGER = logging.getLogger("yolov5kd")
 # Keeps the unlabelled stream's shuffling independent of the labelled loader's (which uses GENERATOR_SEED + ...).
@@ -31,7 +31,7 @@ def unlabeled_batch_size(ratio: float, labelled_batch: int) -> int:
 class UnlabeledStream:
     """Endless, per-epoch reseeded batches of unlabelled images (uint8 NCHW, like the labelled loader's)."""
 
-    def __init__(self, loader: DataLoader, seed: int, rank: int, labelled_batch: int | None = None):
+    def __init__(self, loader: DataLoader, seed: int, rank: int, labelled_batch: int):
         self.loader = loader
         self.labelled_batch = labelled_batch  # the per-process labelled batch each unlabelled one goes beside
         self.dataset = loader.dataset

@@ -17,8 +17,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import cv2
 import numpy as np
 import torch
-# Figure objects are drawn without pyplot, so no GUI backend is ever chosen (headless workers never open a window)
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure  # drawn without pyplot: no GUI backend is chosen, no window ever opens
 
 from utils.core.boxes import xyxy2xywh
 from utils.core.smoothing import smooth

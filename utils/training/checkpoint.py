@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from models import common, yolo
-from utils.core.distributed import de_parallel  # re-exported: older callers import it from here
 from utils.core.config import atomic_write
+from utils.core.distributed import de_parallel  # re-exported: older callers import it from here
 from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")

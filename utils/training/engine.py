@@ -7,9 +7,9 @@ import math
 import os
 import random
 import sys
+from collections.abc import Callable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
-from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch

@@ -32,9 +32,9 @@ import yaml
 from utils.core.config import atomic_write, find_file, read_yaml
 from utils.core.distributed import DistInfo, select_device
 from utils.core.errors import UserError
-from utils.training.hyp import HYP_DIR, HYP_SPECS, HypSpec, load_hyp
 from utils.core.log import hold_run_folder, increment_path
 from utils.evaluation.metrics import fitness
+from utils.training.hyp import HYP_DIR, HYP_SPECS, HypSpec, load_hyp
 
 LOGGER = logging.getLogger("yolov5kd")
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from utils.training.checkpoint import build_checkpoint, save_checkpoint, strip_optimizer
 from utils.core.distributed import de_parallel
-from utils.training.engine import ModelEMA, weights_are_finite
 from utils.core.errors import UserError
 from utils.reporting.loggers import trim_results_csv
+from utils.training.checkpoint import build_checkpoint, save_checkpoint, strip_optimizer
+from utils.training.engine import ModelEMA, weights_are_finite
 
 LOGGER = logging.getLogger("yolov5kd")
 
