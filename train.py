@@ -25,7 +25,7 @@ import torch.nn as nn
 
 import val as validate
 from models.yolo import Model, check_img_size, set_inplace_activations, to_training_layout
-from optimizer.config import KD_SPECS, KDConfig, add_kd_args
+from optimizer.config import KD_HYP_KEYS, KD_SPECS, KDConfig, add_kd_args
 from optimizer.criterion import DetectionCriterion, Distiller
 from optimizer.teacher import check_teacher_unchanged, file_sha256
 from utils.core.config import read_yaml, yaml_save
@@ -116,6 +116,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     lf: Callable[[int], float]
     hyp: dict  # this run's copy, weight decay scaled for the batch size
+    opt_record: dict  # the options as the checkpoints record them (run_record)
     train_loader: Any
     val_loader: Any
     compute_loss: ComputeLoss
@@ -197,11 +198,12 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     amp_dtype = resolve_amp(opt.amp, device)  # CUDA: fp16 unless --no-amp; CPU: bf16 only with --amp
     freeze_layers(model, opt.freeze)
     keeper = CheckpointKeeper(save_dir, save_period=opt.save_period, nosave=opt.nosave)
+    hyp_record, opt_record = run_record(hyp, opt, kd)
     if main:  # written once the run is known to be trainable
         keeper.dir.mkdir(parents=True, exist_ok=True)
         if not resuming:  # a resumed run keeps the files it was started with
-            yaml_save(save_dir / "hyp.yaml", hyp)
-            yaml_save(save_dir / "opt.yaml", vars(opt))
+            yaml_save(save_dir / "hyp.yaml", hyp_record)
+            yaml_save(save_dir / "opt.yaml", opt_record)
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
     batch_size = opt.batch_size
@@ -241,13 +243,14 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
 
     base = de_parallel(model)
     base.nc = nc
-    base.hyp = scale_hyp(hyp, base.model[-1].nl, nc, imgsz, opt.label_smoothing)
+    loss_hyp = scale_hyp(hyp, base.model[-1].nl, nc, imgsz, opt.label_smoothing)
+    base.hyp = loss_hyp  # a record only, as official checkpoints carry it; the losses get loss_hyp itself
     base.names = names
     base.class_weights = labels_to_class_weights(labels, nc).to(device) * nc
     if ema is not None:
         ema.update_attr(model)
 
-    compute_loss = ComputeLoss(base)
+    compute_loss = ComputeLoss(base, hyp=loss_hyp)
     # the module (and checkpoints) stay plain under --compile: only the training forward is compiled
     forward = StudentForward(device, amp_dtype, CompiledForward(model) if opt.compile else None, info.world_size)
     criterion = build_criterion(kd, compute_loss, base, imgsz, forward, opt.trust_checkpoint, unlabeled)
@@ -256,10 +259,10 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
         reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
     stopper = EarlyStopping(patience=opt.patience)
     stopper.best_fitness = resume.best_fitness if resuming else -1.0
-    logger = RunLogger(save_dir, hyp=hyp, opt=vars(opt), parts=criterion.parts, tensorboard=True,
-                       plots=not opt.noplots) if main else None
+    logger = RunLogger(save_dir, hyp={**hyp, **kd.hyp_values()}, opt=opt_record, parts=criterion.parts,
+                       tensorboard=True, plots=not opt.noplots) if main else None
     return Setup(save_dir=save_dir, data_dict=data_dict, names=names, model=model, ema=ema, optimizer=optimizer,
-                 scheduler=scheduler, lf=lf, hyp=hyp, train_loader=train_loader, val_loader=val_loader,
+                 scheduler=scheduler, lf=lf, hyp=hyp, opt_record=opt_record, train_loader=train_loader, val_loader=val_loader,
                  compute_loss=compute_loss, criterion=criterion, keeper=keeper, logger=logger,
                  stopper=stopper, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
                  imgsz=imgsz, gs=gs, batch_size=batch_size, amp_dtype=amp_dtype, resume=resume, reference=reference)
@@ -324,7 +327,7 @@ def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: Di
             extra = r.criterion.epoch_scalars(res.mloss)
             if extra:
                 r.logger.log_scalars(extra, epoch)
-            r.keeper.save(epoch, r.model, r.ema, r.optimizer, opt, best_fitness, fi, final_epoch)
+            r.keeper.save(epoch, r.model, r.ema, r.optimizer, r.opt_record, best_fitness, fi, final_epoch)
         if broadcast_flag(stop, info):
             break
     return results, epochs_run
@@ -514,6 +517,18 @@ def resolve_run(opt: argparse.Namespace, hyp: dict) -> KDConfig:
     return dataclasses.replace(kd, t_sha256=file_sha256(kd.t_weights)) if kd.enabled else kd
 
 
+def run_record(hyp: dict, opt: argparse.Namespace, kd: KDConfig) -> tuple[dict, dict]:
+    """(hyp, options) as a run records them in hyp.yaml, opt.yaml and its checkpoints: with the distillation
+    config's values and the hyp in effect, keys in the order these files have always had (save_dir last)."""
+    hyp_rec = {**hyp, **kd.hyp_values()}
+    opt_rec = {k: v for k, v in vars(opt).items() if k != "save_dir"}
+    opt_rec.update(kd.as_dict())
+    opt_rec["hyp"] = hyp_rec
+    if "save_dir" in vars(opt):
+        opt_rec["save_dir"] = opt.save_dir
+    return hyp_rec, opt_rec
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: set up (DDP if launched by torchrun), train, and print user errors as one line."""
     opt = parse_opt(argv)
@@ -532,10 +547,9 @@ def main(argv: list[str] | None = None) -> int:
             check_flags(opt)
             hyp = load_hyp(opt.hyp, KD_SPECS)
             kd = resolve_run(opt, hyp)
-            hyp.update(kd.hyp_values())  # the run's hyp.yaml records the values in effect
-            vars(opt).update(kd.as_dict())  # ... and so do opt.yaml and the checkpoints' opt
             opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
-        opt.hyp = dict(hyp)
+        # from here on the distillation values live in `kd` alone; the files get them through run_record()
+        hyp = {k: v for k, v in hyp.items() if k not in KD_HYP_KEYS}
         device = select_device(opt.device, opt.batch_size, info)
         init_distributed(info, device, opt.batch_size)
         try:

@@ -64,7 +64,7 @@ def main() -> int:
         print(f"{name:16s} {float(parts[name]):10.4f} {grad_norm(name, pred, det, None, targets, t_maps):28.2e}")
     for norm in a.dist_norm:
         kd = OutputDistillationLoss(model, dist_loss=a.dist_loss, T=a.temperature, distill_ratio=a.distill_ratio,
-                                    teacher_anchors=t.anchors, norm=norm)
+                                    norm=norm, gains=det.hyp, teacher_anchors=t.anchors)
         _, kd_parts = kd(pred, t_maps)
         for name in ("dbox", "dobj", "dcls"):
             grad = grad_norm(name, pred, det, kd, targets, t_maps)

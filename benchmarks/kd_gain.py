@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from experiments import experiment_dir, remind_index
-from optimizer.config import KD_SPECS
+from optimizer.config import KD_SPECS, KDConfig
 from utils.evaluation.metrics import fitness
 from utils.reporting.loggers import read_results_csv
 
@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_TEACHER = ROOT / "checkpoint" / "yolov5s-shapes.pt"
 DEMO_STUDENT = ROOT / "checkpoint" / "yolov5n-shapes.pt"
 M50, M5095 = "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"
-# The flags' defaults; run folders name only what differs from them, so these stay fixed even if train.py's
-# defaults move (a changed literal here would orphan every stored run)
+# The folder-naming baseline, not defaults (the flags default to train.py's, from KD_SPECS / KDConfig): run
+# folders name only what differs from these, so they stay fixed (a changed literal would orphan every stored run)
 DEF_LOSS, DEF_T, DEF_RATIO, DEF_NORM, DEF_UNLABELED = "l2", 5.0, 0.5, "mean", 1.0
 
 
@@ -488,7 +488,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ft-hyp", default="hyp.finetune.yaml", help="hyp for runs that continue a checkpoint ('' = default)")
-    ap.add_argument("--dist_loss", default=DEF_LOSS)
+    ap.add_argument("--dist_loss", default=KDConfig.dist_loss)
     ap.add_argument("--train-flags", default="", help="extra train.py flags for every run, e.g. '--amp' (converge "
                     "run folders are named after them)")
     ap.add_argument("--teacher-precision", default="auto", help="KD runs' --teacher-precision (auto: bf16 on a CPU "
@@ -496,7 +496,7 @@ def main() -> int:
     # the KD flags default to what train.py uses (DEF_* above only name folders)
     ap.add_argument("--dist_norm", default=KD_SPECS["dist_norm"].default,
                     help="main, finetune, sweep, unlabeled: the normalisation every KD run uses")
-    ap.add_argument("--temperature", type=float, default=DEF_T)
+    ap.add_argument("--temperature", type=float, default=KD_SPECS["temperature"].default)
     ap.add_argument("--distill_ratio", type=float, default=KD_SPECS["distill_ratio"].default)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 5.0])
     ap.add_argument("--ratios", type=float, nargs="+", default=None,

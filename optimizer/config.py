@@ -28,6 +28,21 @@ KD_SPECS: dict[str, HypSpec] = {
 KD_HYP_KEYS = tuple(KD_SPECS)
 
 
+def check_kd_values(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The distillation values given, checked and converted: the one place their rules are applied (the hyp
+    keys against KD_SPECS, dist_loss and teacher_precision against their choices); one-line UserErrors."""
+    out = dict(values)
+    for key, value in values.items():
+        if key in KD_SPECS:
+            out[key] = check_value(key, value, KD_SPECS[key], where)
+    if "dist_loss" in values and values["dist_loss"] not in DIST_LOSSES:
+        raise UserError(f"--dist_loss {values['dist_loss']!r}: must be one of {', '.join(DIST_LOSSES)}")
+    if "teacher_precision" in values and values["teacher_precision"] not in TEACHER_PRECISIONS:
+        raise UserError(f"--teacher-precision {values['teacher_precision']!r}: must be one of "
+                        f"{', '.join(TEACHER_PRECISIONS)}")
+    return out
+
+
 @dataclass(frozen=True)
 class KDConfig:
     """Everything that defines a run's distillation; `t_weights` None means no distillation."""
@@ -65,18 +80,12 @@ class KDConfig:
                 continue
             if key in given:
                 values[key] = flags[key]
-                if key in KD_SPECS:
-                    values[key] = check_value(key, values[key], KD_SPECS[key], "command line")
             elif key in KD_HYP_KEYS and key in hyp:
                 values[key] = hyp[key]
             else:
                 values[key] = default
-        if values["dist_loss"] not in DIST_LOSSES:
-            raise UserError(f"--dist_loss {values['dist_loss']!r}: must be one of {', '.join(DIST_LOSSES)}")
-        if values["teacher_precision"] not in TEACHER_PRECISIONS:
-            raise UserError(f"--teacher-precision {values['teacher_precision']!r}: must be one of "
-                            f"{', '.join(TEACHER_PRECISIONS)}")
-        return cls(**values)
+        typed = check_kd_values({k: v for k, v in values.items() if k in given}, "command line")
+        return cls(**{**values, **typed})
 
     @classmethod
     def from_record(cls, opt: Mapping[str, Any]) -> KDConfig:

@@ -90,9 +90,10 @@ class Distiller(DetectionCriterion):
         self.teacher = teacher
         self.unlabeled = unlabeled
         checks = preflight(teacher, student, imgsz)
+        # the output terms use the detection loss's own (train-time rescaled) box/obj/cls gains
         self.loss = OutputDistillationLoss(student, dist_loss=config.dist_loss, T=config.temperature,
                                            distill_ratio=config.distill_ratio, norm=config.dist_norm,
-                                           teacher_anchors=checks["teacher_anchors"])
+                                           gains=compute_loss.hyp, teacher_anchors=checks["teacher_anchors"])
         self._sums: dict[str, float] = {}
         self._seen = 0
         self.reported = False

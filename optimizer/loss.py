@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,29 +58,15 @@ class OutputDistillationLoss:
     """Distillation loss between student and teacher raw maps; call(p, t) -> (total (1,), parts).
 
     norm (DIST_NORMS) picks how each level's term is normalised; "mean" is the seed formula. With reg_norm
-    the weighted/soft box term averages the seed's four normalised channels per cell.
+    the weighted/soft box term averages the seed's four normalised channels per cell. Every value arrives
+    already validated (a run's KDConfig, or the seed entry point), so the class has no defaults of its own.
     """
 
-    def __init__(self, model: Any, dist_loss: str = "l2", T: float = 5.0, distill_ratio: float = 0.5,
-                 hyp: dict | None = None, teacher_anchors: torch.Tensor | None = None,
-                 reg_norm: Sequence[torch.Tensor] | None = None, norm: str = "mean"):
-        """Read nc and the (already train-time rescaled) hyp from the student; pick the box-term form."""
+    def __init__(self, model: Any, *, dist_loss: str, T: float, distill_ratio: float, norm: str,
+                 gains: Mapping[str, float], teacher_anchors: torch.Tensor | None = None,
+                 reg_norm: Sequence[torch.Tensor] | None = None):
+        """nc and anchors from the student; `gains` are the train-time rescaled box/obj/cls gains."""
         m = de_parallel(model)
-        if dist_loss not in DIST_LOSSES:
-            raise UserError(f"--dist_loss {dist_loss!r}: must be one of {', '.join(DIST_LOSSES)}")
-        if norm not in DIST_NORMS:
-            raise UserError(f"--dist_norm {norm!r}: must be one of {', '.join(DIST_NORMS)}")
-        if not T > 0:
-            raise UserError(f"temperature {T}: must be > 0")
-        if not distill_ratio >= 0:
-            raise UserError(f"distill_ratio {distill_ratio}: must be >= 0")
-        hyp = hyp if hyp is not None else getattr(m, "hyp", None)
-        if not isinstance(hyp, dict):
-            raise UserError("student model has no .hyp dict; attach the rescaled hyperparameters before building "
-                            "the distillation loss")
-        missing = [k for k in ("box", "obj", "cls") if k not in hyp]
-        if missing:
-            raise UserError(f"hyp lacks {', '.join(missing)}, needed by the distillation loss")
         nc = getattr(m, "nc", None)
         if nc is None:
             nc = m.model[-1].nc
@@ -89,7 +75,7 @@ class OutputDistillationLoss:
         self.norm = norm
         self.T = float(T)
         self.distill_ratio = float(distill_ratio)
-        self.gains = {"dbox": float(hyp["box"]), "dobj": float(hyp["obj"]), "dcls": float(hyp["cls"])}
+        self.gains = {"dbox": float(gains["box"]), "dobj": float(gains["obj"]), "dcls": float(gains["cls"])}
         self.reg_norm = None if reg_norm is None else [r.detach().float() for r in reg_norm]
         # Raw xywh logits only mean the same box when both heads decode them with the same anchors.
         self.student_anchors = self.teacher_anchors = None
@@ -209,8 +195,23 @@ class OutputDistillationLoss:
 
 
 def compute_distillation_output_loss(p: Sequence[torch.Tensor], t_p: Sequence[torch.Tensor], model: Any,
-                                     dist_loss: str = "l2", T: float = 20, reg_norm: Sequence[torch.Tensor] | None = None,
+                                     dist_loss: str = "l2", T: float = 20,
+                                     reg_norm: Sequence[torch.Tensor] | None = None,
                                      distill_ratio: float = 0.5) -> torch.Tensor:
-    """Seed-compatible entry point: the total distillation loss (shape (1,)) from model.hyp and model.nc."""
-    return OutputDistillationLoss(model, dist_loss=dist_loss, T=T, distill_ratio=distill_ratio,
+    """Seed-compatible entry point: the total distillation loss (shape (1,)) from model.hyp and model.nc, with
+    the seed's formula ("mean") and its documented defaults (l2, T 20, ratio 0.5)."""
+    # imported here: the config module builds on this one (its choices are DIST_LOSSES / DIST_NORMS)
+    from optimizer.config import check_kd_values
+
+    values = check_kd_values({"dist_loss": dist_loss, "temperature": T, "distill_ratio": distill_ratio},
+                             "compute_distillation_output_loss")
+    hyp = getattr(de_parallel(model), "hyp", None)
+    if not isinstance(hyp, Mapping):
+        raise UserError("student model has no .hyp dict; attach the rescaled hyperparameters before building "
+                        "the distillation loss")
+    missing = [k for k in ("box", "obj", "cls") if k not in hyp]
+    if missing:
+        raise UserError(f"hyp lacks {', '.join(missing)}, needed by the distillation loss")
+    return OutputDistillationLoss(model, dist_loss=values["dist_loss"], T=values["temperature"],
+                                  distill_ratio=values["distill_ratio"], norm="mean", gains=hyp,
                                   reg_norm=reg_norm)(p, t_p)[0]

@@ -70,6 +70,16 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env_extra: dict | No
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def distillation_loss(student, dist_loss: str = "l2", *, T: float = 5.0, distill_ratio: float = 0.5,
+                      norm: str = "mean", **kw):
+    """OutputDistillationLoss with the values these tests were written for (the class has no defaults of its
+    own) and the box/obj/cls gains of the student's hyp."""
+    from optimizer.loss import OutputDistillationLoss
+
+    return OutputDistillationLoss(student, dist_loss=dist_loss, T=T, distill_ratio=distill_ratio, norm=norm,
+                                  gains=student.hyp, **kw)
+
+
 def one_error(r) -> str:
     """The one 'ERROR:' line of a CLI run refused with exit code 2 and no traceback."""
     assert r.returncode == 2, r.stderr[-2000:]

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from optimizer.loss import DIST_NORMS, OutputDistillationLoss, compute_distillation_output_loss
+from conftest import distillation_loss
+from optimizer.loss import DIST_NORMS, compute_distillation_output_loss
 from utils.core.errors import UserError
 
 GOLDEN_CASES = [("distill_l2_T1", "l2", 1.0), ("distill_l2_T5", "l2", 5.0),
@@ -25,7 +26,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("key,mode,T", GOLDEN_CASES)
 def test_golden_object(golden, key, mode, T):
     model = fake_student(4, golden["hyp_scaled"])
-    loss = OutputDistillationLoss(model, dist_loss=mode, T=T, distill_ratio=0.5)
+    loss = distillation_loss(model, dist_loss=mode, T=T, distill_ratio=0.5)
     total, parts = loss(golden["student_raw"], golden["teacher_raw"])
     assert total.shape == (1,) and total.dtype == torch.float32
     assert rel(total, golden[key]) < 1e-5
@@ -62,7 +63,7 @@ def test_bce_hand_built():
     t = torch.tensor([[0.1, 0.1, 0.2, 0.2, 2.0, -1.0, 4.0],
                       [0.5, -0.5, 0.0, 1.0, 0.0, 2.0, 2.0]]).view(2, 1, 1, 1, 7)
     T, ratio = 2.0, 0.5
-    total, parts = OutputDistillationLoss(fake_student(2, HYP), "bce", T=T, distill_ratio=ratio)([p], [t])
+    total, parts = distillation_loss(fake_student(2, HYP), "bce", T=T, distill_ratio=ratio)([p], [t])
 
     box = obj = cls = 0.0
     for b in range(2):
@@ -86,7 +87,7 @@ def test_bce_targets_are_probabilities():
     """Equal student and teacher logits are the BCE minimum (not so with raw-logit targets)."""
     t = torch.randn(1, 3, 2, 2, 9)
     p = t.clone().requires_grad_(True)
-    total, _ = OutputDistillationLoss(fake_student(4, HYP), "bce", T=3.0)([p], [t])
+    total, _ = distillation_loss(fake_student(4, HYP), "bce", T=3.0)([p], [t])
     total.backward()
     cls_grad = p.grad[..., 5:]
     assert cls_grad.abs().max() < 1e-6
@@ -107,7 +108,7 @@ def test_reg_norm_hand_built():
 def test_nc1_skips_class_term():
     torch.manual_seed(0)
     p, t = torch.randn(2, 3, 4, 4, 6), torch.randn(2, 3, 4, 4, 6)
-    loss = OutputDistillationLoss(fake_student(1, HYP), "l2")
+    loss = distillation_loss(fake_student(1, HYP), "l2")
     total, parts = loss([p], [t])
     assert parts["dcls"].item() == 0.0
     p2 = p.clone()
@@ -131,8 +132,8 @@ def test_extreme_logits_finite(mode, T, norm):
         kw["reg_norm"] = [torch.ones(3, 2)]
     if mode == "decoded":
         kw["teacher_anchors"] = anchors * 2
-    loss = OutputDistillationLoss(fake_student(4, HYP, anchors), "l2" if mode in ("reg_norm", "decoded") else mode,
-                                  T=T, norm=norm, **kw)
+    loss = distillation_loss(fake_student(4, HYP, anchors), "l2" if mode in ("reg_norm", "decoded") else mode,
+                             T=T, norm=norm, **kw)
     assert loss.decoded_box == (mode == "decoded")
     total, parts = loss([p], [t])
     assert torch.isfinite(total).all() and all(torch.isfinite(v) for v in parts.values())
@@ -153,20 +154,20 @@ def test_decoded_box_zero_for_identical_boxes_under_different_anchors():
         sp = t[..., 2:4].sigmoid() * (a_t[i] / a_s[i]).sqrt().view(1, 3, 1, 1, 2)
         p[..., 2:4] = torch.logit(sp.double()).float()
         ps.append(p)
-    decoded = OutputDistillationLoss(fake_student(4, HYP, a_s), "l2", teacher_anchors=a_t)
+    decoded = distillation_loss(fake_student(4, HYP, a_s), "l2", teacher_anchors=a_t)
     assert decoded.decoded_box
     _, parts = decoded(ps, ts)
     assert parts["dbox"].item() < 1e-9
     assert parts["dobj"].item() > 0
     # the raw-logit form would have penalised the same, correctly matching, boxes
-    _, raw_parts = OutputDistillationLoss(fake_student(4, HYP, a_s), "l2")(ps, ts)
+    _, raw_parts = distillation_loss(fake_student(4, HYP, a_s), "l2")(ps, ts)
     assert raw_parts["dbox"].item() > 1e-3
 
 
 def test_same_anchors_keep_raw_box_term(golden):
     a = torch.rand(3, 3, 2) + 1
-    loss = OutputDistillationLoss(fake_student(4, golden["hyp_scaled"], a), "l2", T=1,
-                                  teacher_anchors=a.half().float())
+    loss = distillation_loss(fake_student(4, golden["hyp_scaled"], a), "l2", T=1,
+                             teacher_anchors=a.half().float())
     assert not loss.decoded_box
     assert rel(loss(golden["student_raw"], golden["teacher_raw"])[0], golden["distill_l2_T1"]) < 1e-5
 
@@ -174,7 +175,7 @@ def test_same_anchors_keep_raw_box_term(golden):
 def test_fp32_under_autocast(golden):
     p = [x.to(torch.bfloat16) for x in golden["student_raw"]]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        total, parts = OutputDistillationLoss(fake_student(4, golden["hyp_scaled"]), "kl", T=5)(p, golden["teacher_raw"])
+        total, parts = distillation_loss(fake_student(4, golden["hyp_scaled"]), "kl", T=5)(p, golden["teacher_raw"])
     assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
     assert rel(total, golden["distill_kl_T5"]) < 2e-2  # only the bf16 rounding of the student input
 
@@ -182,17 +183,19 @@ def test_fp32_under_autocast(golden):
 def test_gradient_only_to_student():
     t = torch.randn(1, 3, 2, 2, 9, requires_grad=True)  # even a teacher map that tracks grad is a constant
     p = torch.randn(1, 3, 2, 2, 9, requires_grad=True)
-    OutputDistillationLoss(fake_student(4, HYP), "kl")([p], [t])[0].backward()
+    distillation_loss(fake_student(4, HYP), "kl")([p], [t])[0].backward()
     assert t.grad is None and p.grad is not None and p.grad.abs().sum() > 0
 
 
 def test_bad_arguments():
+    # values are validated once, where they enter: a run's KDConfig, or the seed entry point for its callers
+    p = t = [torch.zeros(1, 3, 2, 2, 9)]
     with pytest.raises(UserError, match="--dist_loss 'mse'"):
-        OutputDistillationLoss(fake_student(4, HYP), "mse")
+        compute_distillation_output_loss(p, t, fake_student(4, HYP), dist_loss="mse")
     with pytest.raises(UserError, match="temperature 0"):
-        OutputDistillationLoss(fake_student(4, HYP), "kl", T=0)
+        compute_distillation_output_loss(p, t, fake_student(4, HYP), dist_loss="kl", T=0)
     with pytest.raises(UserError, match="no .hyp"):
-        OutputDistillationLoss(SimpleNamespace(nc=4), "l2")
-    loss = OutputDistillationLoss(fake_student(4, HYP), "l2")
+        compute_distillation_output_loss(p, t, SimpleNamespace(nc=4), dist_loss="l2")
+    loss = distillation_loss(fake_student(4, HYP), "l2")
     with pytest.raises(UserError, match="does not match"):
         loss([torch.zeros(1, 3, 2, 2, 9)], [torch.zeros(1, 3, 4, 4, 9)])

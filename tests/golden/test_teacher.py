@@ -5,8 +5,8 @@ from copy import deepcopy
 import pytest
 import torch
 
+from conftest import distillation_loss
 from models.yolo import Model, load_model_yaml
-from optimizer.loss import OutputDistillationLoss
 from optimizer.teacher import Teacher, check_teacher_unchanged, file_sha256, load_teacher, preflight
 from utils.core.errors import UserError
 
@@ -84,7 +84,7 @@ def test_kd_steps_touch_only_the_student(teacher, student):
     before = {k: v.clone() for k, v in teacher.model.state_dict(keep_vars=False).items()}
     buffers_before = {k: v.clone() for k, v in teacher.model.named_buffers()}
     info = preflight(teacher, student, 64)
-    loss_fn = OutputDistillationLoss(student, "kl", T=5.0, distill_ratio=0.5, teacher_anchors=info["teacher_anchors"])
+    loss_fn = distillation_loss(student, "kl", T=5.0, distill_ratio=0.5, teacher_anchors=info["teacher_anchors"])
     assert not loss_fn.decoded_box
     student.train()
     s_before = [p.detach().clone() for p in student.parameters()]
@@ -116,7 +116,7 @@ def test_teacher_stays_eval_if_switched(teacher):
 def test_preflight_ok(teacher, student):
     info = preflight(teacher, student, [320, 640])
     assert info["teacher_anchors"].shape == (3, 3, 2)
-    assert not OutputDistillationLoss(student, "l2", teacher_anchors=info["teacher_anchors"]).decoded_box
+    assert not distillation_loss(student, "l2", teacher_anchors=info["teacher_anchors"]).decoded_box
 
 
 def test_preflight_nc(teacher):
@@ -169,7 +169,7 @@ def test_preflight_anchors_differ_notice(teacher, student, caplog):
     student.model[-1].anchors *= 1.3  # as AutoAnchor would have done
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
         info = preflight(teacher, student, 320)
-        assert OutputDistillationLoss(student, "l2", teacher_anchors=info["teacher_anchors"]).decoded_box
+        assert distillation_loss(student, "l2", teacher_anchors=info["teacher_anchors"]).decoded_box
     notices = [r.getMessage() for r in caplog.records if "decoded space" in r.getMessage()]
     assert len(notices) == 1 and "\n" not in notices[0]
 

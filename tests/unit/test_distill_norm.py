@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from optimizer.loss import DIST_NORMS, OutputDistillationLoss
+from conftest import distillation_loss
+from optimizer.config import check_kd_values
+from optimizer.loss import DIST_NORMS
 from utils.core.errors import UserError
 
 HYP = {"box": 0.05, "obj": 0.7, "cls": 0.3}
@@ -136,7 +138,7 @@ def maps(seed: int, nc: int = 3, sizes=((4, 3), (2, 2), (1, 1)), bs: int = 2, ob
 def test_matches_hand_computation(norm, mode, T):
     ps, ts = maps(0)
     assert torch.sigmoid(ts[2][..., 4]).sum() < 1  # the floor max(Σw, 1) is in play on the last level
-    total, parts = OutputDistillationLoss(fake_student(3), mode, T=T, distill_ratio=0.5, norm=norm)(ps, ts)
+    total, parts = distillation_loss(fake_student(3), mode, T=T, distill_ratio=0.5, norm=norm)(ps, ts)
     want = reference(ps, ts, 3, mode, T, 0.5, norm)
     for k, v in want.items():
         assert rel(parts[k], v) < 1e-5, k
@@ -150,7 +152,7 @@ def test_decoded_box_matches_hand_computation(norm):
     g = torch.Generator().manual_seed(5)
     a_t = torch.rand(3, 3, 2, generator=g) * 3 + 0.5
     a_s = a_t * 1.7
-    loss = OutputDistillationLoss(fake_student(3, a_s), "l2", teacher_anchors=a_t, norm=norm)
+    loss = distillation_loss(fake_student(3, a_s), "l2", teacher_anchors=a_t, norm=norm)
     assert loss.decoded_box
     _, parts = loss(ps, ts)
     want = reference(ps, ts, 3, norm=norm, a_s=a_s.double().numpy(), a_t=a_t.double().numpy())
@@ -166,8 +168,8 @@ def test_iou_matches_hand_computation(mode, T, same_anchors):
     g = torch.Generator().manual_seed(6)
     a_s = torch.rand(3, 3, 2, generator=g) * 3 + 0.5
     a_t = a_s if same_anchors else a_s * 1.3
-    loss = OutputDistillationLoss(fake_student(3, a_s), mode, T=T, norm="iou",
-                                  teacher_anchors=None if same_anchors else a_t)
+    loss = distillation_loss(fake_student(3, a_s), mode, T=T, norm="iou",
+                             teacher_anchors=None if same_anchors else a_t)
     total, parts = loss(ps, ts)
     want = reference(ps, ts, 3, mode, T, 0.5, "iou", a_s=a_s.double().numpy(), a_t=a_t.double().numpy())
     for k, v in want.items():
@@ -185,26 +187,26 @@ def test_iou_box_term_by_hand():
     p = t.clone()
     # wh logits 0 decode to (2·0.5)² = 1 grid unit; the student's 2 units need σ = 1/√2
     p[0, 1, 1, 0, 2:4] = math.log((1 / math.sqrt(2)) / (1 - 1 / math.sqrt(2)))
-    _, parts = OutputDistillationLoss(fake_student(3, a), "l2", distill_ratio=0.5, norm="iou")([p], [t])
+    _, parts = distillation_loss(fake_student(3, a), "l2", distill_ratio=0.5, norm="iou")([p], [t])
     w = _sig(3.0)
     empty_w = 11 * _sig(EMPTY)  # the box differs only where the teacher sees its object
     assert rel(parts["dbox"], HYP["box"] * 0.5 * 1 * 0.75 * w / max(w + empty_w, 1.0)) < 1e-5
     assert float(parts["dcls"]) == 0.0 and float(parts["dobj"]) == 0.0
     # the term is scale-free: the same boxes in a 4x larger grid with 4x larger anchors give the same dbox
-    _, parts4 = OutputDistillationLoss(fake_student(3, a * 4), "l2", distill_ratio=0.5, norm="iou")([p], [t])
+    _, parts4 = distillation_loss(fake_student(3, a * 4), "l2", distill_ratio=0.5, norm="iou")([p], [t])
     assert rel(parts4["dbox"], parts["dbox"]) < 1e-5
 
 
 def test_iou_needs_anchors():
     with pytest.raises(UserError, match="iou"):
-        OutputDistillationLoss(fake_student(3), "l2", norm="iou")
+        distillation_loss(fake_student(3), "l2", norm="iou")
 
 
 def test_reg_norm_weighted_matches_hand_computation():
     """reg_norm with weighted: each cell's box term is the mean of the seed's 4 normalised channels."""
     ps, ts = maps(2)
     rn = [torch.rand(3, 2, generator=torch.Generator().manual_seed(i)) + 0.5 for i in range(3)]
-    _, parts = OutputDistillationLoss(fake_student(3), "l2", reg_norm=rn, norm="weighted")(ps, ts)
+    _, parts = distillation_loss(fake_student(3), "l2", reg_norm=rn, norm="weighted")(ps, ts)
     want = reference(ps, ts, 3, rn=[r.double().numpy() for r in rn])
     assert rel(parts["dbox"], want["dbox"]) < 1e-5
 
@@ -212,7 +214,7 @@ def test_reg_norm_weighted_matches_hand_computation():
 def test_nc1_has_no_class_term():
     ps, ts = maps(3, nc=1)
     for norm in ("weighted", "soft"):
-        _, parts = OutputDistillationLoss(fake_student(1), "kl", norm=norm)(ps, ts)
+        _, parts = distillation_loss(fake_student(1), "kl", norm=norm)(ps, ts)
         assert parts["dcls"].item() == 0.0
         assert rel(parts["dbox"], reference(ps, ts, 1, norm=norm)["dbox"]) < 1e-5
 
@@ -245,8 +247,8 @@ def test_weighted_independent_of_grid_size(mode):
                                     (1, 2, 5, 1)], 0)
     large = place(16, p_occ, t_occ, [(1, 1, 9, 12), (0, 2, 15, 3), (0, 0, 2, 14), (1, 2, 7, 7), (0, 1, 11, 0),
                                      (1, 0, 13, 13)], 1)
-    w = OutputDistillationLoss(fake_student(3), mode, T=2.0, norm="weighted")
-    m = OutputDistillationLoss(fake_student(3), mode, T=2.0, norm="mean")
+    w = distillation_loss(fake_student(3), mode, T=2.0, norm="weighted")
+    m = distillation_loss(fake_student(3), mode, T=2.0, norm="mean")
     ws, wl = w([small[0]], [small[1]]), w([large[0]], [large[1]])
     assert rel(wl[0], ws[0]) < 1e-4
     for k in ("dbox", "dobj", "dcls"):
@@ -255,7 +257,7 @@ def test_weighted_independent_of_grid_size(mode):
     ratio = (m([small[0]], [small[1]])[0] / m([large[0]], [large[1]])[0]).item()
     assert ratio == pytest.approx(4.0, rel=1e-3)
     # soft: box and class are weighted averages too; objectness is a mean over all cells by design
-    s = OutputDistillationLoss(fake_student(3), mode, T=2.0, norm="soft")
+    s = distillation_loss(fake_student(3), mode, T=2.0, norm="soft")
     ss, sl = s([small[0]], [small[1]])[1], s([large[0]], [large[1]])[1]
     assert rel(sl["dbox"], ss["dbox"]) < 1e-4 and rel(sl["dcls"], ss["dcls"]) < 1e-4
 
@@ -264,7 +266,7 @@ def test_empty_cells_and_levels_do_not_change_weighted():
     p_occ, t_occ = occupied()
     cells = [(0, 0, 1, 2), (0, 2, 3, 3), (1, 1, 3, 0), (1, 0, 0, 0), (0, 1, 2, 1), (1, 2, 1, 1)]
     p, t = place(4, p_occ, t_occ, cells, 2)
-    loss = OutputDistillationLoss(fake_student(3), "l2", norm="weighted")
+    loss = distillation_loss(fake_student(3), "l2", norm="weighted")
     _, base = loss([p], [t])
     # the same level with an empty border of 4 cells on every side
     pb, tb = place(12, p_occ, t_occ, [(b, a, y + 4, x + 4) for b, a, y, x in cells], 3)
@@ -324,8 +326,8 @@ def test_mean_is_the_seed_formula(case):
     if case == "reg_norm":
         rn = [torch.rand(3, 2) + 0.5 for _ in range(3)]
         kw, ref_kw = {"reg_norm": rn}, {"rn": rn}
-    default = OutputDistillationLoss(model, mode, T=3.0, distill_ratio=0.7, **kw)
-    explicit = OutputDistillationLoss(model, mode, T=3.0, distill_ratio=0.7, norm="mean", **kw)
+    default = distillation_loss(model, mode, T=3.0, distill_ratio=0.7, **kw)
+    explicit = distillation_loss(model, mode, T=3.0, distill_ratio=0.7, norm="mean", **kw)
     assert default.norm == "mean"
     t1, parts = default(ps, ts)
     assert torch.equal(t1, explicit(ps, ts)[0])
@@ -338,8 +340,9 @@ def test_mean_is_the_seed_formula(case):
 
 def test_bad_norm_is_a_user_error():
     assert DIST_NORMS[0] == "mean" and "weighted" in DIST_NORMS
-    with pytest.raises(UserError, match="--dist_norm 'sum'"):
-        OutputDistillationLoss(fake_student(3), "l2", norm="sum")
+    # checked once, where the value enters (KDConfig / the hyp file), against the one table of choices
+    with pytest.raises(UserError, match="command line: dist_norm 'sum' must be one of mean, weighted, soft, iou"):
+        check_kd_values({"dist_norm": "sum"}, "command line")
 
 
 @pytest.mark.parametrize("norm", ["weighted", "soft", "iou"])
@@ -347,7 +350,7 @@ def test_all_empty_teacher_is_finite(norm):
     """Extreme logits are covered for every norm in test_distill.py; here Σw = 0 everywhere."""
     torch.manual_seed(1)
     shape = (2, 3, 4, 4, 8)
-    loss = OutputDistillationLoss(fake_student(3, torch.rand(1, 3, 2) + 0.5), "l2", T=5.0, norm=norm)
+    loss = distillation_loss(fake_student(3, torch.rand(1, 3, 2) + 0.5), "l2", T=5.0, norm=norm)
     # an all-empty teacher (every objectness logit -1e4): Σw = 0, the floor keeps it finite and ~0
     p2 = torch.randn(shape, requires_grad=True)
     t2 = torch.randn(shape)
@@ -361,7 +364,7 @@ def test_all_empty_teacher_is_finite(norm):
 def test_gradient_only_to_student(norm):
     t = torch.randn(2, 3, 2, 2, 8, requires_grad=True)  # a teacher map that tracks grad is still a constant
     p = torch.randn(2, 3, 2, 2, 8, requires_grad=True)
-    total, parts = OutputDistillationLoss(fake_student(3, torch.ones(1, 3, 2)), "kl", norm=norm)([p], [t])
+    total, parts = distillation_loss(fake_student(3, torch.ones(1, 3, 2)), "kl", norm=norm)([p], [t])
     total.backward()
     assert t.grad is None and p.grad is not None and p.grad.abs().sum() > 0
     assert all(v.ndim == 0 and not v.requires_grad for v in parts.values())
@@ -371,9 +374,9 @@ def test_gradient_only_to_student(norm):
 def test_fp32_under_autocast(norm):
     ps, ts = maps(9)
     a = torch.rand(3, 3, 2, generator=torch.Generator().manual_seed(2)) + 0.5
-    want = OutputDistillationLoss(fake_student(3, a), "kl", T=5, norm=norm)(ps, ts)[0]
+    want = distillation_loss(fake_student(3, a), "kl", T=5, norm=norm)(ps, ts)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        total, parts = OutputDistillationLoss(fake_student(3, a), "kl", T=5, norm=norm)(
+        total, parts = distillation_loss(fake_student(3, a), "kl", T=5, norm=norm)(
             [x.to(torch.bfloat16) for x in ps], ts)
     assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
     assert rel(total, want) < 3e-2  # only the bf16 rounding of the student input

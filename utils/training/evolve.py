@@ -319,13 +319,14 @@ def _evolve_generations(opt: argparse.Namespace, run: Path, n: int, base: dict, 
             hyp = next_hyp(base, rows, keys, specs, opt.seed, g)
             gkd = dataclasses.replace(kd, **{k: hyp[k] for k in teacher_keys})  # the evolved values, never the flags
             gopt = argparse.Namespace(**vars(opt))
-            gopt.save_dir, gopt.resume, gopt.hyp = str(gen_dir), False, dict(hyp)
+            gopt.save_dir, gopt.resume = str(gen_dir), False
             gopt.noval = gopt.nosave = gopt.noplots = True  # validate and save the final epoch only
-            vars(gopt).update(gkd.as_dict())
             LOGGER.info(f"\nEvolve: generation {g + 1}/{n} " + " ".join(f"{k}={hyp[k]}" for k in keys))
             t0 = time.time()
             try:
-                results = train_fn(dict(hyp), gopt, device, DistInfo(), gkd)
+                # the distillation values travel in gkd alone, as in a plain run
+                results = train_fn({k: v for k, v in hyp.items() if k not in teacher_keys}, gopt, device, DistInfo(),
+                                   gkd)
                 failed = 0
             except UserError as e:
                 shutil.rmtree(gen_dir, ignore_errors=True)

@@ -1,6 +1,9 @@
 """YOLOv5-compatible detection loss: target assignment, CIoU box loss, objectness and class BCE."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -62,10 +65,12 @@ class ComputeLoss:
 
     sort_obj_iou = False
 
-    def __init__(self, model: nn.Module, autobalance: bool = False):
+    def __init__(self, model: nn.Module, autobalance: bool = False, hyp: Mapping[str, Any] | None = None):
+        """Bind to the model's Detect head; `hyp` holds the train-time rescaled gains (YOLOv5's own callers leave it
+        out, and the loss reads model.hyp as YOLOv5 does)."""
         bare = de_parallel(model)
         device = next(bare.parameters()).device
-        h = bare.hyp
+        h = dict(hyp) if hyp is not None else bare.hyp
         det = bare.model[-1]
 
         self.hyp = h
