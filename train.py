@@ -209,14 +209,11 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     batch_size = opt.batch_size
 
     hyp["weight_decay"] *= batch_size * accumulate_steps(batch_size) / NBS
-    optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     resume = ResumePoint(epochs=opt.epochs)
     if ckpt is not None:
         resume = ResumePoint.from_checkpoint(ckpt, opt.weights, opt.epochs)
         if main:
             keeper.clean_interrupted(resume.start_epoch - 1)
-    lf = lr_lambda(resume.epochs, hyp["lrf"], opt.cos_lr)
-    scheduler = build_scheduler(optimizer, lf, resume.start_epoch, ckpt.get("optimizer") if ckpt else None)
     if opt.sync_bn and info.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
 
@@ -234,7 +231,6 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
         set_inplace_activations(ema.ema, True)  # evaluated without autograd: in place saves a copy
     if ema is not None and ckpt is not None:
         restore_ema(ckpt, ema)
-    del ckpt
     if info.distributed:
         # DDP broadcasts rank 0's parameters and buffers (AutoAnchor's anchors included) to every rank
         cuda = device.type == "cuda"
@@ -253,7 +249,15 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     compute_loss = ComputeLoss(base, hyp=loss_hyp)
     # the module (and checkpoints) stay plain under --compile: only the training forward is compiled
     forward = StudentForward(device, amp_dtype, CompiledForward(model) if opt.compile else None, info.world_size)
-    criterion = build_criterion(kd, compute_loss, base, imgsz, forward, opt.trust_checkpoint, unlabeled)
+    criterion = build_criterion(kd, compute_loss, base, imgsz, forward, opt.trust_checkpoint, unlabeled, opt.seed)
+    # the optimizer comes after the criterion: it also trains what the criterion trains beside the student
+    optimizer = build_optimizer(trained_modules(model, criterion), opt.optimizer, hyp["lr0"], hyp["momentum"],
+                                hyp["weight_decay"])
+    lf = lr_lambda(resume.epochs, hyp["lrf"], opt.cos_lr)
+    scheduler = build_scheduler(optimizer, lf, resume.start_epoch, ckpt.get("optimizer") if ckpt else None)
+    if ckpt is not None:
+        criterion.load_state_dict((ckpt.get("resume_state") or {}).get("criterion") or {})
+    del ckpt
     reference = None
     if main and not opt.noval and not resuming:
         reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
@@ -293,7 +297,8 @@ def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: Di
     cfg = LoopConfig(epochs=r.resume.epochs, device=device, lf=r.lf, batch_size=r.batch_size, nw=nw, imgsz=r.imgsz,
                      gs=r.gs, world_size=info.world_size, multi_scale=opt.multi_scale, show_progress=main,
                      warmup={k: r.hyp[k] for k in ("warmup_bias_lr", "warmup_momentum", "momentum")})
-    optim = Optim(r.optimizer, r.scaler, r.ema)
+    extra = r.criterion.trainable()
+    optim = Optim(r.optimizer, r.scaler, r.ema, tuple(extra.parameters()) if extra is not None else ())
     LOGGER.info(f"Image sizes {r.imgsz} train, {r.imgsz} val\nUsing {r.train_loader.num_workers} dataloader workers\n"
                 f"Logging results to {r.save_dir}\nStarting training for {r.resume.epochs} epochs...")
 
@@ -327,7 +332,8 @@ def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: Di
             extra = r.criterion.epoch_scalars(res.mloss)
             if extra:
                 r.logger.log_scalars(extra, epoch)
-            r.keeper.save(epoch, r.model, r.ema, r.optimizer, r.opt_record, best_fitness, fi, final_epoch)
+            r.keeper.save(epoch, r.model, r.ema, r.optimizer, r.opt_record, best_fitness, fi, final_epoch,
+                          r.criterion.state_dict())
         if broadcast_flag(stop, info):
             break
     return results, epochs_run
@@ -371,12 +377,19 @@ def labels_to_class_weights(labels: np.ndarray, nc: int = 80) -> torch.Tensor:
 
 
 def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module, imgsz: int, forward: StudentForward,
-                    trust: bool, unlabeled: UnlabeledStream | None = None) -> DetectionCriterion:
+                    trust: bool, unlabeled: UnlabeledStream | None = None, seed: int = 0) -> DetectionCriterion:
     """The loss the loop minimises: detection alone, or detection + distillation from the configured teacher
-    (which also takes the unlabelled stream)."""
+    (which also takes the unlabelled stream; `seed` initialises its feature adapters)."""
     if not kd.enabled:
         return DetectionCriterion(compute_loss, forward)
-    return Distiller.build(kd, compute_loss, student, imgsz, forward, trust=trust, unlabeled=unlabeled)
+    return Distiller.build(kd, compute_loss, student, imgsz, forward, trust=trust, unlabeled=unlabeled, seed=seed)
+
+
+def trained_modules(model: nn.Module, criterion: DetectionCriterion) -> nn.Module:
+    """The student and whatever the criterion trains beside it, as one module for the optimizer's groups (the
+    student's parameters first, in their own order)."""
+    extra = criterion.trainable()
+    return de_parallel(model) if extra is None else nn.ModuleList([de_parallel(model), extra])
 
 
 def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_dict: dict, imgsz: int,

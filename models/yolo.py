@@ -113,20 +113,25 @@ class Detect(nn.Module):
 class BaseModel(nn.Module):
     """Layer-stack forward, fusion, summary and device moves shared by YOLOv5 models."""
 
-    def forward(self, x, augment: bool = False, profile: bool = False, visualize: bool = False):
-        """Layer-stack forward; see Detect for what comes back in train and eval mode."""
+    def forward(self, x, augment: bool = False, profile: bool = False, visualize: bool = False,
+                features: bool = False):
+        """Layer-stack forward; see Detect for what comes back in train and eval mode. features=True returns
+        (output, the head's inputs): the neck maps P3, P4, P5 that feature distillation compares."""
         if augment:
             raise UserError("test-time augmentation (augment=True) is not supported by this implementation")
-        return self._forward_once(x)
+        return self._forward_once(x, features)
 
-    def _forward_once(self, x):
+    def _forward_once(self, x, features: bool = False):
         y = []
+        head_inputs = None
         for m in self.model:
             if m.f != -1:
                 x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            if features and m is self.model[-1]:
+                head_inputs = list(x)  # Detect may write into its input list; keep the maps themselves
             x = m(x)
             y.append(x if m.i in self.save else None)
-        return x
+        return (x, head_inputs) if features else x
 
     def fuse(self) -> "BaseModel":
         """Fold every Conv's BatchNorm into its convolution (inference only)."""

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from optimizer.features import FEAT_FORMS
 from optimizer.loss import DIST_LOSSES, DIST_NORMS
 from optimizer.teacher import TEACHER_PRECISIONS
 from utils.core.errors import UserError
@@ -18,12 +19,17 @@ from utils.training.hyp import EVOLVE_SWITCH, HypSpec, check_value
 # soft, iou) give terms ~50x larger than the seed's 'mean' terms, whose ratio was 0.5.
 # train.py --evolve mutates them only when a teacher is given; unlabeled_ratio is carried, not mutated (gain 0):
 # it sets the cost of a step, and the fitness would simply favour more compute.
+FEAT_RATIO_DEFAULT = 1.0
 KD_SPECS: dict[str, HypSpec] = {
     "distill_ratio": HypSpec(0.05, 0.0, 1e6, evolve=(1, 0.01, 5.0)),
     "temperature": HypSpec(5.0, 0.0, 1e4, lo_open=True, evolve=(1, 1.0, 10.0)),
     "dist_norm": HypSpec("iou", kind=str, choices=DIST_NORMS, evolve=EVOLVE_SWITCH),
     # unlabelled images per labelled image in each step, used when the dataset yaml has 'unlabeled:'
     "unlabeled_ratio": HypSpec(1.0, 0.0, 64.0, evolve=(0, 0.0, 64.0)),
+    # feature distillation (optimizer/features.py): the form is carried, never switched by --evolve (forms
+    # differ in cost, as unlabeled_ratio does); its weight is evolved
+    "feat_kd": HypSpec("none", kind=str, choices=FEAT_FORMS, evolve=(0, 0.0, 0.0)),
+    "feat_ratio": HypSpec(FEAT_RATIO_DEFAULT, 0.0, 1e6, evolve=(1, 0.01, 10.0)),
 }
 KD_HYP_KEYS = tuple(KD_SPECS)
 
@@ -53,6 +59,8 @@ class KDConfig:
     distill_ratio: float = KD_SPECS["distill_ratio"].default
     dist_norm: str = KD_SPECS["dist_norm"].default
     unlabeled_ratio: float = KD_SPECS["unlabeled_ratio"].default
+    feat_kd: str = KD_SPECS["feat_kd"].default
+    feat_ratio: float = KD_SPECS["feat_ratio"].default
     t_sha256: str | None = None  # fingerprint of the teacher file, so a resumed run gets the same teacher
     teacher_precision: str = "auto"  # recorded as given: "auto" is resolved for the device each time it loads
 
@@ -100,8 +108,8 @@ class KDConfig:
 
 
 def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --t_weights, --dist_loss, --dist_norm, --temperature, --distill_ratio, --unlabeled_ratio and
-    --teacher-precision."""
+    """Add --t_weights, --dist_loss, --dist_norm, --temperature, --distill_ratio, --unlabeled_ratio, --feat_kd,
+    --feat_ratio and --teacher-precision."""
     d = KDConfig()
     parser.add_argument("--t_weights", type=str, default=d.t_weights, help="teacher checkpoint; enables distillation")
     parser.add_argument("--dist_loss", type=str, choices=DIST_LOSSES, default=d.dist_loss,
@@ -115,6 +123,11 @@ def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--unlabeled_ratio", type=float, default=d.unlabeled_ratio,
                         help="unlabelled images per labelled image in each step, when the dataset yaml has "
                              "'unlabeled:' (overrides hyp 'unlabeled_ratio')")
+    parser.add_argument("--feat_kd", type=str, choices=FEAT_FORMS, default=d.feat_kd,
+                        help="feature distillation of the neck maps: mse (weighted by the teacher's scores), pkd "
+                             "(standardised), cross (through the teacher's head) (overrides hyp 'feat_kd')")
+    parser.add_argument("--feat_ratio", type=float, default=d.feat_ratio,
+                        help="weight of the feature distillation loss (overrides hyp 'feat_ratio')")
     parser.add_argument("--teacher-precision", dest="teacher_precision", type=str, choices=TEACHER_PRECISIONS,
                         default=d.teacher_precision,
                         help="teacher forward precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, "

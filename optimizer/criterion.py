@@ -1,9 +1,10 @@
 """The training criterion: one callable that runs a training step's forward passes and returns (loss, parts).
 
     loss, parts = criterion(model, imgs, targets)   # plain: {box, obj, cls}; distilled: + {dbox, dobj, dcls}
+                                                    # (+ {dfeat} with feature distillation)
 
-The distiller owns the teacher, the unlabelled stream and the balance report: each step it draws the
-unlabelled batch, runs the teacher once on the labelled and unlabelled images together (before the student,
+The distiller owns the teacher, the feature adapters, the unlabelled stream and the balance report: each step
+it draws the unlabelled batch, runs the teacher once on the labelled and unlabelled images together (before the student,
 so the teacher's activations are freed first), then the student. The detection loss sees only the labelled
 images, the distillation loss all of them. The training loop knows nothing about any of this: it logs
 whatever `parts` holds.
@@ -19,8 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from optimizer.config import KDConfig
+from optimizer.features import FeatureDistillationLoss, build_adapters
 from optimizer.loss import KL_OBJ_NORMS, OutputDistillationLoss
 from optimizer.teacher import Teacher, load_teacher, preflight
+from utils.core.distributed import de_parallel
 from utils.core.errors import UserError
 from utils.data.unlabeled import UnlabeledStream
 from utils.training.engine import StudentForward, to_input
@@ -29,6 +32,7 @@ LOGGER = logging.getLogger("yolov5kd")
 
 DETECTION_PARTS = ("box", "obj", "cls")
 DISTILLATION_PARTS = ("dbox", "dobj", "dcls")
+FEATURE_PART = "dfeat"
 # A distillation part outside [LOW, HIGH] x its detection counterpart is reported once, with the knob to turn.
 BALANCE_LOW, BALANCE_HIGH = 0.01, 10.0
 BALANCE_BATCHES = 20  # the first-epoch balance report averages this many batches (or the whole epoch)
@@ -75,26 +79,50 @@ class DetectionCriterion:
         """(name, model) of a model whose mAP bounds the student's, measured before training; None if none."""
         return None
 
+    def trainable(self) -> nn.Module | None:
+        """Modules the criterion trains beside the student (in the optimizer, in last.pt, never in the
+        student's checkpoint); None when there are none."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact --resume needs of the criterion (saved in last.pt only)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict() gave."""
+
 
 class Distiller(DetectionCriterion):
     """Detection loss plus output distillation from a frozen teacher; owns the teacher, the pre-flight, the
     unlabelled stream and the balance report."""
 
-    parts = DETECTION_PARTS + DISTILLATION_PARTS
-
     def __init__(self, config: KDConfig, compute_loss: Any, teacher: Teacher, student: nn.Module, imgsz: int,
-                 forward: StudentForward, unlabeled: UnlabeledStream | None = None):
-        """Check the pair once (raises UserError naming both values) and build the loss from the result."""
+                 forward: StudentForward, unlabeled: UnlabeledStream | None = None, seed: int = 0):
+        """Check the pair once (raises UserError naming both values) and build the losses from the result;
+        with feature distillation, the adapters (initialised from `seed`) on the student's device."""
         super().__init__(compute_loss, forward)
         self.config = config
         self.teacher = teacher
         self.unlabeled = unlabeled
         checks = preflight(teacher, student, imgsz)
         # the output terms use the detection loss's own (train-time rescaled) box/obj/cls gains
-        self.loss = OutputDistillationLoss(student, dist_loss=config.dist_loss, T=config.temperature,
-                                           distill_ratio=config.distill_ratio, norm=config.dist_norm,
-                                           gains=compute_loss.hyp, teacher_anchors=checks["teacher_anchors"])
+        terms = {"dist_loss": config.dist_loss, "T": config.temperature, "norm": config.dist_norm,
+                 "gains": compute_loss.hyp}
+        self.loss = OutputDistillationLoss(student, distill_ratio=config.distill_ratio,
+                                           teacher_anchors=checks["teacher_anchors"], **terms)
+        self.parts = DETECTION_PARTS + DISTILLATION_PARTS
+        self.features: FeatureDistillationLoss | None = None
+        self.adapters: nn.Module | None = None
+        self._adapt: nn.Module | None = None  # the adapters as called: DDP-wrapped under torchrun
+        if config.feat_kd != "none":
+            self.features = FeatureDistillationLoss(config.feat_kd, config.feat_ratio, teacher.model, terms)
+            self.adapters = build_adapters(de_parallel(student), teacher.model, seed).to(forward.device)
+            self._adapt = self.adapters
+            if forward.world_size > 1:  # their gradients are averaged over the ranks like the student's
+                self._adapt = nn.parallel.DistributedDataParallel(self.adapters)
+            self.parts += (FEATURE_PART,)
         self._sums: dict[str, float] = {}
+        self._grads = [0.0, 0.0]  # first-epoch sums of |d dfeat / d neck| and |d detection / d neck|
         self._seen = 0
         self.reported = False
         if unlabeled is not None:
@@ -102,14 +130,14 @@ class Distiller(DetectionCriterion):
 
     @classmethod
     def build(cls, config: KDConfig, compute_loss: Any, student: nn.Module, imgsz: int, forward: StudentForward,
-              trust: bool = False, unlabeled: UnlabeledStream | None = None) -> Distiller:
+              trust: bool = False, unlabeled: UnlabeledStream | None = None, seed: int = 0) -> Distiller:
         """Load the teacher named by the config (safe loader, fused, frozen) and check it against the student."""
         if not config.enabled:
             raise UserError("distillation needs a teacher checkpoint (--t_weights)")
         teacher = load_teacher(config.t_weights, device=forward.device, trust=trust,
                                precision=config.teacher_precision)
         teacher.model.to(memory_format=torch.channels_last)  # same NHWC layout as the student's input
-        return cls(config, compute_loss, teacher, student, imgsz, forward, unlabeled)
+        return cls(config, compute_loss, teacher, student, imgsz, forward, unlabeled, seed)
 
     def start_epoch(self, epoch: int) -> None:
         """The unlabelled stream's shuffle for this epoch."""
@@ -119,23 +147,29 @@ class Distiller(DetectionCriterion):
     def __call__(self, model: nn.Module, imgs: torch.Tensor,
                  targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher on labelled + unlabelled images, then the student; detection loss on the labelled images,
-        distillation loss on all of them, and the six parts."""
+        distillation loss on all of them, and the parts."""
         u_imgs = self._unlabeled_batch(imgs)
+        feat = self.features is not None
         # The teacher runs first: its activations are freed before the student's fill memory (measured on 2 CPU
         # cores, the KD step then costs ~2% over plain step + teacher forward, instead of ~6%).
-        t_maps = self.teacher(imgs if u_imgs is None else torch.cat((imgs, u_imgs), 0))
+        t_maps, t_feats = self.teacher.run(imgs if u_imgs is None else torch.cat((imgs, u_imgs), 0), features=feat)
         with self.forward.autocast():
-            pred = self.forward(model, imgs)
+            pred, s_feats = _split(self.forward(model, imgs, features=feat), feat)
             targets = targets.to(self.forward.device)
             # the student runs the unlabelled images in a second pass, so that batch-norm statistics, and with
             # them the detection loss of the labelled images, are exactly what they would be without them
-            u_pred = None if u_imgs is None else self.forward.second_pass(model, u_imgs)
-            return self.losses(pred, targets, t_maps, u_pred)
+            u_pred = u_feats = None
+            if u_imgs is not None:
+                u_pred, u_feats = _split(self.forward.second_pass(model, u_imgs, features=feat), feat)
+            return self.losses(pred, targets, t_maps, u_pred, s_feats, t_feats, u_feats)
 
     def losses(self, pred: list[torch.Tensor], targets: torch.Tensor, t_maps: list[torch.Tensor],
-               u_pred: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               u_pred: list[torch.Tensor] | None = None, s_feats: list[torch.Tensor] | None = None,
+               t_feats: list[torch.Tensor] | None = None, u_feats: list[torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Detection loss on `pred` (the labelled images) + distillation loss on `pred` and `u_pred` together
-        against the teacher's maps of both, and the six parts."""
+        against the teacher's maps of both (and, with feature distillation, the student's head inputs of both
+        through the adapters against the teacher's), and the parts."""
         loss, parts = self._detection(pred, targets)
         bs = pred[0].shape[0]
         if u_pred is not None:
@@ -145,9 +179,28 @@ class Distiller(DetectionCriterion):
         # parts already carry the batch size: put them on the detection parts' scale, so that logged columns
         # and balance ratios compare what each part weighs in the gradient (sum(parts) x bs == loss).
         parts.update({k: v / bs for k, v in kd_parts.items()})
+        total = loss + kd_loss.to(loss.dtype)
+        if self.features is not None:
+            feats = s_feats if u_feats is None else [torch.cat((s, u), 0) for s, u in zip(s_feats, u_feats)]
+            dfeat = self.features(self._adapt(feats), t_feats, t_maps)  # fp32 inside
+            if not self.reported and s_feats[0].requires_grad:
+                self._measure_gradients(loss, dfeat, s_feats)
+            parts[FEATURE_PART] = dfeat.detach() / bs
+            total = total + dfeat.to(loss.dtype)
         if not self.reported:
             self._accumulate(parts)
-        return loss + kd_loss.to(loss.dtype), parts
+        return total, parts
+
+    def _measure_gradients(self, det_loss: torch.Tensor, dfeat: torch.Tensor, feats: list[torch.Tensor]) -> None:
+        """Add this batch's gradient norms at the student's neck (the labelled images' head inputs): of the
+        feature term and of the detection terms (the graph is kept for the step's own backward)."""
+        norms = []
+        for term in (dfeat, det_loss):
+            grads = torch.autograd.grad(term.sum(), feats, retain_graph=True, allow_unused=True)
+            norms.append(float(sum(g.float().square().sum() for g in grads if g is not None)) ** 0.5)
+        if all(map(_finite, norms)):
+            self._grads[0] += norms[0]
+            self._grads[1] += norms[1]
 
     def _unlabeled_batch(self, imgs: torch.Tensor) -> torch.Tensor | None:
         if self.unlabeled is None:
@@ -158,12 +211,19 @@ class Distiller(DetectionCriterion):
         return u_imgs
 
     def describe(self) -> list[str]:
-        """The unlabelled stream, when there is one."""
-        if self.unlabeled is None:
-            return []
-        u = self.unlabeled
-        return [f"Unlabelled images: {len(u)} ({u.batch_size} per step beside {u.labelled_batch} labelled, "
-                f"unlabeled_ratio {self.config.unlabeled_ratio:g}), distillation only"]
+        """The feature distillation and the unlabelled stream, when there are."""
+        lines = []
+        if self.adapters is not None:
+            widths = ", ".join(f"{a[0].in_channels}->{a[-1].out_channels}" for a in self.adapters.levels)
+            n = sum(p.numel() for p in self.adapters.parameters())
+            lines.append(f"Feature distillation: {self.config.feat_kd} on the head inputs ({widths} channels), "
+                         f"feat_ratio {self.config.feat_ratio:g}; adapters {n} parameters, trained beside the student"
+                         f", kept in last.pt only")
+        if self.unlabeled is not None:
+            u = self.unlabeled
+            lines.append(f"Unlabelled images: {len(u)} ({u.batch_size} per step beside {u.labelled_batch} labelled, "
+                         f"unlabeled_ratio {self.config.unlabeled_ratio:g}), distillation only")
+        return lines
 
     def epoch_scalars(self, mloss: Mapping[str, float]) -> dict[str, float]:
         """Each distillation part over its detection counterpart."""
@@ -172,6 +232,26 @@ class Distiller(DetectionCriterion):
     def reference_model(self) -> tuple[str, nn.Module] | None:
         """The teacher: the student's ceiling."""
         return f"Teacher {self.config.t_weights}", self.teacher.model
+
+    def trainable(self) -> nn.Module | None:
+        """The feature adapters (None without feature distillation)."""
+        return self.adapters
+
+    def state_dict(self) -> dict[str, Any]:
+        """The adapters' fp32 weights, contiguous."""
+        if self.adapters is None:
+            return {}
+        return {"adapters": {k: v.detach().contiguous().clone() for k, v in self.adapters.state_dict().items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The adapters of a resumed run; a checkpoint without them starts them afresh, with one warning."""
+        if self.adapters is None:
+            return
+        if "adapters" not in state:
+            LOGGER.warning("WARNING: --resume: this checkpoint holds no feature adapters (best.pt or a periodic "
+                           "save never does); they start afresh, so the run is not an exact continuation")
+            return
+        self.adapters.load_state_dict(state["adapters"])
 
     def _accumulate(self, parts: Mapping[str, torch.Tensor]) -> None:
         vals = {k: float(v) for k, v in parts.items()}
@@ -189,18 +269,31 @@ class Distiller(DetectionCriterion):
             self.report_balance()
 
     def report_balance(self) -> None:
-        """Once: each distillation part next to its detection counterpart, and a warning per part out of range."""
+        """Once: each distillation part next to its detection counterpart (and the feature term's gradient at the
+        neck next to the detection terms'), and a warning per part out of range."""
         means = {k: v / self._seen for k, v in self._sums.items()}
-        ratios = balance_ratios(means)
-        LOGGER.info("Distillation balance over the first %d batches (%s norm): %s", self._seen,
-                    self.config.dist_norm, ", ".join(f"{d} {means[d]:.4g} / {c} {means[c]:.4g} = {r:.3g}"
-                                                     for (d, c), r in zip(_PAIRS, ratios.values())))
+        ratios = balance_ratios(means) if self.config.distill_ratio > 0 else {}
+        if ratios:
+            LOGGER.info("Distillation balance over the first %d batches (%s norm): %s", self._seen,
+                        self.config.dist_norm, ", ".join(f"{d} {means[d]:.4g} / {c} {means[c]:.4g} = {r:.3g}"
+                                                         for (d, c), r in zip(_PAIRS, ratios.values())))
+        if self.features is not None and self._grads[1] > 0:
+            g_feat, g_det = (g / self._seen for g in self._grads)
+            ratios[FEATURE_GRAD] = g_feat / g_det
+            LOGGER.info("Feature distillation balance over the first %d batches (%s): gradient at the neck of dfeat "
+                        "%.4g / of box+obj+cls %.4g = %.3g", self._seen, self.config.feat_kd, g_feat, g_det,
+                        ratios[FEATURE_GRAD])
         for line in balance_warnings(ratios, self.config):
             LOGGER.warning(line)
         self.reported = True
 
 
 _PAIRS = tuple(zip(DISTILLATION_PARTS, DETECTION_PARTS))
+FEATURE_GRAD = "dfeat/det gradient"  # the feature term's entry in the balance report
+
+
+def _split(out: Any, features: bool) -> tuple[Any, Any]:
+    return out if features else (out, None)
 
 
 def _finite(x: float) -> bool:
@@ -217,10 +310,19 @@ def balance_ratios(parts: Mapping[str, float]) -> dict[str, float]:
 
 
 def balance_warnings(ratios: Mapping[str, float], config: KDConfig) -> list[str]:
-    """One line for each distillation part below 1% or above 10x its detection counterpart, naming the knob."""
+    """One line for each distillation part below 1% or above 10x its detection counterpart (the feature term:
+    its gradient at the neck against the detection terms'), naming the knob."""
     lines = []
     for name, r in ratios.items():
         if not _finite(r):
+            continue
+        if name == FEATURE_GRAD:
+            if r < BALANCE_LOW:
+                lines.append(f"WARNING: the feature term's gradient at the neck is {r:.3g} x the detection terms', "
+                             f"below {BALANCE_LOW:g}: the teacher's features hardly count; raise feat_ratio")
+            elif r > BALANCE_HIGH:
+                lines.append(f"WARNING: the feature term's gradient at the neck is {r:.3g} x the detection terms', "
+                             f"above {BALANCE_HIGH:g}: the teacher's features outweigh the labels; lower feat_ratio")
             continue
         if r < BALANCE_LOW:
             if config.dist_norm == "mean":

@@ -137,6 +137,11 @@ class Teacher:
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Raw maps (bs, na, ny, nx, 5+nc) in fp32 for images in [0, 1] already on the teacher's device."""
+        return self.run(images)[0]
+
+    def run(self, images: torch.Tensor, features: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """(raw maps, head inputs) from one forward, both fp32; the head inputs (the neck maps P3-P5, what
+        feature distillation compares) only when `features`, else None."""
         if self.model.training:  # someone called .train() on it; BN stats (if unfused) must not move
             self.model.eval()
         x = images.half() if self.half else images.float()
@@ -148,9 +153,10 @@ class Teacher:
         head_training, head.training = head.training, True
         try:
             with torch.inference_mode(), self._autocast(x.device.type):
-                raw = net(x)
+                out = net(x, features=True) if features else net(x)
         finally:
             head.training = head_training
+        raw, feats = out if features else (out, None)
         if self._to_observe:
             self._to_observe -= 1
             if not self._to_observe:
@@ -158,7 +164,8 @@ class Teacher:
                 LOGGER.info("Teacher int8: activation ranges observed, convolutions quantised")
         # Inference tensors cannot be saved for backward; a copy made outside inference mode is an ordinary
         # constant tensor, so autograd through the student's side of the loss works with any op.
-        return [r.to(dtype=torch.float32, copy=True) for r in raw]
+        maps = [r.to(dtype=torch.float32, copy=True) for r in raw]
+        return maps, None if feats is None else [f.to(dtype=torch.float32, copy=True) for f in feats]
 
     def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         # bf16 autocasts the convolutions; fp32, fp16 and int8 switch off any autocast the caller may be

@@ -25,7 +25,7 @@ TRAIN = str(ROOT / "train.py")
 LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots", "--epochs", "1"]
-KD = ("distill_ratio", "temperature", "dist_norm", "unlabeled_ratio")
+KD = ("distill_ratio", "temperature", "dist_norm", "unlabeled_ratio", "feat_kd", "feat_ratio")
 SPECS = {**HYP_SPECS, **KD_SPECS}  # the one table evolve reads its bounds and choices from
 BOUNDS = {k: s.evolve for k, s in SPECS.items() if s.evolve is not None and not s.choices}  # numeric keys
 CHOICES = {k: s.choices for k, s in SPECS.items() if s.evolve is not None and s.choices}  # categorical keys
@@ -59,8 +59,9 @@ def test_bounds_lie_inside_the_valid_hyp_ranges():
         s = specs[k]
         assert gain >= 0 and lo <= hi, k
         assert s.lo <= lo and hi <= s.hi and not (s.lo_open and lo == s.lo), k
-    assert CHOICES == {"dist_norm": KD_SPECS["dist_norm"].choices}
+    assert CHOICES == {"dist_norm": KD_SPECS["dist_norm"].choices, "feat_kd": KD_SPECS["feat_kd"].choices}
     assert KD_SPECS["dist_norm"].evolve[0] > 0  # switched, not only carried
+    assert KD_SPECS["feat_kd"].evolve[0] == 0  # carried: the forms differ in cost
     # YOLOv5 v7.0's table, then the distillation keys: the same values in the same order as before they moved
     assert [(k, *v) for k, v in BOUNDS.items()] == [
         ("lr0", 1, 1e-5, 1e-1), ("lrf", 1, 0.01, 1.0), ("momentum", 0.3, 0.6, 0.98), ("weight_decay", 1, 0.0, 0.001),
@@ -71,7 +72,7 @@ def test_bounds_lie_inside_the_valid_hyp_ranges():
         ("degrees", 1, 0.0, 45.0), ("translate", 1, 0.0, 0.9), ("scale", 1, 0.0, 0.9), ("shear", 1, 0.0, 10.0),
         ("perspective", 0, 0.0, 0.001), ("flipud", 1, 0.0, 1.0), ("fliplr", 0, 0.0, 1.0), ("mosaic", 1, 0.0, 1.0),
         ("mixup", 1, 0.0, 1.0), ("copy_paste", 1, 0.0, 1.0), ("distill_ratio", 1, 0.01, 5.0),
-        ("temperature", 1, 1.0, 10.0), ("unlabeled_ratio", 0, 0.0, 64.0)]
+        ("temperature", 1, 1.0, 10.0), ("unlabeled_ratio", 0, 0.0, 64.0), ("feat_ratio", 1, 0.01, 10.0)]
 
 
 def test_evolve_imports_nothing_from_the_layer_above():
@@ -92,7 +93,9 @@ PINNED_GEN5 = {
 def test_generations_are_the_same_draws_as_before():
     # pinned from the implementation before the bounds moved into the specs: a seed's evolution must not change
     hyp = _low()
-    keys = ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=True, autoanchor=False)
+    # over the keys there were then (the feature keys came later): the same keys must give the same draws
+    keys = [k for k in ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=True, autoanchor=False)
+            if k not in ("feat_kd", "feat_ratio")]
     rows = []
     for g in range(6):
         h = ev.next_hyp(hyp, rows, keys, SPECS, seed=7, generation=g)
@@ -123,7 +126,7 @@ def test_mutation_stays_within_bounds_over_many_draws():
         for k, (gain, _, _) in BOUNDS.items():
             if gain == 0:
                 assert child[k] == parent[k], k
-    assert all(changed[k] > 0 for k in keys if BOUNDS.get(k, (1,))[0] > 0), changed
+    assert all(changed[k] > 0 for k in keys if SPECS[k].evolve[0] > 0), changed
     assert load_hyp(child, KD_SPECS) == child  # a mutated hyp is a valid hyp
     # the categorical key switches at about SWITCH_P, to every other choice
     switched = collections.Counter()

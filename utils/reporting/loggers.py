@@ -137,19 +137,18 @@ class RunLogger:
         tl = [_scalar(v) for v in train_losses]
         res = [_scalar(v) for v in results]
         lr = [_scalar(v) for v in lrs]
-        if len(tl) not in (3, 6):
-            raise ValueError(f'train_losses needs 3 or 6 values (box, obj, cls[, dbox, dobj, dcls]), got {len(tl)}')
+        if len(tl) not in (3, 6, len(self.parts)):  # 6: any run's output-distillation parts
+            raise ValueError(f'train_losses needs 3 or {len(self.parts)} values ({", ".join(self.parts)}), '
+                             f'got {len(tl)}')
         if len(res) != 7:
             raise ValueError(f'results needs 7 values (P, R, mAP50, mAP50-95, val box, obj, cls), got {len(res)}')
         if len(lr) != 3:
             raise ValueError(f'lrs needs 3 values, got {len(lr)}')
         values = [float(epoch)] + tl[:3] + res + lr
         if self.kd:
-            if len(tl) == 6:
-                values += tl[3:]
-            else:
-                # a KD run whose epoch carried no distillation term still needs a full-width row
-                values += [0.0, 0.0, 0.0]
+            # a KD run whose epoch carried no distillation term still needs a full-width row
+            extra = tl[3:len(self.parts)]
+            values += extra + [0.0] * (len(self.parts) - 3 - len(extra))
         new = not self.csv.is_file() or self.csv.stat().st_size == 0
         with open(self.csv, 'a') as f:
             if new:

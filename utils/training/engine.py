@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -212,13 +213,13 @@ class CompiledForward:
         LOGGER.warning(f"WARNING: --compile: torch.compile is unavailable or failed here ({type(e).__name__}: "
                        f"{first}); training eagerly")
 
-    def __call__(self, x: torch.Tensor):
+    def __call__(self, x: torch.Tensor, **kwargs: Any):
         if self.compiled is not None:
             try:
-                return self.compiled(x)
+                return self.compiled(x, **kwargs)
             except Exception as e:  # compilation is lazy: a missing compiler shows up at the first call
                 self._fall_back(e)
-        return self.model(x)
+        return self.model(x, **kwargs)
 
 
 def accumulate_steps(batch_size: float) -> int:
@@ -267,20 +268,26 @@ class StudentForward:
         """The autocast region the student's forward passes and the loss run in."""
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def __call__(self, model: nn.Module, imgs: torch.Tensor) -> list[torch.Tensor]:
-        """The student's raw maps for `imgs` (the compiled forward when there is one)."""
-        return (self.compiled or model)(imgs)
+    def __call__(self, model: nn.Module, imgs: torch.Tensor, features: bool = False) -> Any:
+        """The student's raw maps for `imgs` (the compiled forward when there is one); with `features`,
+        (raw maps, the head's input maps)."""
+        return (self.compiled or model)(imgs, **({"features": True} if features else {}))
 
-    def second_pass(self, model: nn.Module, imgs: torch.Tensor) -> list[torch.Tensor]:
+    def second_pass(self, model: nn.Module, imgs: torch.Tensor, features: bool = False) -> Any:
         """A second forward in the same step: DDP allows one forward per backward on the wrapped module, so a
         second pass runs on the bare module; its gradients join the first pass's before DDP's all-reduce."""
-        return (de_parallel(model) if self.world_size > 1 else (self.compiled or model))(imgs)
+        run = de_parallel(model) if self.world_size > 1 else (self.compiled or model)
+        return run(imgs, **({"features": True} if features else {}))
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ema: ModelEMA | None) -> None:
-    """Unscale, clip the gradient norm to 10, step, zero the gradients and update the EMA."""
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, ema: ModelEMA | None,
+                   extra: tuple[nn.Parameter, ...] = ()) -> None:
+    """Unscale, clip the gradient norm to 10 (the model's, and `extra`'s on their own), step, zero the gradients
+    and update the EMA."""
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+    if extra:  # clipped apart, so the student's own clipping is what it would be without them
+        torch.nn.utils.clip_grad_norm_(extra, max_norm=10.0)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -295,6 +302,7 @@ class Optim:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: ModelEMA | None = None
+    extra: tuple[nn.Parameter, ...] = ()  # trained beside the model (a criterion's adapters), not in the EMA
 
 
 @dataclass(frozen=True)
@@ -367,7 +375,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optim: Optim, epoch: in
         scaler.scale(loss).backward()
 
         if ni - state.last_opt_step >= accumulate:
-            optimizer_step(model, optimizer, scaler, ema)
+            optimizer_step(model, optimizer, scaler, ema, optim.extra)
             state.last_opt_step = ni
 
         mloss = (mloss * (i - skipped) + items) / (i - skipped + 1)
@@ -386,7 +394,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optim: Optim, epoch: in
     # Step what is left of the last accumulation now, so no gradient crosses the epoch's checkpoint.
     last_ni = i + nb * epoch
     if i >= 0 and state.last_opt_step < last_ni and any(p.grad is not None for p in model.parameters()):
-        optimizer_step(model, optimizer, scaler, ema)
+        optimizer_step(model, optimizer, scaler, ema, optim.extra)
         state.last_opt_step = last_ni
     lrs = [x["lr"] for x in optimizer.param_groups]
     return EpochResult(mloss=dict(zip(names, mloss.cpu().tolist())), lrs=lrs, skipped=skipped)

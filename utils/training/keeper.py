@@ -75,8 +75,11 @@ class CheckpointKeeper:
                         f"row(s) of epochs after {last_epoch}, which the checkpoint does not hold")
 
     def save(self, epoch: int, model: nn.Module, ema: ModelEMA, optimizer: torch.optim.Optimizer, opt: Any,
-             best_fitness: float, fitness: float, final_epoch: bool) -> None:
-        """The epoch's checkpoint (with the fp32 state an exact resume needs) to last, best and periodic files."""
+             best_fitness: float, fitness: float, final_epoch: bool, criterion_state: dict | None = None) -> None:
+        """The epoch's checkpoint (with the fp32 state an exact resume needs) to last, best and periodic files.
+
+        `criterion_state` (what the training criterion trains beside the student, such as feature adapters)
+        goes into last.pt and the periodic saves, which a run resumes from, never into best.pt."""
         if self.nosave and not final_epoch:
             return
         exact = {"model": _fp32_state(model), "ema": _fp32_state(ema.ema)}
@@ -86,11 +89,12 @@ class CheckpointKeeper:
         if not (weights_are_finite(ckpt["model"]) and weights_are_finite(ckpt["ema"])):
             raise UserError(f"epoch {epoch}: weights became non-finite (or overflow fp16); nothing saved, "
                             f"{self.last} keeps the last finite weights (lower lr0)")
-        save_checkpoint(ckpt, self.last)
+        full = {**ckpt, "resume_state": {**exact, "criterion": criterion_state}} if criterion_state else ckpt
+        save_checkpoint(full, self.last)
         if best_fitness == fitness:
             save_checkpoint(ckpt, self.best)
         if self.save_period > 0 and epoch % self.save_period == 0:
-            save_checkpoint(ckpt, self.dir / f"epoch{epoch}.pt")
+            save_checkpoint(full, self.dir / f"epoch{epoch}.pt")
 
     def finish(self) -> None:
         """Strip last.pt and best.pt down to inference checkpoints (EMA weights, fp16, no optimizer)."""
