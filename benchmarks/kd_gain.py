@@ -99,6 +99,8 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
                 "--distill_ratio", str(kd["ratio"]), "--dist_norm", kd["norm"]]
         if "unlabeled_ratio" in kd:
             cmd += ["--unlabeled_ratio", str(kd["unlabeled_ratio"])]
+        if kd.get("feat_kd", "none") != "none":
+            cmd += ["--feat_kd", kd["feat_kd"], "--feat_ratio", str(kd["feat_ratio"])]
         cmd += ["--teacher-precision", a.teacher_precision]
     print(" ".join(cmd), flush=True)
     log = Path(a.project) / f"{name}.log"
@@ -287,19 +289,29 @@ def _conv_name(arm: str, kd: dict | None, seed: int, precision: str = "auto", a_
     if kd is None:
         return f"conv_{arm}{_flags_tag(a_flags)}_s{seed}"
     loss = "" if (kd["dist_loss"], kd["T"]) == (DEF_LOSS, DEF_T) else f"_{kd['dist_loss']}T{kd['T']:g}"
-    return (f"conv_{arm}_r{kd['ratio']:g}{loss}{'' if precision == 'auto' else '_t' + precision}"
+    feat = f"_{kd['feat_kd']}{kd['feat_ratio']:g}" if kd.get("feat_kd", "none") != "none" else ""
+    return (f"conv_{arm}_r{kd['ratio']:g}{loss}{feat}{'' if precision == 'auto' else '_t' + precision}"
             f"{_flags_tag(a_flags)}_s{seed}")
 
 
 def parse_arm(spec: str, a) -> tuple[str, dict]:
-    """A converge arm 'norm[:ratio[:loss[:T]]]' ('soft:0.5:bce:1'); what it leaves out comes from the flags."""
-    parts = spec.split(":")
+    """A converge arm 'norm[:ratio[:loss[:T]]][+feat:feat_ratio]' ('soft:0.5:bce:1', 'iou:0.05+mse:0.5'; ratio 0
+    turns the output terms off: 'iou:0+pkd:0.3'); what it leaves out comes from the flags."""
+    out_spec, _, feat_spec = spec.partition("+")
+    parts = out_spec.split(":")
     if len(parts) > 4 or not parts[0]:
-        raise SystemExit(f"--norms {spec!r}: expected norm[:ratio[:loss[:T]]], e.g. soft:0.5:bce:1")
+        raise SystemExit(f"--norms {spec!r}: expected norm[:ratio[:loss[:T]]][+feat:feat_ratio], e.g. soft:0.5:bce:1 "
+                         f"or iou:0.05+mse:0.5")
     norm, ratio, loss, t = (parts + [""] * 3)[:4]
     kd = {"dist_loss": loss or a.dist_loss, "T": float(t) if t else a.temperature,
           "ratio": float(ratio) if ratio else a.distill_ratio, "norm": norm}
     label = f"{norm} r{kd['ratio']:g}" + ("" if (loss, t) == ("", "") else f" {kd['dist_loss']} T{kd['T']:g}")
+    if feat_spec:
+        feat, _, fratio = feat_spec.partition(":")
+        if not feat or not fratio:
+            raise SystemExit(f"--norms {spec!r}: the feature part must be form:feat_ratio, e.g. +mse:0.5")
+        kd.update(feat_kd=feat, feat_ratio=float(fratio))
+        label = (f"{label} + " if kd["ratio"] else "") + f"{feat} f{kd['feat_ratio']:g}"
     return label, kd
 
 

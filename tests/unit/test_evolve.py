@@ -152,6 +152,8 @@ def test_kd_keys_are_evolved_only_with_a_teacher():
     moved = [ev.mutate(hyp, with_t, SPECS, rng) for _ in range(50)]
     assert any(c["distill_ratio"] != hyp["distill_ratio"] for c in moved)
     assert any(c["temperature"] != hyp["temperature"] for c in moved)
+    assert any(c["feat_ratio"] != hyp["feat_ratio"] for c in moved)
+    assert all(c["feat_kd"] == hyp["feat_kd"] for c in moved)  # carried, never switched
 
 
 def test_parent_selection_is_fitness_weighted_over_the_top_five():
@@ -341,10 +343,15 @@ def test_evolve_without_teacher_continues_after_kill9(tiny_data, tmp_path):
 @pytest.mark.e2e
 def test_evolve_with_teacher(tiny_data, teacher, tmp_path):
     r = run_cli([TRAIN, "--data", str(tiny_data), *COMMON, "--project", str(tmp_path), "--name", "kd",
-                 "--t_weights", str(teacher), "--evolve", "3"], cwd=tmp_path)
+                 "--t_weights", str(teacher), "--evolve", "3", "--feat_kd", "mse", "--feat_ratio", "0.5"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows, values, _ = _check_run(tmp_path / "kd", 3, teacher=True)
     start = values[0]
     assert start["distill_ratio"] == 0.05 and start["temperature"] == 5.0 and start["dist_norm"] == "iou"
+    # each generation distils the features too, with its own evolved feat_ratio
+    assert all(v["feat_kd"] == "mse" for v in values) and start["feat_ratio"] == 0.5
+    assert r.stderr.count("Feature distillation: mse") == 3
+    for v in values[1:]:
+        assert f"feat_ratio={v['feat_ratio']:g}" in r.stderr or f"feat_ratio={v['feat_ratio']}" in r.stderr
     assert any(v[k] != start[k] for v in values[1:] for k in KD)  # seed 0: deterministic
     assert (tmp_path / "kd/evolve.png").stat().st_size > 0
