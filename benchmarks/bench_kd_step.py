@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """KD step cost: plain training step vs distillation step vs the fused teacher's forward, in one process.
 
-    python benchmarks/bench_kd_step.py [--batch 16] [--imgsz 320] [--iters 10] [--device cpu|0]
+    python benchmarks/bench_kd_step.py [--batch 16] [--imgsz 320] [--iters 10] [--device cpu|0] [--feat mse pkd cross]
 
-Prints ms per step, KD/plain and the bound (plain + teacher forward)/plain, and peak memory with and
-without distillation (CUDA: max allocated; CPU: peak RSS of a separate process per mode).
+Prints ms per step, KD/plain and the bound (plain + teacher forward)/plain, each feature form's KD step against
+the output-only KD step, and peak memory of each mode (CUDA: max allocated; CPU: peak RSS of a separate process
+per mode). Steps are the steady state: the first epoch's balance report is not timed.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 import torch
 
 from common import Stepper, demo_data, load_hyp, peak_memory_mb, student, sync, teacher
+from optimizer.features import FEAT_FORMS
 from utils.core.distributed import select_device
 from utils.data.datasets import create_dataloader
 from utils.training.engine import init_seeds, to_input
@@ -48,7 +50,8 @@ def timed(fn, iters: int, device) -> float:
 def measure_peak(mode: str, a) -> float:
     """Peak memory (MB) of one mode, in a fresh process on CPU so the two modes do not share a high-water mark."""
     out = subprocess.run([sys.executable, __file__, "--only", mode, "--batch", str(a.batch), "--imgsz",
-                          str(a.imgsz), "--device", a.device, "--iters", "3"], capture_output=True, text=True)
+                          str(a.imgsz), "--device", a.device, "--iters", "3", "--feat", *a.feat],
+                         capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
@@ -58,7 +61,9 @@ def main() -> int:
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--only", choices=["plain", "kd"], help=argparse.SUPPRESS)
+    ap.add_argument("--feat", nargs="*", default=["mse", "pkd", "cross"], choices=FEAT_FORMS[1:],
+                    help="feature forms timed beside the output-only KD step (at feat_ratio 1: the weight costs nothing)")
+    ap.add_argument("--only", choices=["plain", "kd", *FEAT_FORMS[1:]], help=argparse.SUPPRESS)
     a = ap.parse_args()
     device = select_device(a.device)
     amp = device.type == "cuda"
@@ -68,8 +73,9 @@ def main() -> int:
     if a.only:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t = teacher(nc, device) if a.only == "kd" else None
-        step = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp, imgsz=a.imgsz)
+        t = teacher(nc, device) if a.only != "plain" else None
+        step = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp, imgsz=a.imgsz,
+                       feat_kd=a.only if a.only in FEAT_FORMS else "none")
         for _ in range(a.iters):
             step(imgs, targets)
         sync(device)
@@ -79,15 +85,22 @@ def main() -> int:
     t = teacher(nc, device)
     plain = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, amp=amp, imgsz=a.imgsz)
     kd = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp, imgsz=a.imgsz)
+    feats = {form: Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp, imgsz=a.imgsz,
+                           feat_kd=form) for form in a.feat}
     timg = to_input(imgs, device)  # the teacher sees what train.py feeds it
     for _ in range(2):  # warm-up: allocator, kernels, first-call paths
         plain(imgs, targets), kd(imgs, targets), t(timg)
-    # interleave the three measurements so drifts in machine load hit them alike
+        for s in feats.values():
+            s(imgs, targets)
+    # interleave the measurements so drifts in machine load hit them alike
     tp, tk, tt = [], [], []
+    tf: dict[str, list[float]] = {form: [] for form in feats}
     for _ in range(a.iters):
         tp.append(timed(lambda: plain(imgs, targets), 1, device))
         tk.append(timed(lambda: kd(imgs, targets), 1, device))
         tt.append(timed(lambda: t(timg), 1, device))
+        for form, s in feats.items():
+            tf[form].append(timed(lambda: s(imgs, targets), 1, device))
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     p, k, f = med(tp), med(tk), med(tt)
     print(f"device {device}, batch {a.batch}, imgsz {a.imgsz}, student yolov5n, teacher {t.path} "
@@ -98,9 +111,12 @@ def main() -> int:
     print(f"KD/plain        {k / p:8.3f}")
     print(f"bound           {(p + f) / p:8.3f}   (plain + teacher forward at {t.precision}) / plain")
     print(f"KD vs bound     {100 * (k / (p + f) - 1):+7.1f} %")
+    for form, xs in tf.items():
+        print(f"KD+{form:<6s} step {med(xs):8.1f} ms   {med(xs) / k:.3f} x the output-only KD step")
     mp, mk = measure_peak("plain", a), measure_peak("kd", a)
     kind = "max allocated" if device.type == "cuda" else "peak RSS"
-    print(f"peak memory ({kind}): plain {mp:.0f} MB, KD {mk:.0f} MB")
+    print(f"peak memory ({kind}): plain {mp:.0f} MB, KD {mk:.0f} MB"
+          + "".join(f", KD+{form} {measure_peak(form, a):.0f} MB" for form in feats))
     return 0
 
 

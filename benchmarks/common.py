@@ -67,20 +67,25 @@ class Stepper:
     with the plain criterion or, given a teacher, the distilling one."""
 
     def __init__(self, model, hyp: dict, device: torch.device, teacher: Teacher | None = None, amp: bool = False,
-                 imgsz: int = 320):
+                 imgsz: int = 320, feat_kd: str = "none", feat_ratio: float = 1.0):
         self.model, self.device, self.amp = model, device, amp
-        self.opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
         forward = StudentForward(device, resolve_amp(True, device) if amp else None)
         self.criterion = (DetectionCriterion(ComputeLoss(model), forward) if teacher is None else
-                          Distiller(KDConfig(t_weights=teacher.path), ComputeLoss(model), teacher, model, imgsz,
-                                    forward))
+                          Distiller(KDConfig(t_weights=teacher.path, feat_kd=feat_kd, feat_ratio=feat_ratio),
+                                    ComputeLoss(model), teacher, model, imgsz, forward))
+        # the steady state: the first-epoch balance report (its extra gradients, for feature terms) is not timed
+        self.criterion.reported = True
+        extra = self.criterion.trainable()
+        self.extra = tuple(extra.parameters()) if extra is not None else ()
+        trained = model if extra is None else torch.nn.ModuleList([model, extra])
+        self.opt = build_optimizer(trained, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
         self.ema = ModelEMA(model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor) -> float:
         loss, _ = self.criterion(self.model, to_input(imgs, self.device), targets)
         self.scaler.scale(loss).backward()
-        optimizer_step(self.model, self.opt, self.scaler, self.ema)
+        optimizer_step(self.model, self.opt, self.scaler, self.ema, self.extra)
         return float(loss.detach())
 
 

@@ -29,10 +29,12 @@ PKD_EPS = 1e-6  # variance floor of the standardisation: a constant channel comp
 
 
 class Adapter(nn.Sequential):
-    """1x1 conv -> ReLU -> 1x1 conv from c_in to c_out channels (hidden width c_out unless given)."""
+    """1x1 conv -> ReLU -> 1x1 conv from c_in to c_out channels (hidden width min(c_in, c_out) unless given)."""
 
     def __init__(self, c_in: int, c_out: int, hidden: int | None = None):
-        hidden = hidden or c_out
+        # the narrower width: at the teacher's width the adapters cost 15 % of a KD step on 2 CPU cores
+        # (benchmarks/bench_kd_step.py, n<-s at 320 px), at the student's about half of that
+        hidden = hidden or min(c_in, c_out)
         super().__init__(nn.Conv2d(c_in, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, c_out, 1))
 
 
@@ -78,17 +80,20 @@ def mse_level(a: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     return (d * w).sum() / w.sum().clamp(min=MIN_WEIGHT_SUM)
 
 
-def _standardise(x: torch.Tensor) -> torch.Tensor:
-    # per channel over the batch and the cells
-    x = x.float()
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    return (x - mean) / (var + PKD_EPS).sqrt()
-
-
 def pkd_level(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the per-channel standardised maps a and t (bs, c, ny, nx)."""
-    return (_standardise(a) - _standardise(t)).square().mean()
+    """Mean squared error between the per-channel standardised maps a and t (bs, c, ny, nx): each channel
+    standardised over the batch and the cells, (x - mean) / sqrt(var + PKD_EPS)."""
+    # Expanded per channel as E[a'^2] + E[t'^2] - 2 E[a' t'] of the standardised maps a', t': three reductions
+    # (the moments of a and of t, and E[a t]) instead of two standardised copies and their difference. Same
+    # value up to rounding (tests/unit/test_feature_kd.py checks it against numpy's direct formula).
+    a, t = a.float(), t.detach().float()
+    dims = (0, 2, 3)
+    var_a, mean_a = torch.var_mean(a, dim=dims, unbiased=False)
+    var_t, mean_t = torch.var_mean(t, dim=dims, unbiased=False)
+    cov = (a * t).mean(dim=dims) - mean_a * mean_t
+    per_channel = (var_a / (var_a + PKD_EPS) + var_t / (var_t + PKD_EPS)
+                   - 2 * cov * ((var_a + PKD_EPS) * (var_t + PKD_EPS)).rsqrt())
+    return per_channel.mean().clamp(min=0.0)  # rounding must not make a perfect match negative
 
 
 class FeatureDistillationLoss:

@@ -3,6 +3,8 @@ computation, detached weights, zero loss through an identity adapter, where the 
 distiller's parts and balance report with features on."""
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import ROOT
 from models.yolo import Model
 from optimizer.config import KD_SPECS, KDConfig
 from optimizer.criterion import Distiller
@@ -21,15 +24,19 @@ from utils.training.engine import StudentForward
 from utils.training.hyp import load_hyp
 from utils.training.loss import ComputeLoss, scale_hyp
 
-from conftest import ROOT
-
 LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
 GAINS = {"box": 0.05, "obj": 1.0, "cls": 0.5}
 
 
-def _model(cfg: str, nc: int = 3, seed: int = 0) -> Model:
+@functools.lru_cache(maxsize=None)
+def _built(cfg: str, nc: int, seed: int) -> Model:
     torch.manual_seed(seed)
     return Model(cfg, nc=nc)
+
+
+def _model(cfg: str, nc: int = 3, seed: int = 0) -> Model:
+    """A fresh copy of a seeded model (building one costs seconds; copying it, milliseconds)."""
+    return copy.deepcopy(_built(cfg, nc, seed))
 
 
 def _neck(model: nn.Module, imgs: torch.Tensor) -> list[torch.Tensor]:
@@ -238,7 +245,7 @@ def test_distiller_features_with_unlabelled_images_and_balance_report(caplog):
     loss, parts = d.losses(pred, TARGETS, t_maps, u_pred, s_feats, t_feats, u_feats)
     all_feats = [torch.cat((s, u)) for s, u in zip(s_feats, u_feats)]
     dfeat = d.features(d.adapters(all_feats), t_feats, t_maps)
-    assert float(parts["dfeat"]) == pytest.approx(float(dfeat) / 2, rel=1e-5)  # on the labelled batch's scale
+    assert float(parts["dfeat"]) == pytest.approx(float(dfeat.detach()) / 2, rel=1e-5)  # on the labelled batch's scale
     assert float(loss) == pytest.approx(sum(float(v) for v in parts.values()) * 2, rel=1e-5)
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
         d.end_epoch()
