@@ -19,7 +19,7 @@ DOCS = ROOT / "docs"
 
 # every distillation flag train.py has must be in the table (dest names, as argparse stores them)
 KD_DESTS = {"t_weights", "dist_loss", "dist_norm", "temperature", "distill_ratio", "unlabeled_ratio",
-            "teacher_precision"}
+            "feat_kd", "feat_ratio", "teacher_precision"}
 
 
 def _section(text: str, heading: str) -> str:
