@@ -36,6 +36,11 @@ FEATURE_PART = "dfeat"
 # A distillation part outside [LOW, HIGH] x its detection counterpart is reported once, with the knob to turn.
 BALANCE_LOW, BALANCE_HIGH = 0.01, 10.0
 BALANCE_BATCHES = 20  # the first-epoch balance report averages this many batches (or the whole epoch)
+# Epochs in which the feature adapters train alone: the feature term's gradient reaches the student only
+# afterwards. Fresh adapters are random projections, and the gradient through them pulls the student's neck in
+# random directions: at the 8-class plateau (feature gradient ~1x the detection terms' at the neck) the
+# student lost 7 (mse) to 20 (cross) mAP50-95 points in its first epoch (docs/results/convergence.md).
+FEAT_WARMUP_EPOCHS = 1
 
 
 class DetectionCriterion:
@@ -121,6 +126,7 @@ class Distiller(DetectionCriterion):
             if forward.world_size > 1:  # their gradients are averaged over the ranks like the student's
                 self._adapt = nn.parallel.DistributedDataParallel(self.adapters)
             self.parts += (FEATURE_PART,)
+        self.feed_student = False  # set per epoch by start_epoch(): after the adapters' warm-up
         self._sums: dict[str, float] = {}
         self._grads = [0.0, 0.0]  # first-epoch sums of |d dfeat / d neck| and |d detection / d neck|
         self._seen = 0
@@ -140,9 +146,10 @@ class Distiller(DetectionCriterion):
         return cls(config, compute_loss, teacher, student, imgsz, forward, unlabeled, seed)
 
     def start_epoch(self, epoch: int) -> None:
-        """The unlabelled stream's shuffle for this epoch."""
+        """The unlabelled stream's shuffle for this epoch, and whether the feature term reaches the student yet."""
         if self.unlabeled is not None:
             self.unlabeled.start_epoch(epoch)
+        self.feed_student = epoch >= FEAT_WARMUP_EPOCHS
 
     def __call__(self, model: nn.Module, imgs: torch.Tensor,
                  targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -182,9 +189,14 @@ class Distiller(DetectionCriterion):
         total = loss + kd_loss.to(loss.dtype)
         if self.features is not None:
             feats = s_feats if u_feats is None else [torch.cat((s, u), 0) for s, u in zip(s_feats, u_feats)]
-            dfeat = self.features(self._adapt(feats), t_feats, t_maps)  # fp32 inside
+            # during the warm-up the adapters learn on detached maps; the student gets no feature gradient yet
+            dfeat = self.features(self._adapt(feats if self.feed_student else [f.detach() for f in feats]),
+                                  t_feats, t_maps)  # fp32 inside
             if not self.reported and s_feats[0].requires_grad:
-                self._measure_gradients(loss, dfeat, s_feats)
+                # the gradient the feature term sends (or, in the warm-up, will send) into the student's neck;
+                # the bare adapters, so a DDP module never runs two forwards in one step
+                probe = dfeat if self.feed_student else self.features(self.adapters(feats), t_feats, t_maps)
+                self._measure_gradients(loss, probe, s_feats)
             parts[FEATURE_PART] = dfeat.detach() / bs
             total = total + dfeat.to(loss.dtype)
         if not self.reported:
@@ -281,8 +293,9 @@ class Distiller(DetectionCriterion):
             g_feat, g_det = (g / self._seen for g in self._grads)
             ratios[FEATURE_GRAD] = g_feat / g_det
             LOGGER.info("Feature distillation balance over the first %d batches (%s): gradient at the neck of dfeat "
-                        "%.4g / of box+obj+cls %.4g = %.3g", self._seen, self.config.feat_kd, g_feat, g_det,
-                        ratios[FEATURE_GRAD])
+                        "%.4g / of box+obj+cls %.4g = %.3g%s", self._seen, self.config.feat_kd, g_feat, g_det,
+                        ratios[FEATURE_GRAD], "" if self.feed_student else
+                        f" (the adapters train alone for {FEAT_WARMUP_EPOCHS} epoch(s); then the student gets it)")
         for line in balance_warnings(ratios, self.config):
             LOGGER.warning(line)
         self.reported = True

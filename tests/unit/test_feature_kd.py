@@ -246,7 +246,7 @@ def test_distiller_features_with_unlabelled_images_and_balance_report(caplog):
     all_feats = [torch.cat((s, u)) for s, u in zip(s_feats, u_feats)]
     dfeat = d.features(d.adapters(all_feats), t_feats, t_maps)
     assert float(parts["dfeat"]) == pytest.approx(float(dfeat.detach()) / 2, rel=1e-5)  # on the labelled batch's scale
-    assert float(loss) == pytest.approx(sum(float(v) for v in parts.values()) * 2, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(sum(float(v) for v in parts.values()) * 2, rel=1e-5)
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
         d.end_epoch()
     (line,) = [r.getMessage() for r in caplog.records if "Feature distillation balance" in r.getMessage()]
@@ -277,3 +277,28 @@ def test_adapter_state_round_trips_and_is_contiguous():
     assert all(torch.equal(a, b) for a, b in zip(d.adapters.state_dict().values(), e.adapters.state_dict().values()))
     plain, _, _ = _distiller("none")
     assert plain.state_dict() == {} and plain.trainable() is None and "dfeat" not in plain.parts
+
+
+def test_adapters_train_alone_in_the_first_epoch():
+    from optimizer.criterion import FEAT_WARMUP_EPOCHS, DetectionCriterion
+
+    d, student, _ = _distiller("mse", distill_ratio=0.0)
+    imgs = torch.rand(2, 3, 64, 64)
+    neck = list(student.model[-2].parameters())
+
+    def neck_grads(criterion):
+        student.zero_grad()
+        d.adapters.zero_grad()
+        criterion(student, imgs, TARGETS)[0].backward()
+        return [p.grad.clone() for p in neck], [p.grad for p in d.adapters.parameters()]
+
+    plain, _ = neck_grads(DetectionCriterion(d.compute_loss, d.forward))
+    assert FEAT_WARMUP_EPOCHS == 1
+    d.start_epoch(0)
+    warm, adapters = neck_grads(d)
+    assert all(torch.equal(a, b) for a, b in zip(warm, plain))  # the student sees the labels alone
+    assert all(g is not None and g.abs().sum() > 0 for g in adapters)  # while the adapters learn
+    d.start_epoch(1)
+    fed, adapters = neck_grads(d)
+    assert not all(torch.equal(a, b) for a, b in zip(fed, plain))
+    assert all(g is not None and g.abs().sum() > 0 for g in adapters)
