@@ -302,3 +302,13 @@ def test_adapters_train_alone_in_the_first_epoch():
     fed, adapters = neck_grads(d)
     assert not all(torch.equal(a, b) for a, b in zip(fed, plain))
     assert all(g is not None and g.abs().sum() > 0 for g in adapters)
+
+
+def test_feature_term_under_bf16_autocast_is_fp32():
+    d, student, _ = _distiller("cross")
+    d.forward = StudentForward(torch.device("cpu"), torch.bfloat16)
+    d.start_epoch(1)
+    loss, parts = d(student, torch.rand(2, 3, 64, 64), TARGETS)
+    assert parts["dfeat"].dtype == torch.float32 and torch.isfinite(parts["dfeat"])
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in d.adapters.parameters())
