@@ -9,7 +9,7 @@ import yaml
 
 from models.yolo import Model, to_training_layout
 from optimizer.config import KDConfig
-from optimizer.criterion import DetectionCriterion, Distiller
+from optimizer.criterion import FEAT_WARMUP_EPOCHS, DetectionCriterion, Distiller
 from optimizer.teacher import Teacher, load_teacher, resolve_teacher_precision
 from utils.data.datasets import check_dataset
 from utils.data.unlabeled import UnlabeledStream
@@ -73,7 +73,9 @@ class Stepper:
         self.criterion = (DetectionCriterion(ComputeLoss(model), forward) if teacher is None else
                           Distiller(KDConfig(t_weights=teacher.path, feat_kd=feat_kd, feat_ratio=feat_ratio),
                                     ComputeLoss(model), teacher, model, imgsz, forward))
-        # the steady state: the first-epoch balance report (its extra gradients, for feature terms) is not timed
+        # the steady state: past the feature adapters' warm-up epoch, and without the first-epoch balance report
+        # (its extra gradients, for feature terms)
+        self.criterion.start_epoch(FEAT_WARMUP_EPOCHS)
         self.criterion.reported = True
         extra = self.criterion.trainable()
         self.extra = tuple(extra.parameters()) if extra is not None else ()
