@@ -72,7 +72,7 @@ def test_bounds_lie_inside_the_valid_hyp_ranges():
         ("degrees", 1, 0.0, 45.0), ("translate", 1, 0.0, 0.9), ("scale", 1, 0.0, 0.9), ("shear", 1, 0.0, 10.0),
         ("perspective", 0, 0.0, 0.001), ("flipud", 1, 0.0, 1.0), ("fliplr", 0, 0.0, 1.0), ("mosaic", 1, 0.0, 1.0),
         ("mixup", 1, 0.0, 1.0), ("copy_paste", 1, 0.0, 1.0), ("distill_ratio", 1, 0.01, 5.0),
-        ("temperature", 1, 1.0, 10.0), ("unlabeled_ratio", 0, 0.0, 64.0), ("feat_ratio", 1, 0.01, 10.0)]
+        ("temperature", 1, 1.0, 10.0), ("unlabeled_ratio", 0, 0.0, 64.0), ("feat_ratio", 1, 0.005, 1.0)]
 
 
 def test_evolve_imports_nothing_from_the_layer_above():
