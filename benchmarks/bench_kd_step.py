@@ -62,7 +62,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--feat", nargs="*", default=["mse", "pkd", "cross"], choices=FEAT_FORMS[1:],
-                    help="feature forms timed beside the output-only KD step (at feat_ratio 1: the weight costs nothing)")
+                    help="feature forms timed beside the output-only KD step (at feat_ratio 1; the weight costs "
+                         "nothing)")
     ap.add_argument("--only", choices=["plain", "kd", *FEAT_FORMS[1:]], help=argparse.SUPPRESS)
     a = ap.parse_args()
     device = select_device(a.device)
