@@ -251,8 +251,8 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     forward = StudentForward(device, amp_dtype, CompiledForward(model) if opt.compile else None, info.world_size)
     criterion = build_criterion(kd, compute_loss, base, imgsz, forward, opt.trust_checkpoint, unlabeled, opt.seed)
     # the optimizer comes after the criterion: it also trains what the criterion trains beside the student
-    optimizer = build_optimizer(trained_modules(model, criterion), opt.optimizer, hyp["lr0"], hyp["momentum"],
-                                hyp["weight_decay"])
+    optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"],
+                                extra=criterion.trainable())
     lf = lr_lambda(resume.epochs, hyp["lrf"], opt.cos_lr)
     scheduler = build_scheduler(optimizer, lf, resume.start_epoch, ckpt.get("optimizer") if ckpt else None)
     if ckpt is not None:
@@ -383,13 +383,6 @@ def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module,
     if not kd.enabled:
         return DetectionCriterion(compute_loss, forward)
     return Distiller.build(kd, compute_loss, student, imgsz, forward, trust=trust, unlabeled=unlabeled, seed=seed)
-
-
-def trained_modules(model: nn.Module, criterion: DetectionCriterion) -> nn.Module:
-    """The student and whatever the criterion trains beside it, as one module for the optimizer's groups (the
-    student's parameters first, in their own order)."""
-    extra = criterion.trainable()
-    return de_parallel(model) if extra is None else nn.ModuleList([de_parallel(model), extra])
 
 
 def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_dict: dict, imgsz: int,

@@ -79,8 +79,7 @@ class Stepper:
         self.criterion.reported = True
         extra = self.criterion.trainable()
         self.extra = tuple(extra.parameters()) if extra is not None else ()
-        trained = model if extra is None else torch.nn.ModuleList([model, extra])
-        self.opt = build_optimizer(trained, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+        self.opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"], extra=extra)
         self.ema = ModelEMA(model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
 

@@ -59,11 +59,13 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
 
 
 def build_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.001, momentum: float = 0.9,
-                    decay: float = 1e-5) -> torch.optim.Optimizer:
-    """Three groups in YOLOv5's order: biases (no decay), other weights (decay), norm weights (no decay)."""
+                    decay: float = 1e-5, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """Three groups in YOLOv5's order: biases (no decay), other weights (decay), norm weights (no decay). The
+    parameters of `extra` (what a criterion trains beside the model) join the same groups, after the model's."""
     biases, weights, norm_weights = [], [], []
     norm_types = tuple(v for k, v in nn.__dict__.items() if "Norm" in k and isinstance(v, type))
-    for module in model.modules():
+    modules = list(de_parallel(model).modules()) + (list(extra.modules()) if extra is not None else [])
+    for module in modules:
         for p_name, p in module.named_parameters(recurse=False):
             if p_name == "bias":
                 biases.append(p)
