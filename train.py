@@ -134,12 +134,16 @@ class Setup:
 
 
 def load_data(opt: argparse.Namespace, info: DistInfo, kd: KDConfig) -> tuple[dict, int, dict]:
-    """The dataset dict, nc and class names; 'unlabeled:' images without a teacher are refused here."""
+    """The dataset dict, nc and class names; 'unlabeled:' images without a teacher, and pseudo-labels without
+    'unlabeled:' images, are refused here."""
     with main_process_first(info):
         data_dict = check_dataset(opt.data)
     if data_dict.get("unlabeled") and not kd.enabled:
         raise UserError(f"{opt.data}: 'unlabeled:' images need a teacher (--t_weights): without one they carry no "
                         f"training signal; add a teacher or remove the key")
+    if kd.pseudo_conf > 0 and not data_dict.get("unlabeled"):
+        raise UserError(f"{opt.data}: pseudo_conf {kd.pseudo_conf:g} needs unlabelled images to label, and this "
+                        f"dataset yaml has no 'unlabeled:' key; add one or set pseudo_conf 0")
     nc = 1 if opt.single_cls else int(data_dict["nc"])
     names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
     return data_dict, nc, names
@@ -263,7 +267,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
         reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
     stopper = EarlyStopping(patience=opt.patience)
     stopper.best_fitness = resume.best_fitness if resuming else -1.0
-    logger = RunLogger(save_dir, hyp={**hyp, **kd.hyp_values()}, opt=opt_record, parts=criterion.parts,
+    logger = RunLogger(save_dir, hyp={**hyp, **kd.hyp_values()}, opt=opt_record, parts=criterion.parts, figures=criterion.figures,
                        tensorboard=True, plots=not opt.noplots) if main else None
     return Setup(save_dir=save_dir, data_dict=data_dict, names=names, model=model, ema=ema, optimizer=optimizer,
                  scheduler=scheduler, lf=lf, hyp=hyp, opt_record=opt_record, train_loader=train_loader, val_loader=val_loader,
@@ -305,6 +309,8 @@ def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: Di
     def on_batch(ni, imgs, targets, paths):
         if r.logger is not None and not opt.noplots and ni < 3:
             r.logger.log_batch_images(ni, imgs, targets, paths, r.names)
+            for suffix, (images, boxes) in r.criterion.samples().items():  # e.g. the pseudo-labelled images
+                r.logger.log_batch_images(ni, images, boxes, None, r.names, suffix=f"_{suffix}")
 
     epochs_run = 0
     for epoch in range(r.resume.start_epoch, r.resume.epochs):

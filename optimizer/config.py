@@ -23,6 +23,7 @@ from utils.training.hyp import EVOLVE_SWITCH, HypSpec, check_value
 # is turned on, 0.02 is the weight that cost least there (pkd alone -0.16 on three seeds; the feature gradient
 # at the neck ~1/20 of the detection terms'); 0.1 (~1/4) cost 1-3 points alone, and ~1x cost 2-7.5.
 FEAT_RATIO_DEFAULT = 0.02
+PSEUDO_IGNORE_DEFAULT = 0.1
 KD_SPECS: dict[str, HypSpec] = {
     "distill_ratio": HypSpec(0.05, 0.0, 1e6, evolve=(1, 0.01, 5.0)),
     "temperature": HypSpec(5.0, 0.0, 1e4, lo_open=True, evolve=(1, 1.0, 10.0)),
@@ -34,6 +35,11 @@ KD_SPECS: dict[str, HypSpec] = {
     # whose gradient at the neck matched the detection terms' cost 2-7 mAP50-95 points)
     "feat_kd": HypSpec("none", kind=str, choices=FEAT_FORMS, evolve=(0, 0.0, 0.0)),
     "feat_ratio": HypSpec(FEAT_RATIO_DEFAULT, 0.0, 1e6, evolve=(1, 0.005, 1.0)),
+    # pseudo-labels on the unlabelled images (optimizer/pseudo.py); pseudo_conf 0 is off. Evolution multiplies
+    # values, so an off run stays off and an on run stays on (the bounds start at 0).
+    "pseudo_conf": HypSpec(0.0, 0.0, 1.0, evolve=(1, 0.0, 0.95)),
+    "pseudo_weight": HypSpec(1.0, 0.0, 1e6, evolve=(1, 0.0, 4.0)),
+    "pseudo_ignore": HypSpec(PSEUDO_IGNORE_DEFAULT, 0.0, 1.0, evolve=(1, 0.0, 0.9)),
 }
 KD_HYP_KEYS = tuple(KD_SPECS)
 
@@ -65,6 +71,9 @@ class KDConfig:
     unlabeled_ratio: float = KD_SPECS["unlabeled_ratio"].default
     feat_kd: str = KD_SPECS["feat_kd"].default
     feat_ratio: float = KD_SPECS["feat_ratio"].default
+    pseudo_conf: float = KD_SPECS["pseudo_conf"].default
+    pseudo_weight: float = KD_SPECS["pseudo_weight"].default
+    pseudo_ignore: float = KD_SPECS["pseudo_ignore"].default
     t_sha256: str | None = None  # fingerprint of the teacher file, so a resumed run gets the same teacher
     teacher_precision: str = "auto"  # recorded as given: "auto" is resolved for the device each time it loads
 
@@ -97,7 +106,20 @@ class KDConfig:
             else:
                 values[key] = default
         typed = check_kd_values({k: v for k, v in values.items() if k in given}, "command line")
-        return cls(**{**values, **typed})
+        config = cls(**{**values, **typed})
+        config.check_pseudo()
+        return config
+
+    def check_pseudo(self) -> None:
+        """Pseudo-labels need a teacher, and an ignore band below pseudo_conf (one-line UserErrors)."""
+        if self.pseudo_conf <= 0:
+            return
+        if not self.enabled:
+            raise UserError(f"pseudo_conf {self.pseudo_conf:g}: pseudo-labels are a teacher's detections; give a "
+                            f"teacher (--t_weights) or set pseudo_conf 0")
+        if self.pseudo_ignore >= self.pseudo_conf:
+            raise UserError(f"pseudo_ignore {self.pseudo_ignore:g} must be below pseudo_conf {self.pseudo_conf:g}: "
+                            f"the ignore band is [pseudo_ignore, pseudo_conf); 0 turns it off")
 
     @classmethod
     def from_record(cls, opt: Mapping[str, Any]) -> KDConfig:
@@ -113,7 +135,7 @@ class KDConfig:
 
 def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add --t_weights, --dist_loss, --dist_norm, --temperature, --distill_ratio, --unlabeled_ratio, --feat_kd,
-    --feat_ratio and --teacher-precision."""
+    --feat_ratio, --pseudo_conf, --pseudo_weight, --pseudo_ignore and --teacher-precision."""
     d = KDConfig()
     parser.add_argument("--t_weights", type=str, default=d.t_weights, help="teacher checkpoint; enables distillation")
     parser.add_argument("--dist_loss", type=str, choices=DIST_LOSSES, default=d.dist_loss,
@@ -132,6 +154,14 @@ def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(standardised), cross (through the teacher's head) (overrides hyp 'feat_kd')")
     parser.add_argument("--feat_ratio", type=float, default=d.feat_ratio,
                         help="weight of the feature distillation loss (overrides hyp 'feat_ratio')")
+    parser.add_argument("--pseudo_conf", type=float, default=d.pseudo_conf,
+                        help="with 'unlabeled:' images: the teacher's detections scoring at least this become "
+                             "labels for them; 0 = off (overrides hyp 'pseudo_conf')")
+    parser.add_argument("--pseudo_weight", type=float, default=d.pseudo_weight,
+                        help="weight of the pseudo-label detection loss (overrides hyp 'pseudo_weight')")
+    parser.add_argument("--pseudo_ignore", type=float, default=d.pseudo_ignore,
+                        help="cells the teacher scores in [pseudo_ignore, pseudo_conf) are not taught background; "
+                             "0 = no band (overrides hyp 'pseudo_ignore')")
     parser.add_argument("--teacher-precision", dest="teacher_precision", type=str, choices=TEACHER_PRECISIONS,
                         default=d.teacher_precision,
                         help="teacher forward precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, "

@@ -1,12 +1,14 @@
 """The training criterion: one callable that runs a training step's forward passes and returns (loss, parts).
 
     loss, parts = criterion(model, imgs, targets)   # plain: {box, obj, cls}; distilled: + {dbox, dobj, dcls}
-                                                    # (+ {dfeat} with feature distillation)
+                                                    # (+ {dfeat} with feature distillation, + {pseudo, pboxes}
+                                                    # with pseudo-labels)
 
 The distiller owns the teacher, the feature adapters, the unlabelled stream and the balance report: each step
 it draws the unlabelled batch, runs the teacher once on the labelled and unlabelled images together (before the student,
 so the teacher's activations are freed first), then the student. The detection loss sees only the labelled
-images, the distillation loss all of them. The training loop knows nothing about any of this: it logs
+images, the distillation loss all of them; with pseudo-labels, the teacher's detections on the unlabelled images
+are their detection targets. The training loop knows nothing about any of this: it logs
 whatever `parts` holds.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from optimizer.config import KDConfig
 from optimizer.features import FeatureDistillationLoss, build_adapters
 from optimizer.loss import KL_OBJ_NORMS, OutputDistillationLoss
+from optimizer.pseudo import PseudoBatch, PseudoLabeller
 from optimizer.teacher import Teacher, load_teacher, preflight
 from utils.core.distributed import de_parallel
 from utils.core.errors import UserError
@@ -33,6 +36,7 @@ LOGGER = logging.getLogger("yolov5kd")
 DETECTION_PARTS = ("box", "obj", "cls")
 DISTILLATION_PARTS = ("dbox", "dobj", "dcls")
 FEATURE_PART = "dfeat"
+PSEUDO_PARTS = ("pseudo", "pboxes")  # the pseudo-label detection loss, and pseudo boxes per unlabelled image
 # A distillation part outside [LOW, HIGH] x its detection counterpart is reported once, with the knob to turn.
 BALANCE_LOW, BALANCE_HIGH = 0.01, 10.0
 BALANCE_BATCHES = 20  # the first-epoch balance report averages this many batches (or the whole epoch)
@@ -48,6 +52,9 @@ class DetectionCriterion:
 
     parts = DETECTION_PARTS
     detection_parts = DETECTION_PARTS  # the parts of `parts` that come from the detection loss
+    # the parts that are counts, not losses: progress column under the part's name, results.csv column
+    # train/<value>
+    figures: Mapping[str, str] = {}
     progress_note = ""  # shown beside the progress bar
 
     def __init__(self, compute_loss: Any, forward: StudentForward):
@@ -89,6 +96,10 @@ class DetectionCriterion:
         student's checkpoint); None when there are none."""
         return None
 
+    def samples(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Images the last step trained on beyond the loader's batch, with their targets, by mosaic name suffix."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """What an exact --resume needs of the criterion (saved in last.pt only)."""
         return {}
@@ -126,6 +137,16 @@ class Distiller(DetectionCriterion):
             if forward.world_size > 1:  # their gradients are averaged over the ranks like the student's
                 self._adapt = nn.parallel.DistributedDataParallel(self.adapters)
             self.parts += (FEATURE_PART,)
+        self.pseudo: PseudoLabeller | None = None
+        self._last_pseudo: tuple[torch.Tensor, PseudoBatch] | None = None
+        if config.pseudo_conf > 0:
+            if unlabeled is None:
+                raise UserError(f"pseudo_conf {config.pseudo_conf:g}: pseudo-labels are made on unlabelled images, "
+                                f"and this run uses none (no 'unlabeled:' in the dataset yaml, or unlabeled_ratio 0)"
+                                f"; add them or set pseudo_conf 0")
+            self.pseudo = PseudoLabeller(teacher.model.model[-1], config.pseudo_conf, config.pseudo_ignore)
+            self.parts += PSEUDO_PARTS
+            self.figures = {PSEUDO_PARTS[1]: "pseudo_boxes_per_image"}
         self.feed_student = False  # set per epoch by start_epoch(): after the adapters' warm-up
         self._sums: dict[str, float] = {}
         self._grads = [0.0, 0.0]  # first-epoch sums of |d dfeat / d neck| and |d detection / d neck|
@@ -133,6 +154,8 @@ class Distiller(DetectionCriterion):
         self.reported = False
         if unlabeled is not None:
             self.progress_note = f"+{unlabeled.batch_size} of {len(unlabeled)} unlabelled/step"
+            if self.pseudo is not None:
+                self.progress_note += f", pseudo-labels at {config.pseudo_conf:g}"
 
     @classmethod
     def build(cls, config: KDConfig, compute_loss: Any, student: nn.Module, imgsz: int, forward: StudentForward,
@@ -160,6 +183,11 @@ class Distiller(DetectionCriterion):
         # The teacher runs first: its activations are freed before the student's fill memory (measured on 2 CPU
         # cores, the KD step then costs ~2% over plain step + teacher forward, instead of ~6%).
         t_maps, t_feats = self.teacher.run(imgs if u_imgs is None else torch.cat((imgs, u_imgs), 0), features=feat)
+        pseudo = None
+        if self.pseudo is not None and u_imgs is not None:
+            bs = imgs.shape[0]
+            pseudo = self.pseudo([m[bs:] for m in t_maps], *u_imgs.shape[2:])
+            self._last_pseudo = (u_imgs, pseudo)
         with self.forward.autocast():
             pred, s_feats = _split(self.forward(model, imgs, features=feat), feat)
             targets = targets.to(self.forward.device)
@@ -168,17 +196,26 @@ class Distiller(DetectionCriterion):
             u_pred = u_feats = None
             if u_imgs is not None:
                 u_pred, u_feats = _split(self.forward.second_pass(model, u_imgs, features=feat), feat)
-            return self.losses(pred, targets, t_maps, u_pred, s_feats, t_feats, u_feats)
+            return self.losses(pred, targets, t_maps, u_pred, s_feats, t_feats, u_feats, pseudo)
 
     def losses(self, pred: list[torch.Tensor], targets: torch.Tensor, t_maps: list[torch.Tensor],
                u_pred: list[torch.Tensor] | None = None, s_feats: list[torch.Tensor] | None = None,
-               t_feats: list[torch.Tensor] | None = None, u_feats: list[torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               t_feats: list[torch.Tensor] | None = None, u_feats: list[torch.Tensor] | None = None,
+               pseudo: PseudoBatch | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Detection loss on `pred` (the labelled images) + distillation loss on `pred` and `u_pred` together
         against the teacher's maps of both (and, with feature distillation, the student's head inputs of both
-        through the adapters against the teacher's), and the parts."""
+        through the adapters against the teacher's; with `pseudo`, the detection loss of `u_pred` against the
+        pseudo-labels, times pseudo_weight), and the parts."""
         loss, parts = self._detection(pred, targets)
         bs = pred[0].shape[0]
+        p_loss = None
+        if pseudo is not None and u_pred is not None:
+            # the same detection loss as the labelled images', on its own batch: theirs is left exactly as it was
+            p_loss, _ = self.compute_loss(u_pred, pseudo.targets.to(self.forward.device), ignore=pseudo.ignore)
+            p_loss = p_loss * self.config.pseudo_weight
+            parts[PSEUDO_PARTS[0]] = p_loss.detach().reshape(()) / bs
+            parts[PSEUDO_PARTS[1]] = torch.tensor(len(pseudo.targets) / max(pseudo.images, 1),
+                                                   device=p_loss.device)
         if u_pred is not None:
             pred = [torch.cat((p, u), 0) for p, u in zip(pred, u_pred)]
         kd_loss, kd_parts = self.loss(pred, t_maps)  # fp32 inside, whatever the autocast state
@@ -187,6 +224,8 @@ class Distiller(DetectionCriterion):
         # and balance ratios compare what each part weighs in the gradient (sum(parts) x bs == loss).
         parts.update({k: v / bs for k, v in kd_parts.items()})
         total = loss + kd_loss.to(loss.dtype)
+        if p_loss is not None:
+            total = total + p_loss.to(loss.dtype)
         if self.features is not None:
             feats = s_feats if u_feats is None else [torch.cat((s, u), 0) for s, u in zip(s_feats, u_feats)]
             # during the warm-up the adapters learn on detached maps; the student gets no feature gradient yet
@@ -232,10 +271,22 @@ class Distiller(DetectionCriterion):
                          f"feat_ratio {self.config.feat_ratio:g}; adapters {n} parameters, trained beside the student"
                          f", kept in last.pt only")
         if self.unlabeled is not None:
-            u = self.unlabeled
+            u, c = self.unlabeled, self.config
+            use = ("distillation and pseudo-labels: the teacher's detections scoring at least "
+                   f"{c.pseudo_conf:g} (weight {c.pseudo_weight:g}"
+                   + (f"; cells it scores in [{c.pseudo_ignore:g}, {c.pseudo_conf:g}) are not taught background)"
+                      if self.pseudo.ignore_below > 0 else ")")
+                   if self.pseudo is not None else "distillation only")
             lines.append(f"Unlabelled images: {len(u)} ({u.batch_size} per step beside {u.labelled_batch} labelled, "
-                         f"unlabeled_ratio {self.config.unlabeled_ratio:g}), distillation only")
+                         f"unlabeled_ratio {c.unlabeled_ratio:g}), {use}")
         return lines
+
+    def samples(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The last step's unlabelled images with their pseudo boxes (and scores), under 'pseudo'."""
+        if self._last_pseudo is None:
+            return {}
+        u_imgs, pseudo = self._last_pseudo
+        return {"pseudo": (u_imgs, pseudo.plot_targets())}
 
     def epoch_scalars(self, mloss: Mapping[str, float]) -> dict[str, float]:
         """Each distillation part over its detection counterpart."""
@@ -296,6 +347,11 @@ class Distiller(DetectionCriterion):
                         "%.4g / of box+obj+cls %.4g = %.3g%s", self._seen, self.config.feat_kd, g_feat, g_det,
                         ratios[FEATURE_GRAD], "" if self.feed_student else
                         f" (the adapters train alone for {FEAT_WARMUP_EPOCHS} epoch(s); then the student gets it)")
+        if PSEUDO_PARTS[0] in means:
+            det = sum(means[k] for k in DETECTION_PARTS)
+            LOGGER.info("Pseudo-labels over the first %d batches: %.3g boxes per unlabelled image; their detection "
+                        "loss %.4g / the labelled images' %.4g = %.3g", self._seen, means[PSEUDO_PARTS[1]],
+                        means[PSEUDO_PARTS[0]], det, means[PSEUDO_PARTS[0]] / det if det > 0 else float("nan"))
         for line in balance_warnings(ratios, self.config):
             LOGGER.warning(line)
         self.reported = True

@@ -90,6 +90,40 @@ def one_error(r) -> str:
 
 
 @pytest.fixture(scope="session")
+def unl_data(tmp_path_factory) -> Path:
+    """8 labelled train images, 4 val, and 6 unlabelled images in two folders whose label files must be
+    ignored (they hold an out-of-range class that would be reported if read)."""
+    from data.scripts.generate_shapes import generate
+
+    root = tmp_path_factory.mktemp("unl")
+    generate(root / "shapes", n_train=8, n_val=4, seed=3, imgsz=64)
+    generate(root / "extra", n_train=6, n_val=1, seed=5, imgsz=64)
+    ex = root / "extra"
+    imgs = sorted((ex / "images" / "train").glob("*"))
+    for i, f in enumerate(imgs):
+        sub = "u1" if i < 4 else "u2"
+        for kind, src in (("images", f), ("labels", ex / "labels" / "train" / f"{f.stem}.txt")):
+            (ex / kind / sub).mkdir(exist_ok=True)
+            src.rename(ex / kind / sub / src.name)
+        (ex / "labels" / sub / f"{f.stem}.txt").write_text("99 0.5 0.5 0.2 0.2\n")
+    lst = ex / "unl.txt"
+    lst.write_text("".join(f"{p}\n" for p in sorted((ex / "images").glob("u*/*.*"))))
+    return root
+
+
+def unl_yaml(root: Path, name: str, unlabeled) -> Path:
+    """A dataset yaml over unl_data's labelled images, with `unlabeled` (None: no such key)."""
+    import yaml
+
+    d = {"path": str(root / "shapes"), "train": "images/train", "val": "images/val", "names": DEMO_NAMES}
+    if unlabeled is not None:
+        d["unlabeled"] = unlabeled
+    f = root / name
+    f.write_text(yaml.safe_dump(d))
+    return f
+
+
+@pytest.fixture(scope="session")
 def teacher8(tmp_path_factory) -> Path:
     """A yolov5s teacher for the 8 demo classes (random weights: the tests using it check the plumbing)."""
     return random_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pt", "yolov5s.yaml")

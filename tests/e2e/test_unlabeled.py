@@ -1,11 +1,10 @@
 """Distillation on unlabelled images: the 'unlabeled:' yaml key, the loop's split of the two losses, and runs."""
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import DEMO_NAMES, ROOT, kill9_when, run_cli
+from conftest import ROOT, kill9_when, run_cli, unl_yaml as _yaml
 from utils.reporting.loggers import KD_KEYS, read_results_csv
 from utils.training.checkpoint import torch_load
 
@@ -13,37 +12,6 @@ TRAIN = str(ROOT / "train.py")
 KD_KEYS_SHORT = ("dbox", "dobj", "dcls")  # the distillation parts of a criterion's `parts`
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots"]
-
-
-@pytest.fixture(scope="module")
-def unl_data(tmp_path_factory):
-    """8 labelled train images, 4 val, and 6 unlabelled images in two folders whose label files must be
-    ignored (they hold an out-of-range class that would be reported if read)."""
-    from data.scripts.generate_shapes import generate
-
-    root = tmp_path_factory.mktemp("unl")
-    generate(root / "shapes", n_train=8, n_val=4, seed=3, imgsz=64)
-    generate(root / "extra", n_train=6, n_val=1, seed=5, imgsz=64)
-    ex = root / "extra"
-    imgs = sorted((ex / "images" / "train").glob("*"))
-    for i, f in enumerate(imgs):
-        sub = "u1" if i < 4 else "u2"
-        for kind, src in (("images", f), ("labels", ex / "labels" / "train" / f"{f.stem}.txt")):
-            (ex / kind / sub).mkdir(exist_ok=True)
-            src.rename(ex / kind / sub / src.name)
-        (ex / "labels" / sub / f"{f.stem}.txt").write_text("99 0.5 0.5 0.2 0.2\n")
-    lst = ex / "unl.txt"
-    lst.write_text("".join(f"{p}\n" for p in sorted((ex / "images").glob("u*/*.*"))))
-    return root
-
-
-def _yaml(root: Path, name: str, unlabeled) -> Path:
-    d = {"path": str(root / "shapes"), "train": "images/train", "val": "images/val", "names": DEMO_NAMES}
-    if unlabeled is not None:
-        d["unlabeled"] = unlabeled
-    f = root / name
-    f.write_text(yaml.safe_dump(d))
-    return f
 
 
 @pytest.mark.parametrize("form", ["folder", "folders", "txt"])

@@ -25,7 +25,8 @@ TRAIN = str(ROOT / "train.py")
 LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots", "--epochs", "1"]
-KD = ("distill_ratio", "temperature", "dist_norm", "unlabeled_ratio", "feat_kd", "feat_ratio")
+KD = ("distill_ratio", "temperature", "dist_norm", "unlabeled_ratio", "feat_kd", "feat_ratio", "pseudo_conf",
+      "pseudo_weight", "pseudo_ignore")
 SPECS = {**HYP_SPECS, **KD_SPECS}  # the one table evolve reads its bounds and choices from
 BOUNDS = {k: s.evolve for k, s in SPECS.items() if s.evolve is not None and not s.choices}  # numeric keys
 CHOICES = {k: s.choices for k, s in SPECS.items() if s.evolve is not None and s.choices}  # categorical keys
@@ -72,7 +73,8 @@ def test_bounds_lie_inside_the_valid_hyp_ranges():
         ("degrees", 1, 0.0, 45.0), ("translate", 1, 0.0, 0.9), ("scale", 1, 0.0, 0.9), ("shear", 1, 0.0, 10.0),
         ("perspective", 0, 0.0, 0.001), ("flipud", 1, 0.0, 1.0), ("fliplr", 0, 0.0, 1.0), ("mosaic", 1, 0.0, 1.0),
         ("mixup", 1, 0.0, 1.0), ("copy_paste", 1, 0.0, 1.0), ("distill_ratio", 1, 0.01, 5.0),
-        ("temperature", 1, 1.0, 10.0), ("unlabeled_ratio", 0, 0.0, 64.0), ("feat_ratio", 1, 0.005, 1.0)]
+        ("temperature", 1, 1.0, 10.0), ("unlabeled_ratio", 0, 0.0, 64.0), ("feat_ratio", 1, 0.005, 1.0),
+        ("pseudo_conf", 1, 0.0, 0.95), ("pseudo_weight", 1, 0.0, 4.0), ("pseudo_ignore", 1, 0.0, 0.9)]
 
 
 def test_evolve_imports_nothing_from_the_layer_above():
@@ -93,9 +95,10 @@ PINNED_GEN5 = {
 def test_generations_are_the_same_draws_as_before():
     # pinned from the implementation before the bounds moved into the specs: a seed's evolution must not change
     hyp = _low()
-    # over the keys there were then (the feature keys came later): the same keys must give the same draws
+    # over the keys there were then (the feature and pseudo-label keys came later): the same keys must give the
+    # same draws
     keys = [k for k in ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=True, autoanchor=False)
-            if k not in ("feat_kd", "feat_ratio")]
+            if k not in ("feat_kd", "feat_ratio", "pseudo_conf", "pseudo_weight", "pseudo_ignore")]
     rows = []
     for g in range(6):
         h = ev.next_hyp(hyp, rows, keys, SPECS, seed=7, generation=g)
@@ -154,6 +157,9 @@ def test_kd_keys_are_evolved_only_with_a_teacher():
     assert any(c["temperature"] != hyp["temperature"] for c in moved)
     assert any(c["feat_ratio"] != hyp["feat_ratio"] for c in moved)
     assert all(c["feat_kd"] == hyp["feat_kd"] for c in moved)  # carried, never switched
+    assert hyp["pseudo_conf"] == 0 and all(c["pseudo_conf"] == 0 for c in moved)  # off stays off ...
+    on = [ev.mutate({**hyp, "pseudo_conf": 0.5}, with_t, SPECS, rng) for _ in range(50)]
+    assert any(c["pseudo_conf"] != 0.5 for c in on) and all(0 < c["pseudo_conf"] <= 0.95 for c in on)  # ... on, on
 
 
 def test_parent_selection_is_fitness_weighted_over_the_top_five():

@@ -110,10 +110,11 @@ def test_hyp_files():
     for name in ("low", "med", "high"):
         h = yaml.safe_load((ROOT / "data" / "hyps" / f"hyp.scratch-{name}.yaml").read_text())
         keys = keys or set(h)
-        assert set(h) == keys and len(h) == 34
+        assert set(h) == keys and len(h) == 37
         assert h["distill_ratio"] == 0.05 and h["temperature"] == 5.0 and h["dist_norm"] == "iou"
         assert h["unlabeled_ratio"] == 1.0
         assert h["feat_kd"] == KD_SPECS["feat_kd"].default and h["feat_ratio"] == KD_SPECS["feat_ratio"].default
+        assert all(h[k] == KD_SPECS[k].default for k in ("pseudo_conf", "pseudo_weight", "pseudo_ignore"))
         assert h["lr0"] == 0.01 and h["momentum"] == 0.937 and h["anchor_t"] == 4.0 and h["fliplr"] == 0.5
         if name == "low":
             assert (h["lrf"], h["cls"], h["obj"], h["scale"], h["mixup"], h["copy_paste"]) == (0.01, 0.5, 1.0, 0.5, 0.0, 0.0)

@@ -87,11 +87,13 @@ class RunLogger:
 
     def __init__(self, save_dir: Path | str, hyp: Mapping[str, Any] | None = None,
                  opt: Mapping[str, Any] | None = None, kd: bool = False,
-                 tensorboard: bool = True, plots: bool = True, parts: Sequence[str] | None = None) -> None:
+                 tensorboard: bool = True, plots: bool = True, parts: Sequence[str] | None = None,
+                 figures: Mapping[str, str] | None = None) -> None:
         """Prepare the run folder; results.csv is created on the first log_epoch (or appended to on resume).
 
         `parts` are the training criterion's loss parts in its order; the first three are YOLOv5's columns and
-        each further part adds a `train/<part>_loss` column. `kd=True` is short for the distillation parts."""
+        each further part adds a `train/<part>_loss` column, or `train/<figures[part]>` for a part that is a count,
+        not a loss (pseudo boxes per image). `kd=True` is short for the distillation parts."""
         self.save_dir = Path(save_dir)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         self.hyp = dict(hyp) if hyp else {}
@@ -103,7 +105,9 @@ class RunLogger:
         self.parts = tuple(parts)
         self.kd = len(self.parts) > 3
         self.plots = bool(plots)
-        self.keys = RESULTS_KEYS + [f'train/{k}_loss' for k in self.parts[3:]]
+        figures = dict(figures or {})
+        self.keys = RESULTS_KEYS + [f'train/{figures[k]}' if k in figures else f'train/{k}_loss'
+                                    for k in self.parts[3:]]
         self.csv = self.save_dir / 'results.csv'
         self._use_tb = bool(tensorboard)
         self._tb: Any = None
@@ -191,13 +195,14 @@ class RunLogger:
 
     # -------------------------------------------------------------------------------------------------- images
     def log_batch_images(self, ni: int, images: Any, targets: Any, paths: Sequence[str] | None = None,
-                         names: Mapping[int, str] | Sequence[str] | None = None) -> None:
-        """Write train_batch{ni}.jpg for the first three batches, off the training thread."""
+                         names: Mapping[int, str] | Sequence[str] | None = None, suffix: str = '') -> None:
+        """Write train_batch{ni}{suffix}.jpg for the first three batches, off the training thread."""
         if not self.plots or ni >= 3 or self._closed:
             return
         args = (_snapshot(images), _snapshot(targets), list(paths) if paths is not None else None,
-                self.save_dir / f'train_batch{ni}.jpg', names)
-        th = threading.Thread(target=_plots.plot_images, args=args, name=f'plot_train_batch{ni}', daemon=True)
+                self.save_dir / f'train_batch{ni}{suffix}.jpg', names)
+        th = threading.Thread(target=_plots.plot_images, args=args, name=f'plot_train_batch{ni}{suffix}',
+                              daemon=True)
         th.start()
         self._threads.append(th)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from utils.core.boxes import bbox_iou
 from utils.core.distributed import de_parallel
@@ -48,16 +49,20 @@ class FocalLoss(nn.Module):
         self.loss_fcn.reduction = "none"
 
     def forward(self, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-        bce = self.loss_fcn(pred, true)
-        prob = torch.sigmoid(pred)
-        p_t = true * prob + (1 - true) * (1 - prob)
-        alpha_t = true * self.alpha + (1 - true) * (1 - self.alpha)
-        loss = bce * alpha_t * (1.0 - p_t) ** self.gamma
+        loss = self.elementwise(pred, true)
         if self.reduction == "mean":
             return loss.mean()
         if self.reduction == "sum":
             return loss.sum()
         return loss
+
+    def elementwise(self, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+        """The focal loss of every element, unreduced."""
+        bce = self.loss_fcn(pred, true)
+        prob = torch.sigmoid(pred)
+        p_t = true * prob + (1 - true) * (1 - prob)
+        alpha_t = true * self.alpha + (1 - true) * (1 - self.alpha)
+        return bce * alpha_t * (1.0 - p_t) ** self.gamma
 
 
 class ComputeLoss:
@@ -91,8 +96,11 @@ class ComputeLoss:
         self.gr = 1.0
         self.anchors = det.anchors
 
-    def __call__(self, p: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Total loss (1,) multiplied by batch size, and detached [lbox, lobj, lcls]."""
+    def __call__(self, p: list[torch.Tensor], targets: torch.Tensor,
+                 ignore: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Total loss (1,) multiplied by batch size, and detached [lbox, lobj, lcls]. `ignore` (per level, a
+        (bs, na, ny, nx) bool mask) leaves those cells out of the objectness term unless they are positives; the
+        mean still divides by every cell, so the other cells weigh exactly what they would without the mask."""
         # bf16 (CPU --amp) keeps 8 bits of mantissa, too coarse for CIoU and the BCE sums: compute in fp32.
         # fp16 maps (CUDA AMP) are left as they are, as in the reference.
         p = [pi.float() if pi.dtype == torch.bfloat16 else pi for pi in p]
@@ -126,7 +134,12 @@ class ComputeLoss:
                     t[torch.arange(n, device=t.device), tcls[i]] = self.cp
                     lcls = lcls + self.BCEcls(pcls, t)
 
-            obji = self.BCEobj(pi[..., 4], tobj)
+            if ignore is None:
+                obji = self.BCEobj(pi[..., 4], tobj)
+            else:
+                skip = ignore[i].clone()
+                skip[b, a, gj, gi] = False  # a positive is always learnt
+                obji = self._obj_elements(pi[..., 4], tobj).masked_fill(skip, 0.0).mean()
             lobj = lobj + obji * self.balance[i]
             if self.autobalance:
                 self.balance[i] = self.balance[i] * 0.9999 + 0.0001 / obji.detach().item()
@@ -139,6 +152,11 @@ class ComputeLoss:
         lcls = lcls * self.hyp["cls"]
         bs = p[-1].shape[0]
         return (lbox + lobj + lcls) * bs, torch.cat((lbox, lobj, lcls)).detach()
+
+    def _obj_elements(self, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.BCEobj, FocalLoss):
+            return self.BCEobj.elementwise(pred, true)
+        return F.binary_cross_entropy_with_logits(pred, true, pos_weight=self.BCEobj.pos_weight, reduction="none")
 
     def build_targets(self, p: list[torch.Tensor], targets: torch.Tensor):
         """Assign targets to (image, anchor, cell) positives per level: (tcls, tbox, indices, anch)."""
