@@ -6,6 +6,7 @@
     python benchmarks/kd_gain.py --mode finetune       # continue a baseline student with / without KD
     python benchmarks/kd_gain.py --mode converge       # plateaued shipped student: baseline vs each --dist_norm
     python benchmarks/kd_gain.py --mode unlabeled      # 20 % labelled + the rest unlabelled: 4 arms
+    python benchmarks/kd_gain.py --mode unlabeled --pseudo soft+0.5 0.5 --matched-steps soft+0.5   # + pseudo-labels
 
 Each run is a plain `train.py` subprocess (yolov5n from scratch on the demo data unless --student is
 given); the figures come from the runs' results.csv. Writes kd_<mode><tag>.md (+ the .png plots) into a new
@@ -99,6 +100,9 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
                 "--distill_ratio", str(kd["ratio"]), "--dist_norm", kd["norm"]]
         if "unlabeled_ratio" in kd:
             cmd += ["--unlabeled_ratio", str(kd["unlabeled_ratio"])]
+        if kd.get("pseudo_conf"):
+            cmd += ["--pseudo_conf", str(kd["pseudo_conf"]), "--pseudo_ignore", str(kd["pseudo_ignore"]),
+                    "--pseudo_weight", str(kd["pseudo_weight"])]
         if kd.get("feat_kd", "none") != "none":
             cmd += ["--feat_kd", kd["feat_kd"], "--feat_ratio", str(kd["feat_ratio"])]
         cmd += ["--teacher-precision", a.teacher_precision]
@@ -395,29 +399,83 @@ def make_split(a) -> tuple[Path, Path, int, int]:
     return yl, yu, len(labelled), len(unlabelled)
 
 
+def parse_pseudo(spec: str) -> tuple[bool, float, float, float]:
+    """A pseudo-label arm '[soft+]conf[:ignore[:weight]]' -> (beside the soft terms, conf, ignore, weight); what it
+    leaves out is train.py's default."""
+    soft = spec.startswith("soft+")
+    parts = spec[5 if soft else 0:].split(":")
+    values = [KD_SPECS["pseudo_conf"].default, KD_SPECS["pseudo_ignore"].default, KD_SPECS["pseudo_weight"].default]
+    try:
+        for i, x in enumerate(parts[:3]):
+            values[i] = float(x)
+    except ValueError:
+        values[0] = -1.0
+    conf, ignore, weight = values
+    if len(parts) > 3 or not 0 < conf <= 1:
+        raise SystemExit(f"--pseudo {spec!r}: expected [soft+]conf[:ignore[:weight]] with 0 < conf <= 1, e.g. "
+                         f"soft+0.5 or 0.5:0.1:1")
+    return soft, conf, ignore, weight
+
+
+def pseudo_arm(spec: str, soft_kd: dict, tag: str) -> tuple[str, dict, str]:
+    """(label, the run's KD settings, folder stem) of a pseudo-label arm; alone means distill_ratio 0."""
+    soft, conf, ignore, weight = parse_pseudo(spec)
+    kd = {**soft_kd, "pseudo_conf": conf, "pseudo_ignore": ignore, "pseudo_weight": weight}
+    if not soft:
+        kd["ratio"] = 0.0
+    label = f"pseudo {conf:g} (ignore {ignore:g}, weight {weight:g})" + (" + soft KD" if soft else " alone")
+    stem = f"unl_pl{conf:g}_i{ignore:g}_w{weight:g}" + (tag if soft else f"_alone_u{soft_kd['unlabeled_ratio']:g}")
+    return label, kd, stem
+
+
+def batches_per_epoch(images: int, batch: int) -> int:
+    """Batches in one pass over `images` (the loader keeps the last, partial batch)."""
+    return math.ceil(images / batch)
+
+
 def unlabeled(a) -> list[str]:
-    """Four arms from one start: baseline on the labelled part, KD on it, KD on it + the unlabelled rest
-    (their label files unread), and the baseline on every label (the ceiling)."""
+    """Arms from one start: the baseline on the labelled part, KD on it, KD on it + the unlabelled rest (their
+    label files unread), and the baseline on every label (the ceiling). With --pseudo, the pseudo-label arms
+    replace 'KD, labelled part'; --matched-steps adds one arm trained for as many batches as the ceiling."""
     yl, yu, nl, nu = make_split(a)
     start = Path(a.project) / "unl_start" / "weights" / "best.pt"
     # the start is only its final weights: validating it once, at the end, saves a third of its time
     train_run("unl_start", a, seed=0, epochs=a.pre_epochs, kd=None, data=str(yl), alone=True,
               extra=("--noval",))
     kd, tag = _kd_flags(a, unlabeled=True)
-    arms = [("baseline, labelled part", None, yl), ("KD, labelled part", kd, yl),
-            ("KD, labelled + unlabelled", {**kd, "unlabeled_ratio": a.unlabeled_ratio}, yu),
-            ("baseline, all labels", None, Path(a.data))]
+    u_kd = {**kd, "unlabeled_ratio": a.unlabeled_ratio}
     # KD folders carry their settings (the defaults keep the plain names) so that runs of several settings
     # in one --project share the two baseline arms instead of reusing each other's KD runs
     # (extra train.py flags name every folder, as in converge; a teacher precision other than auto the KD ones)
     flags = _flags_tag(a.train_flags)
     tag += ("" if a.teacher_precision == "auto" else "_t" + a.teacher_precision) + flags
-    folders = [f"unl_base20{flags}", f"unl_kd20{tag}", f"unl_kd20u{tag}", f"unl_base100{flags}"]
+    n_all = nl + nu
+    e = a.ft_epochs
+    # (label, kd settings, data, folder stem, epochs)
+    arms = [("baseline, labelled part", None, yl, f"unl_base20{flags}", e)]
+    pseudo = a.pseudo or a.matched_steps
+    if not pseudo:
+        arms.append(("KD, labelled part", kd, yl, f"unl_kd20{tag}", e))
+    arms.append(("KD, labelled + unlabelled", u_kd, yu, f"unl_kd20u{tag}", e))
+    for spec in a.pseudo:
+        label, pkd, stem = pseudo_arm(spec, u_kd, tag)
+        arms.append((label, pkd, yu, stem, e))
+    arms.append(("baseline, all labels", None, Path(a.data), f"unl_base100{flags}", e))
+    if a.matched_steps:
+        # an epoch is one pass over an arm's labelled images: the ceiling's 30 epochs are ~5x the batches
+        me = round(e * batches_per_epoch(n_all, a.batch) / batches_per_epoch(nl, a.batch))
+        label, pkd, stem = pseudo_arm(a.matched_steps, u_kd, tag)
+        arms.append((f"{label}, {me} epochs (matched steps)", pkd, yu, f"{stem}_e{me}", me))
+    lo, hi = 0, next(i for i, x in enumerate(arms) if x[3].startswith("unl_base100"))
     jobs = [(i, seed) for seed in a.seeds for i in range(len(arms))]
+    # the longest runs first, so that --jobs workers stay busy to the end
+    cost = {i: x[4] * (n_all if x[2] == Path(a.data) else nl * (1 + (a.unlabeled_ratio if x[1] and x[2] == yu
+                                                                       else 0))) for i, x in enumerate(arms)}
+    jobs.sort(key=lambda j: -cost[j[0]])
 
     def one(job):
         i, seed = job
-        return train_run(f"{folders[i]}_s{seed}", a, seed=seed, epochs=a.ft_epochs, kd=arms[i][1],
+        return train_run(f"{arms[i][3]}_s{seed}", a, seed=seed, epochs=arms[i][4], kd=arms[i][1],
                          weights=str(start), data=str(arms[i][2]))
 
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
@@ -428,31 +486,55 @@ def unlabeled(a) -> list[str]:
     lines = [f"Unlabelled images: {nl} training images keep their labels ({a.labelled_fraction:.0%}, split seed "
              f"{a.split_seed}), the other {nu} are listed under `unlabeled:` (their label files are not read). Start "
              f"for every arm: YOLOv5n trained {a.pre_epochs} epochs from scratch on the labelled part (mAP50-95 "
-             f"{s * 100:.2f}); each arm then runs {a.ft_epochs} epochs (an epoch is one pass over its labelled images) "
-             f"at imgsz {a.imgsz}, batch {a.batch}, hyp {a.ft_hyp}, same seed. KD: teacher `{Path(a.teacher).name}` "
-             f"(mAP50-95 {t * 100:.2f}), --dist_norm {a.dist_norm} --distill_ratio {a.distill_ratio:g} --dist_loss "
-             f"{a.dist_loss}; --unlabeled_ratio {a.unlabeled_ratio:g}. Figures: best.pt's epoch, mAP50-95 in points.",
-             "", "| seed | " + " | ".join(names) + " | gap recovered by arm 3 |", "|---|" + "---|" * (len(names) + 1)]
-    vals = {sd: [best_row(res[(i, sd)])[1] for i in range(len(arms))] for sd in a.seeds}
+             f"{s * 100:.2f}); each arm then runs {e} epochs unless its name says otherwise (an epoch is one pass "
+             f"over its labelled images) at imgsz {a.imgsz}, batch {a.batch}, hyp {a.ft_hyp}, same seed. KD: teacher "
+             f"`{Path(a.teacher).name}` (mAP50-95 {t * 100:.2f}), --dist_norm {a.dist_norm} --distill_ratio "
+             f"{a.distill_ratio:g} --dist_loss {a.dist_loss} --temperature {a.temperature:g}; --unlabeled_ratio "
+             f"{a.unlabeled_ratio:g}; pseudo-label arms alone run with --distill_ratio 0. Figures: best.pt's epoch, "
+             f"mAP50-95 in points (mAP50 in brackets); gap recovered = (arm - arm 1) / (arm {hi + 1} - arm 1).", "",
+             "| seed | " + " | ".join(f"{i + 1}. {n}" for i, n in enumerate(names)) + " |",
+             "|---|" + "---|" * len(names)]
+    rows = {sd: [best_row(res[(i, sd)]) for i in range(len(arms))] for sd in a.seeds}  # (mAP50, mAP50-95)
     for sd in a.seeds:
-        v = vals[sd]
-        rec = (v[2] - v[0]) / (v[3] - v[0]) if v[3] > v[0] else float("nan")
-        lines.append(f"| {sd} | " + " | ".join(f"{x * 100:.2f}" for x in v) + f" | {rec:.0%} |")
-    m = [statistics.mean(vals[sd][i] for sd in a.seeds) for i in range(len(arms))]
-    rec = (m[2] - m[0]) / (m[3] - m[0]) if m[3] > m[0] else float("nan")
-    lines.append("| mean | " + " | ".join(f"{x * 100:.2f}" for x in m) + f" | {rec:.0%} |")
-    beats = all(vals[sd][2] > vals[sd][1] for sd in a.seeds)
-    lines += ["", f"Arm 3 recovers {rec:.0%} of the gap between arm 1 and arm 4 on the mean of {len(a.seeds)} seeds "
-              f"(target 50 %), and {'beats' if beats else 'does not beat'} arm 2 on every seed."]
-    secs = {i: [res[(i, sd)].get("seconds") for sd in a.seeds] for i in range(len(arms))}
-    if all(x for v in secs.values() for x in v):
-        per = {i: statistics.mean(secs[i]) / a.ft_epochs for i in secs}
-        lines += ["", "Wall time per epoch (training + validation, "
-                  f"{'one thread per run, ' + str(a.jobs) + ' runs at once' if a.jobs > 1 else 'one run at a time'}): "
-                  + ", ".join(f"{names[i]} {per[i]:.0f} s" for i in per) +
-                  f". The unlabelled images cost {per[2] / per[1]:.2f}x the KD epoch on the labelled part alone "
-                  f"({a.unlabeled_ratio:g} unlabelled per labelled image: the student's extra forward and backward "
-                  f"and the teacher's forward on them)."]
+        lines.append(f"| {sd} | " + " | ".join(f"{m * 100:.2f} ({m50 * 100:.1f})" for m50, m in rows[sd]) + " |")
+    m = [statistics.mean(rows[sd][i][1] for sd in a.seeds) for i in range(len(arms))]
+    m50 = [statistics.mean(rows[sd][i][0] for sd in a.seeds) for i in range(len(arms))]
+    lines.append("| mean | " + " | ".join(f"{x * 100:.2f} ({y * 100:.1f})" for x, y in zip(m, m50)) + " |")
+
+    def recovered(v: list[float], i: int) -> float:
+        return (v[i] - v[lo]) / (v[hi] - v[lo]) if v[hi] > v[lo] else float("nan")
+
+    lines.append("| gap recovered, mean | " + " | ".join(
+        "" if i in (lo, hi) else f"{recovered(m, i):.0%} (per seed "
+        + ", ".join(f"{recovered([r[1] for r in rows[sd]], i):.0%}" for sd in a.seeds) + ")"
+        for i in range(len(arms))) + " |")
+    kd_u = names.index("KD, labelled + unlabelled")
+    lines.append("")
+    for i, name in enumerate(names):
+        if i in (lo, hi, kd_u) or names[i] == "KD, labelled part":
+            continue
+        beats = all(rows[sd][i][1] > rows[sd][kd_u][1] for sd in a.seeds)
+        lines.append(f"- Arm {i + 1} ({name}): {recovered(m, i):.0%} of the gap on the mean of {len(a.seeds)} "
+                     f"seed(s); {'beats' if beats else 'does not beat'} arm {kd_u + 1} (soft KD on the same images) "
+                     f"on every seed.")
+    if not pseudo:
+        beats = all(rows[sd][kd_u][1] > rows[sd][1][1] for sd in a.seeds)
+        lines.append(f"- Arm {kd_u + 1} recovers {recovered(m, kd_u):.0%} of the gap between arm 1 and arm {hi + 1} "
+                     f"on the mean of {len(a.seeds)} seeds (target 50 %), and {'beats' if beats else 'does not beat'} "
+                     f"arm 2 on every seed.")
+    # what each arm cost: optimizer steps follow the batches (gradients accumulate to 64 images, ~4 batches of 16)
+    lines += ["", "| arm | epochs | labelled images seen | unlabelled images seen | batches | wall time, mean |",
+              "|---|---|---|---|---|---|"]
+    for i, (name, akd, data, _, epochs) in enumerate(arms):
+        n = n_all if data == Path(a.data) else nl
+        nb = batches_per_epoch(n, a.batch) * epochs
+        u = nb * round(a.unlabeled_ratio * a.batch) if akd and data == yu else 0
+        secs = [res[(i, sd)].get("seconds") for sd in a.seeds]
+        wall = f"{statistics.mean(secs) / 60:.1f} min" if all(secs) else "–"
+        lines.append(f"| {i + 1}. {name} | {epochs} | {n * epochs} | {u} | {nb} | {wall} |")
+    lines += ["", f"Batches of {a.batch}; an optimizer step comes every {max(round(64 / a.batch), 1)} batches after "
+              f"the warm-up (gradients accumulate to 64 images). Wall time: training + validation, "
+              f"{'one thread per run, ' + str(a.jobs) + ' runs at once' if a.jobs > 1 else 'one run at a time'}."]
     curves = {names[i]: [res[(i, sd)][M5095] for sd in a.seeds] for i in range(len(arms))}
     plot_arms(curves, s, t, Path(a.out) / f"kd_unlabeled{a.tag}.png", a, start_label="start (labelled part only)")
     return lines
@@ -465,7 +547,8 @@ def plot_arms(curves: dict, start: float, teacher: float, path: Path, a,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for (name, ys), colour in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")):
+    for (name, ys), colour in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+                                                   "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")):
         for y in ys:
             ax.plot(range(1, len(y) + 1), [v * 100 for v in y], color=colour, alpha=0.3, lw=1)
         n = min(len(y) for y in ys)
@@ -521,6 +604,11 @@ def main() -> int:
     ap.add_argument("--split-seed", type=int, default=0, help="unlabeled: seed of the labelled/unlabelled split")
     ap.add_argument("--pre-epochs", type=int, default=60, help="unlabeled: epochs of the start on the labelled part")
     ap.add_argument("--unlabeled_ratio", type=float, default=DEF_UNLABELED, help="unlabeled: unlabelled per labelled image")
+    ap.add_argument("--pseudo", nargs="*", default=[],
+                    help="unlabeled: pseudo-label arms, each [soft+]conf[:ignore[:weight]] ('soft+0.5': beside the "
+                         "soft terms of the flags; '0.5:0.1': alone, --distill_ratio 0)")
+    ap.add_argument("--matched-steps", default="", help="unlabeled: one more pseudo-label arm (same form) trained for "
+                    "as many batches as the all-labels arm")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets one thread when > 1)")
     ap.add_argument("--tag", default="", help="suffix of the docs files written (kd_<mode><tag>.md/.png)")
     ap.add_argument("--project", default=str(ROOT / "runs" / "kd_gain"))

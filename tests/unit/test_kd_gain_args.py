@@ -53,6 +53,20 @@ def test_unlabeled_runs_also_name_their_unlabeled_ratio() -> None:
         "_mean0.05_l2T5_u1"  # the folders of docs/kd_unlabeled_r0.05.md
 
 
+def test_pseudo_arms_name_every_setting_and_alone_means_no_soft_terms() -> None:
+    soft = {"dist_loss": "bce", "T": 1.0, "ratio": 0.5, "norm": "soft", "unlabeled_ratio": 1.0}
+    label, kd, stem = kd_gain.pseudo_arm("soft+0.5", soft, "_soft0.5_bceT1_u1")
+    assert (kd["ratio"], kd["pseudo_conf"], kd["pseudo_ignore"], kd["pseudo_weight"]) == (0.5, 0.5, 0.1, 1.0)
+    assert stem == "unl_pl0.5_i0.1_w1_soft0.5_bceT1_u1" and label.endswith("+ soft KD")
+    label, kd, stem = kd_gain.pseudo_arm("0.4:0:2", soft, "_soft0.5_bceT1_u1")
+    assert (kd["ratio"], kd["pseudo_conf"], kd["pseudo_ignore"], kd["pseudo_weight"]) == (0.0, 0.4, 0.0, 2.0)
+    assert stem == "unl_pl0.4_i0_w2_alone_u1" and label.endswith("alone")
+    for bad in ("", "soft+", "0", "1.5", "0.5:0.1:1:3", "x"):
+        with pytest.raises(SystemExit, match=r"\[soft\+\]conf"):
+            kd_gain.parse_pseudo(bad)
+    assert kd_gain.batches_per_epoch(200, 16) == 13 and kd_gain.batches_per_epoch(1000, 16) == 63
+
+
 def _stored_run(tmp_path: Path, data: str, imgsz: int = 160) -> argparse.Namespace:
     """A finished 2-epoch converge baseline folder, as train.py leaves it; returns the benchmark's args."""
     run = tmp_path / "conv_baseline_s0"
