@@ -31,6 +31,7 @@ from optimizer.teacher import check_teacher_unchanged, file_sha256
 from utils.core.config import read_yaml, yaml_save
 from utils.core.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel, dist_info_from_env,
                                     init_distributed, main_process_first, select_device)
+from utils.core.download import ensure_weights
 from utils.core.errors import UserError
 from utils.core.log import get_latest_run, hold_run_folder, increment_path, setup_logging
 from utils.data.datasets import available_memory, batch_memory_need, check_dataset, create_dataloader, reseed_loader
@@ -547,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     info = dist_info_from_env()
     setup_logging(info.rank)
     try:
+        # an official name (yolov5s.pt) that is not here is fetched into the current directory under that name,
+        # so every later use of the value finds the file (under torchrun each rank fetches its own copy and
+        # renames it into place whole: the same file, never a partial one)
+        for w in (opt.weights, opt.t_weights):
+            ensure_weights(w)
         if opt.evolve is not None:  # many trainings of train() with mutated hyps, into runs/evolve/exp*
             from utils.training.evolve import run_evolution
             check_flags(opt)

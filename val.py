@@ -24,6 +24,7 @@ import torch.nn as nn
 from models.yolo import check_img_size
 from utils.core.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.core.distributed import de_parallel
+from utils.core.download import ensure_weights
 from utils.core.errors import UserError
 from utils.core.log import increment_path, setup_logging
 from utils.evaluation.metrics import ConfusionMatrix, ap_per_class, process_batch
@@ -333,6 +334,7 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
             raise UserError("--weights: give a checkpoint to validate")
         if isinstance(weights, (list, tuple)) and len(weights) > 1:
             raise UserError("--weights: give one checkpoint (model ensembles are not supported)")
+        ensure_weights(w)  # an official name (yolov5s.pt, the default) is fetched as YOLOv5 does
         model, dataloader, data, save_dir, imgsz = _standalone_setup(
             data, w, batch_size, imgsz, task, device, workers, single_cls, save_txt, project, name, exist_ok,
             trust_checkpoint)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, distributed
 
 from utils.core.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 from utils.core.config import find_file, read_yaml
+from utils.core.download import download_zip_dataset
 from utils.core.errors import UserError
 from utils.data.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective,
                                 warp_image, warp_targets)
@@ -34,9 +35,14 @@ MAX_NAME_CHARS = 200  # class names are labels on plots and in results, not docu
 
 
 # ----------------------------------------------------------------------------------------------- dataset yaml
-def _run_download(cmd: str, yaml_file: Path) -> None:
+def _run_download(cmd: str, yaml_file: Path, path: Path) -> None:
     if cmd.startswith(("http://", "https://")):
-        raise UserError(f"{yaml_file}: dataset must be fetched manually from {cmd} (no network access at run time)")
+        if not cmd.split("?")[0].endswith(".zip"):
+            raise UserError(f"{yaml_file}: download {cmd!r}: only a .zip URL or a shipped script is fetched; get "
+                            f"the dataset by hand into {path}")
+        LOGGER.info(f"Dataset not found, downloading {cmd}")
+        download_zip_dataset(cmd, path, yaml_file.name)
+        return
     if cmd.startswith("python "):
         argv = [sys.executable] + shlex.split(cmd)[1:]
     elif cmd.startswith("bash "):
@@ -120,7 +126,7 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     if missing:
         dl = d.get("download")
         if dl and autodownload:
-            _run_download(str(dl).strip(), yaml_file)
+            _run_download(str(dl).strip(), yaml_file, path)
             missing = [v for v in vals if not Path(v).exists()]
         if missing:
             raise UserError(f"{yaml_file}: dataset not found, missing {', '.join(missing)}")
