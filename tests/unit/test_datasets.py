@@ -301,12 +301,18 @@ def test_check_dataset_errors_name_the_file(fake_root):
         D.check_dataset("nonames.yaml")
 
 
-def test_check_dataset_download_rules(fake_root):
+def test_check_dataset_download_rules(fake_root, monkeypatch):
     y = fake_root / "data" / "dl.yaml"
     base = "path: datasets/dl\ntrain: images/train\nval: images/val\nnames: [a]\n"
+    # a zip URL is fetched (tests/unit/test_download.py serves one); offline it is one line naming the URL
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
     y.write_text(base + "download: https://example.com/dl.zip\n")
-    with pytest.raises(UserError, match="manually"):
+    with pytest.raises(UserError, match="download it from https://example.com/dl.zip"):
         D.check_dataset(y)
+    y.write_text(base + "download: https://example.com/get_data.sh\n")  # only a zip is fetched
+    with pytest.raises(UserError, match="only a .zip URL or a shipped script is fetched"):
+        D.check_dataset(y)
+    y.write_text(base + "download: https://example.com/dl.zip\n")
     with pytest.raises(UserError, match="not found"):
         D.check_dataset(y, autodownload=False)
     # arbitrary python text is never executed
