@@ -147,8 +147,9 @@ def kill9_when(args: list[str], cwd: Path, ready, timeout: float = 300) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Each test carries the marker of its layer folder (unit, golden, e2e), so `-m "not e2e"` is the fast loop."""
+    """Each test carries the marker of its layer folder (unit, golden, e2e, cuda), so `-m "not e2e"` is the fast
+    loop and `-m cuda` the GPU layer."""
     for item in items:
         layer = Path(str(item.fspath)).parent.name
-        if layer in ("unit", "golden", "e2e"):
+        if layer in ("unit", "golden", "e2e", "cuda"):
             item.add_marker(getattr(pytest.mark, layer))

@@ -164,7 +164,7 @@ def _student(nc: int = NC) -> Model:
 
 def _loss(nc: int = NC, fl_gamma: float = 0.0) -> tuple[Model, ComputeLoss]:
     model = copy.deepcopy(_student(nc)).train()
-    hyp = {**load_hyp(LOW), "fl_gamma": fl_gamma}
+    hyp = {**load_hyp(LOW, KD_SPECS), "fl_gamma": fl_gamma}
     return model, ComputeLoss(model, hyp=scale_hyp(hyp, 3, nc, 64))
 
 
