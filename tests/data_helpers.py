@@ -42,3 +42,33 @@ def write_png(path: Path, im: np.ndarray) -> None:
 def write_label(path: Path, text: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+class FixedStream:
+    """A fixed unlabelled batch, in the UnlabeledStream interface (the distiller draws it every step)."""
+
+    def __init__(self, imgs, labelled_batch: int = 2):
+        self.imgs, self.batch_size, self.labelled_batch = imgs, imgs.shape[0], labelled_batch
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def next_batch(self):
+        """The same batch every time."""
+        return self.imgs
+
+    def start_epoch(self, epoch: int) -> None:
+        """A fixed batch has no shuffle to restart."""
+
+
+def zip_folder(src: Path, top: str) -> bytes:
+    """The files under `src` as a zip archive, under one folder `top` (as YOLOv5's dataset zips are)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                z.write(f, f"{top}/{f.relative_to(src)}")
+    return buf.getvalue()

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from data_helpers import FixedStream
 from conftest import ROOT, run_cli, unl_yaml
 from models.yolo import Model
 from optimizer.config import KD_SPECS, KDConfig
@@ -24,22 +25,6 @@ DEV = torch.device("cuda:0")
 NC = 8
 
 
-class _Stream:
-    """A fixed unlabelled batch, in the UnlabeledStream interface."""
-
-    labelled_batch = 4
-
-    def __init__(self, imgs: torch.Tensor):
-        self.imgs, self.batch_size = imgs, imgs.shape[0]
-
-    def __len__(self) -> int:
-        return self.batch_size
-
-    def next_batch(self) -> torch.Tensor:
-        return self.imgs
-
-    def start_epoch(self, epoch: int) -> None:
-        """A fixed batch has no shuffle to restart."""
 
 
 def _teacher(precision: str) -> Teacher:
@@ -59,7 +44,7 @@ def test_fp16_autocast_distillation_step_with_grad_scaler(extra):
     hyp = load_hyp(ROOT / "data/hyps/hyp.scratch-low.yaml", KD_SPECS)
     loss_fn = ComputeLoss(model, hyp=scale_hyp(hyp, 3, NC, 128))
     g = torch.Generator().manual_seed(0)
-    unlabeled = _Stream(torch.randint(0, 255, (4, 3, 128, 128), dtype=torch.uint8, generator=g))
+    unlabeled = FixedStream(torch.randint(0, 255, (4, 3, 128, 128), dtype=torch.uint8, generator=g), 4)
     kd = KDConfig(t_weights="t.pt", **extra)
     crit = Distiller(kd, loss_fn, _teacher("fp16"), model, 128, StudentForward(DEV, torch.float16),
                      unlabeled if "pseudo_conf" in extra else None, seed=0)

@@ -1,10 +1,8 @@
 """A new YOLOv5 user's first command, typed the YOLOv5 way, against a local asset server: the official weights
 and the dataset are fetched by name and a short training runs; offline, each CLI fails in one line."""
-import io
-import zipfile
-
 from asset_server import AssetServer, Route
 from conftest import DEMO_NAMES, FIXTURES, ROOT, one_error, run_cli
+from data_helpers import zip_folder
 from utils.reporting.loggers import read_results_csv
 
 
@@ -15,12 +13,7 @@ def _served_dataset(tmp_path) -> bytes:
     generate(src, n_train=8, n_val=4, seed=2, imgsz=64)
     for f in src.rglob("*.txt"):  # the four classes of the served checkpoint's head
         f.write_text("".join(ln + "\n" for ln in f.read_text().splitlines() if int(ln.split()[0]) < 4))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in sorted(src.rglob("*")):
-            if f.is_file():
-                z.write(f, f"served/{f.relative_to(src)}")
-    return buf.getvalue()
+    return zip_folder(src, "served")
 
 
 def test_first_command_downloads_weights_and_data_then_trains(tmp_path):

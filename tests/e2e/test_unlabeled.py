@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 
+from data_helpers import FixedStream
 from conftest import ROOT, kill9_when, run_cli, unl_yaml as _yaml
 from utils.reporting.loggers import KD_KEYS, read_results_csv
 from utils.training.checkpoint import torch_load
@@ -69,20 +70,6 @@ def test_refused_without_a_teacher(unl_data, tmp_path):
     assert not (tmp_path / "x").exists(), "a refused run wrote its folder"
 
 
-class _Stream:
-    """A fixed unlabelled batch, in the UnlabeledStream interface."""
-
-    def __init__(self, imgs: torch.Tensor):
-        self.imgs, self.batch_size = imgs, imgs.shape[0]
-
-    def __len__(self) -> int:
-        return self.batch_size
-
-    def next_batch(self) -> torch.Tensor:
-        return self.imgs
-
-    def start_epoch(self, epoch: int) -> None:
-        """A fixed batch has no shuffle to restart."""
 
 
 def _one_step_setup(teacher8):
@@ -124,7 +111,7 @@ def _epoch(model, crit, opt, loader, hyp, state_cls, unlabeled=None):
 def test_detection_loss_untouched_by_unlabelled_images(teacher8):
     model, crit, opt, loader, hyp, u, state_cls = _one_step_setup(teacher8)
     plain = _epoch(model, crit, opt, loader, hyp, state_cls).mloss
-    with_u = _epoch(model, crit, opt, loader, hyp, state_cls, unlabeled=_Stream(u)).mloss
+    with_u = _epoch(model, crit, opt, loader, hyp, state_cls, unlabeled=FixedStream(u)).mloss
     for k in ("box", "obj", "cls"):
         assert with_u[k] == plain[k], k  # bit-identical: the student runs the labelled batch alone
     assert any(with_u[k] != plain[k] for k in KD_KEYS_SHORT)  # ... while distillation sees the extra images

@@ -11,6 +11,7 @@ import pytest
 
 from asset_server import AssetServer, Route
 from conftest import DEMO_NAMES, FIXTURES
+from data_helpers import zip_folder
 from utils.core import download as dl
 from utils.core.errors import UserError
 from utils.training.checkpoint import model_from_ckpt, torch_load
@@ -118,12 +119,7 @@ def _dataset_zip(tmp_path: Path, top: str = "tinyset") -> bytes:
 
     src = tmp_path / "src"
     generate(src, n_train=4, n_val=2, seed=1, imgsz=64)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in sorted(src.rglob("*")):
-            if f.is_file():
-                z.write(f, f"{top}/{f.relative_to(src)}")
-    return buf.getvalue()
+    return zip_folder(src, top)
 
 
 def _yaml(tmp_path: Path, url: str) -> Path:

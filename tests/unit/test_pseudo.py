@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 
+from data_helpers import FixedStream
 from conftest import ROOT
 from models.yolo import Model
 from optimizer.config import KD_SPECS, KDConfig
@@ -200,22 +201,6 @@ def test_the_band_masks_the_objectness_of_its_cells_and_nothing_else(fl_gamma):
 
 
 # ------------------------------------------------------------------------------------------------ the distiller
-class _Stream:
-    """A fixed unlabelled batch, in the UnlabeledStream interface."""
-
-    labelled_batch = 2
-
-    def __init__(self, imgs: torch.Tensor):
-        self.imgs, self.batch_size = imgs, imgs.shape[0]
-
-    def __len__(self) -> int:
-        return self.batch_size
-
-    def next_batch(self) -> torch.Tensor:
-        return self.imgs
-
-    def start_epoch(self, epoch: int) -> None:
-        """A fixed batch has no shuffle to restart."""
 
 
 def _distiller(pseudo_conf: float, unlabeled=None, distill_ratio: float = 0.05) -> tuple[Model, Distiller]:
@@ -241,8 +226,8 @@ def _batch():
 
 def test_pseudo_labels_leave_the_labelled_images_detection_loss_unchanged():
     imgs, targets, u = _batch()
-    model, plain = _distiller(0.0, _Stream(u))
-    _, with_pseudo = _distiller(0.5, _Stream(u))
+    model, plain = _distiller(0.0, FixedStream(u))
+    _, with_pseudo = _distiller(0.5, FixedStream(u))
     a = plain(model, imgs, targets)[1]
     b = with_pseudo(model, imgs, targets)[1]
     for k in ("box", "obj", "cls", "dbox", "dobj", "dcls"):
@@ -253,7 +238,7 @@ def test_pseudo_labels_leave_the_labelled_images_detection_loss_unchanged():
 
 def test_the_pseudo_term_is_the_detection_loss_on_the_pseudo_targets():
     imgs, targets, u = _batch()
-    model, crit = _distiller(0.5, _Stream(u), distill_ratio=0.0)
+    model, crit = _distiller(0.5, FixedStream(u), distill_ratio=0.0)
     loss, parts = crit(model, imgs, targets)
     u_imgs, batch = crit._last_pseudo
     assert batch.ignore is not None  # the default band (pseudo_ignore 0.1) is on
@@ -267,7 +252,7 @@ def test_the_pseudo_term_is_the_detection_loss_on_the_pseudo_targets():
 
 def test_pseudo_weight_scales_the_term():
     imgs, targets, u = _batch()
-    model, crit = _distiller(0.5, _Stream(u), distill_ratio=0.0)
+    model, crit = _distiller(0.5, FixedStream(u), distill_ratio=0.0)
     one = crit(model, imgs, targets)[1]["pseudo"]
     crit.config = KDConfig(t_weights="t.pt", pseudo_conf=0.5, distill_ratio=0.0, pseudo_weight=0.25)
     torch.testing.assert_close(crit(model, imgs, targets)[1]["pseudo"], one * 0.25)
@@ -275,7 +260,7 @@ def test_pseudo_weight_scales_the_term():
 
 def test_no_gradient_reaches_the_teacher():
     imgs, targets, u = _batch()
-    model, crit = _distiller(0.5, _Stream(u))
+    model, crit = _distiller(0.5, FixedStream(u))
     loss, _ = crit(model, imgs, targets)
     loss.backward()
     _, batch = crit._last_pseudo
