@@ -287,3 +287,15 @@ def test_refusals_are_one_line_user_errors():
 def test_the_specs_keep_an_off_run_off_under_evolution():
     assert KD_SPECS["pseudo_conf"].default == 0.0 and KD_SPECS["pseudo_conf"].evolve[1] == 0.0
     assert KDConfig().pseudo_conf == 0.0 and KDConfig().hyp_values()["pseudo_ignore"] == KD_SPECS["pseudo_ignore"].default
+
+
+def test_pseudo_labels_under_bf16_autocast():
+    imgs, targets, u = _batch()
+    model, loss_fn = _loss()
+    _, ref = _distiller(0.5, FixedStream(u))
+    crit = Distiller(ref.config, loss_fn, ref.teacher, model, 64, StudentForward(torch.device("cpu"), torch.bfloat16),
+                     FixedStream(u))
+    loss, parts = crit(model, imgs, targets)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and parts["pseudo"] > 0 and parts["pboxes"] > 0
+    loss.backward()  # the bf16 graph of both student passes backpropagates
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
