@@ -388,7 +388,8 @@ def make_split(a) -> tuple[Path, Path, int, int]:
     rng.shuffle(order)
     k = round(a.labelled_fraction * len(order))
     labelled, unlabelled = sorted(order[:k]), sorted(order[k:])
-    out = Path(a.project) / "unl_split"
+    # absolute: the yamls name these lists, and a dataset yaml resolves relative entries against its own path
+    out = Path(a.project).resolve() / "unl_split"
     out.mkdir(parents=True, exist_ok=True)
     for name, files in (("labelled.txt", labelled), ("unlabeled.txt", unlabelled)):
         (out / name).write_text("".join(f"{f}\n" for f in files))

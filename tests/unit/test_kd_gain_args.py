@@ -121,3 +121,19 @@ def test_converge_starts_the_slower_kd_runs_first(tmp_path: Path, monkeypatch) -
     lines = kd_gain.converge(a)
     assert any(line.startswith("| 0 | 30.00 | 32.00 (+2.00) |") for line in lines)  # results keyed by arm, not order
     assert started == ["conv_iou_r0.05_s0", "conv_iou_r0.05_s1", "conv_baseline_s0", "conv_baseline_s1"]
+
+
+def test_the_unlabelled_split_names_absolute_lists_from_a_relative_project(tiny_data, tmp_path, monkeypatch) -> None:
+    import yaml
+
+    from utils.data.datasets import check_dataset
+
+    monkeypatch.chdir(tmp_path)
+    a = argparse.Namespace(data=str(tiny_data), split_seed=0, labelled_fraction=0.25, project="runs/kd_unl")
+    yl, yu, nl, nu = kd_gain.make_split(a)
+    assert (nl, nu) == (2, 6)
+    for y in (yl, yu):
+        d = yaml.safe_load(Path(y).read_text())
+        assert Path(d["train"]).is_absolute() and Path(d["train"]).is_file()
+        assert len(check_dataset(y)["train"]) > 0  # resolves wherever the yaml is read from
+    assert Path(yaml.safe_load(Path(yu).read_text())["unlabeled"]).is_absolute()
