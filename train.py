@@ -268,8 +268,8 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
         reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
     stopper = EarlyStopping(patience=opt.patience)
     stopper.best_fitness = resume.best_fitness if resuming else -1.0
-    logger = RunLogger(save_dir, hyp={**hyp, **kd.hyp_values()}, opt=opt_record, parts=criterion.parts, figures=criterion.figures,
-                       tensorboard=True, plots=not opt.noplots) if main else None
+    logger = RunLogger(save_dir, hyp={**hyp, **kd.hyp_values()}, opt=opt_record, parts=criterion.parts,
+                       figures=criterion.figures, tensorboard=True, plots=not opt.noplots) if main else None
     return Setup(save_dir=save_dir, data_dict=data_dict, names=names, model=model, ema=ema, optimizer=optimizer,
                  scheduler=scheduler, lf=lf, hyp=hyp, opt_record=opt_record, train_loader=train_loader, val_loader=val_loader,
                  compute_loss=compute_loss, criterion=criterion, keeper=keeper, logger=logger,

@@ -76,6 +76,8 @@ class PseudoLabeller:
         self.anchors = head.anchors.detach().float().clone()
         self.strides = head.stride.detach().float().clone()
         self.conf = float(conf)
+        # NMS keeps boxes scoring strictly above its threshold: the float just below conf keeps a box at exactly conf
+        self._nms_conf = torch.nextafter(torch.tensor(self.conf), torch.tensor(0.0)).item()
         self.ignore_below = float(ignore)
         self.iou = float(iou)
 
@@ -83,9 +85,7 @@ class PseudoLabeller:
         """The pseudo-labels of a batch of `height` x `width` images from the teacher's raw maps of them."""
         with torch.no_grad():
             rows = decode_maps(maps, self.anchors.to(maps[0].device), self.strides)
-            # NMS keeps boxes scoring strictly above its threshold; a box at exactly pseudo_conf counts too
-            thr = torch.nextafter(torch.tensor(self.conf), torch.tensor(0.0)).item()
-            dets = non_max_suppression(rows, conf_thres=thr, iou_thres=self.iou, max_det=PSEUDO_MAX_DET)
+            dets = non_max_suppression(rows, conf_thres=self._nms_conf, iou_thres=self.iou, max_det=PSEUDO_MAX_DET)
             targets, conf = [], []
             for i, d in enumerate(dets):
                 box = xyxy2xywhn(d[:, :4].clone(), w=width, h=height, clip=True)

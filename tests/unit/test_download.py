@@ -40,7 +40,8 @@ def test_official_names_cover_the_v7_detection_checkpoints():
 
 def test_base_url_default_and_override(monkeypatch):
     monkeypatch.delenv(dl.ASSETS_URL_ENV, raising=False)
-    assert dl.official_weights_url("yolov5s.pt") == "https://github.com/ultralytics/yolov5/releases/download/v7.0/yolov5s.pt"
+    url = dl.official_weights_url("yolov5s.pt")
+    assert url == "https://github.com/ultralytics/yolov5/releases/download/v7.0/yolov5s.pt"
     monkeypatch.setenv(dl.ASSETS_URL_ENV, "http://mirror.local/assets/")
     assert dl.official_weights_url("yolov5x6.pt") == "http://mirror.local/assets/v7.0/yolov5x6.pt"
 

@@ -286,7 +286,8 @@ def test_refusals_are_one_line_user_errors():
 
 def test_the_specs_keep_an_off_run_off_under_evolution():
     assert KD_SPECS["pseudo_conf"].default == 0.0 and KD_SPECS["pseudo_conf"].evolve[1] == 0.0
-    assert KDConfig().pseudo_conf == 0.0 and KDConfig().hyp_values()["pseudo_ignore"] == KD_SPECS["pseudo_ignore"].default
+    assert KDConfig().pseudo_conf == 0.0
+    assert KDConfig().hyp_values()["pseudo_ignore"] == KD_SPECS["pseudo_ignore"].default
 
 
 def test_pseudo_labels_under_bf16_autocast():
