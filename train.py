@@ -32,7 +32,7 @@ from utils.core.config import read_yaml, yaml_save
 from utils.core.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel, dist_info_from_env,
                                     init_distributed, main_process_first, select_device)
 from utils.core.download import ensure_weights
-from utils.core.errors import UserError
+from utils.core.errors import UserError, report
 from utils.core.log import get_latest_run, hold_run_folder, increment_path, setup_logging
 from utils.data.datasets import available_memory, batch_memory_need, check_dataset, create_dataloader, reseed_loader
 from utils.data.unlabeled import UnlabeledStream, build_unlabeled_stream
@@ -575,8 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cleanup_distributed(info)
     except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     except KeyboardInterrupt:
         print("Interrupted; the last saved checkpoint is intact (use --resume)", file=sys.stderr)
         return 130

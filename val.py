@@ -25,7 +25,7 @@ from models.yolo import check_img_size
 from utils.core.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.core.distributed import de_parallel
 from utils.core.download import ensure_weights
-from utils.core.errors import UserError
+from utils.core.errors import UserError, report
 from utils.core.log import increment_path, setup_logging
 from utils.evaluation.metrics import ConfusionMatrix, ap_per_class, process_batch
 from utils.evaluation.nms import non_max_suppression
@@ -408,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(**vars(opt))
     except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

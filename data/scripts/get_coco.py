@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from utils.core.download import assets_base, download_zip_dataset  # noqa: E402
-from utils.core.errors import UserError  # noqa: E402
+from utils.core.errors import UserError, report  # noqa: E402
 
 IMAGES_URL = "http://images.cocodataset.org/zips"
 SPLITS = ("train2017", "val2017", "test2017")
@@ -31,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / "images").mkdir(parents=True, exist_ok=True)
                 download_zip_dataset(f"{IMAGES_URL}/{split}.zip", out / "images" / split, "coco.yaml")
     except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from utils.core.download import assets_base, download_zip_dataset  # noqa: E402
-from utils.core.errors import UserError  # noqa: E402
+from utils.core.errors import UserError, report  # noqa: E402
 
 ZIPS = ("VOCtrainval_06-Nov-2007.zip", "VOCtest_06-Nov-2007.zip", "VOCtrainval_11-May-2012.zip")
 SETS = (("2012", "train"), ("2012", "val"), ("2007", "train"), ("2007", "val"), ("2007", "test"))
@@ -64,13 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out.resolve()
     devkit = out / "VOCdevkit"
     try:
-        out.mkdir(parents=True, exist_ok=True)
         for name in ZIPS:  # each zip holds VOCdevkit/VOC<year>/...; unpacked into one tree
             download_zip_dataset(f"{assets_base()}/v1.0/{name}", devkit, "VOC.yaml")
         convert(devkit, out)
     except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     shutil.rmtree(devkit, ignore_errors=True)
     return 0
 

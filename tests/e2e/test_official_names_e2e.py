@@ -50,4 +50,9 @@ def test_offline_the_yolov5_way_fails_in_one_line(tmp_path):
                 cwd=tmp_path, env_extra=env)
     err = one_error(r)
     assert "coco128" in err and "https://ultralytics.com/assets/coco128.zip" in err
+    # a shipped download script (coco.yaml's) reports its own one line; train.py adds no second one
+    r = run_cli([str(ROOT / "train.py"), "--data", "coco.yaml", "--weights", str(FIXTURES / "student.pt"), "--epochs",
+                 "1"], cwd=tmp_path, env_extra=env)
+    err = one_error(r)
+    assert "coco2017labels.zip" in err and "releases/download/v1.0/coco2017labels.zip" in err and "coco.yaml" in err
     assert list(tmp_path.iterdir()) == []  # nothing written

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, distributed
 from utils.core.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 from utils.core.config import find_file, read_yaml
 from utils.core.download import download_zip_dataset
-from utils.core.errors import UserError
+from utils.core.errors import EXIT_CODE, ReportedError, UserError
 from utils.data.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective,
                                 warp_image, warp_targets)
 from utils.data.labels import IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache, save_cache
@@ -55,8 +55,18 @@ def _run_download(cmd: str, yaml_file: Path, path: Path) -> None:
                         f"'python ...' or 'bash ...' commands are run)")
     LOGGER.info(f"Dataset not found, running {' '.join(argv)}")
     r = subprocess.run(argv, cwd=ROOT)
+    if r.returncode == EXIT_CODE and _shipped_script(argv):
+        # the project's own scripts exit 2 after printing their one-line ERROR: not a second line for it
+        raise ReportedError(f"{yaml_file}: {cmd} failed")
     if r.returncode != 0:
         raise UserError(f"{yaml_file}: download command failed with exit code {r.returncode}: {cmd}")
+
+
+def _shipped_script(argv: list[str]) -> bool:
+    """True when `argv` runs a Python script under data/scripts/ (the project's own download scripts)."""
+    if len(argv) < 2 or argv[0] != sys.executable:
+        return False
+    return (ROOT / argv[1]).resolve().parent == (ROOT / "data" / "scripts").resolve()
 
 
 def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
