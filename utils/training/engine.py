@@ -341,7 +341,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optim: Optim, epoch: in
     accumulate = accumulate_steps(cfg.batch_size)
     pbar = enumerate(loader)
     if cfg.show_progress:
-        figures = set(getattr(criterion, "figures", ()))  # counts, not losses: shown under their own name
+        figures = set(criterion.figures)  # counts, not losses: shown under their own name
         # a name that leaves no space in its 11-character column is shown bare (pseudo_loss as pseudo)
         cols = ("Epoch", "GPU_mem", *(k if k in figures or len(k) > 5 else f"{k}_loss" for k in names),
                 "Instances", "Size")
