@@ -9,9 +9,10 @@ this project (`plain` = fp32 eager, `amp` = --amp, `compile` = --compile) the ru
 project, reference, project ... so that a drift in the machine's speed hits both sides alike; the ratio
 is taken pair by pair and its median printed. The reference is not part of this repository: pass the
 folder that holds its train.py (a git checkout, or the `yolov5` folder of the pip package), and with
---pythonpath whatever it needs that this venv lacks: benchmarks/setup_reference.sh sets both up from PyPI, and
-docs/results/perf_reference.md says why each piece is there. Writes perf_reference.md into a new dated folder, docs/experiments/<YYYY-MM-DD>-perf-reference/ (or
---out), carrying over that setup section; add a row for the folder to docs/experiments/index.md.
+--pythonpath whatever it needs that this venv lacks: benchmarks/setup_reference.sh sets both up from PyPI,
+and docs/results/perf_reference.md says why each piece is there. Writes perf_reference.md into a new dated
+folder, docs/experiments/<YYYY-MM-DD>-perf-reference/ (or --out), carrying over that setup section; add a row
+for the folder to docs/experiments/index.md.
 """
 from __future__ import annotations
 
