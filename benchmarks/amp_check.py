@@ -83,7 +83,8 @@ def main() -> int:
              f"--distill_ratio {kd['ratio']:g}, --dist_loss {kd['dist_loss']}, --temperature {kd['T']:g}, teacher "
              f"precision auto). fp32: no flag; amp: `--amp` (bf16 autocast for the student). Figures: best.pt's "
              f"epoch, mAP50-95 in points; wall time of the whole train.py command.", "",
-             "| arm | seed | fp32 | amp | amp - fp32 | fp32 wall | amp wall | speed-up |", "|---|---|---|---|---|---|---|---|"]
+             "| arm | seed | fp32 | amp | amp - fp32 | fp32 wall | amp wall | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
     verdicts, why_lines = [], []
     for arm, _ in arms:
         diffs = []
