@@ -64,8 +64,9 @@ def main() -> int:
     a.device, a.teacher_precision, a.train_flags, a.student = "cpu", "auto", "", ""
     a.out = Path(a.out or experiment_dir(f"amp-check{a.tag}"))
 
-    arms = [("baseline", None), ("default teacher", default_kd())]
-    jobs = [(arm, kd, seed, prec) for seed in a.seeds for arm, kd in arms for prec in PRECISIONS]
+    kd = default_kd()
+    arms = [("baseline", None), ("default teacher", kd)]
+    jobs = [(arm, arm_kd, seed, prec) for seed in a.seeds for arm, arm_kd in arms for prec in PRECISIONS]
 
     def one(job):
         arm, kd, seed, prec = job
@@ -77,7 +78,6 @@ def main() -> int:
         res = dict(zip([(j[0], j[2], j[3]) for j in jobs], pool.map(one, jobs)))
     _, s = start_map(a, a.start)
     _, t = start_map(a, a.teacher)
-    kd = default_kd()
     lines = [f"Every run continues `{Path(a.start).name}` (mAP50-95 {s * 100:.2f}) for {a.epochs} epochs at imgsz "
              f"{a.imgsz}, batch {a.batch}, hyp {a.ft_hyp}, same seed per row; the teacher arm uses "
              f"`{Path(a.teacher).name}` (mAP50-95 {t * 100:.2f}) with train.py's defaults (--dist_norm {kd['norm']}, "

@@ -9,7 +9,8 @@
 # Prints the bench_reference.py command (with REF and DEPS filled in) and the YOLOV5_CONFIG_DIR to export.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DIR=$(mkdir -p "${1:-$ROOT/runs/reference}" && cd "${1:-$ROOT/runs/reference}" && pwd)
+DIR=${1:-$ROOT/runs/reference}
+mkdir -p "$DIR" && DIR=$(cd "$DIR" && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 PKG=$DIR/pkg DEPS=$DIR/deps CFG=$DIR/config
 

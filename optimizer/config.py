@@ -20,9 +20,9 @@ from utils.training.hyp import EVOLVE_SWITCH, HypSpec, check_value
 # train.py --evolve mutates them only when a teacher is given; unlabeled_ratio is carried, not mutated (gain 0):
 # it sets the cost of a step, and the fitness would simply favour more compute.
 # Off by default (feat_kd none): no form gained at the 8-class plateau or in the Quickstart's setting
-# (docs/results/convergence.md). When it
-# is turned on, 0.02 is the weight that cost least there (pkd alone -0.16 on three seeds; the feature gradient
-# at the neck ~1/20 of the detection terms'); 0.1 (~1/4) cost 1-3 points alone, and ~1x cost 2-7.5.
+# (docs/results/convergence.md). When it is turned on, 0.02 is the weight that cost least there (pkd alone
+# -0.16 on three seeds; the feature gradient at the neck ~1/20 of the detection terms'); 0.1 (~1/4) cost 1-3
+# points alone, and ~1x cost 2-7.5.
 FEAT_RATIO_DEFAULT = 0.02
 PSEUDO_IGNORE_DEFAULT = 0.1
 KD_SPECS: dict[str, HypSpec] = {
