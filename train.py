@@ -40,9 +40,9 @@ from utils.evaluation.metrics import fitness
 from utils.reporting.loggers import RunLogger
 from utils.training.anchors import check_anchors
 from utils.training.checkpoint import model_from_ckpt, torch_load
-from utils.training.engine import (NBS, CompiledForward, EarlyStopping, LoopConfig, LoopState, ModelEMA, Optim,
-                                   StudentForward, accumulate_steps, build_optimizer, build_scheduler, init_seeds,
-                                   keep_freed_memory, lr_lambda, resolve_amp, train_one_epoch)
+from utils.training.engine import (AMP_CHOICES, NBS, CompiledForward, EarlyStopping, LoopConfig, LoopState, ModelEMA,
+                                   Optim, StudentForward, accumulate_steps, build_optimizer, build_scheduler,
+                                   init_seeds, keep_freed_memory, lr_lambda, resolve_amp, train_one_epoch)
 from utils.training.hyp import load_hyp
 from utils.training.keeper import CheckpointKeeper, ResumePoint, restore_ema
 from utils.training.loss import ComputeLoss, scale_hyp
@@ -200,7 +200,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     model, ckpt = build_student(opt, nc, hyp, device)
     ckpt = ckpt if resuming else None  # from here on, a checkpoint means "resume from it"
     model = to_training_layout(model)
-    amp_dtype = resolve_amp(opt.amp, device)  # CUDA: fp16 unless --no-amp; CPU: bf16 only with --amp
+    amp_dtype = resolve_amp(opt.amp, device)
     freeze_layers(model, opt.freeze)
     keeper = CheckpointKeeper(save_dir, save_period=opt.save_period, nosave=opt.nosave)
     hyp_record, opt_record = run_record(hyp, opt, kd)
@@ -457,8 +457,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--evolve", type=int, nargs="?", const=300, default=None,
                    help="evolve the hyp yaml for x generations (default 300), see utils/training/evolve.py")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision: on by default on CUDA (fp16 + GradScaler), opt-in on CPU (bf16 autocast)")
+    p.add_argument("--amp", nargs="?", const="on", default="auto", choices=AMP_CHOICES,
+                   help="mixed precision: auto = fp16 + GradScaler on CUDA, bf16 autocast on a CPU with native bf16, "
+                        "fp32 elsewhere; --amp alone = on")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="fp32 training (--amp off)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the student's forward (skipped with a warning where unavailable)")
     p.add_argument("--trust-checkpoint", action="store_true",

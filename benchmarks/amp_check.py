@@ -70,9 +70,10 @@ def main() -> int:
 
     def one(job):
         arm, kd, seed, prec = job
-        flags = "--amp" if prec == "amp" else ""
-        name = _conv_name(kd["norm"] if kd else "baseline", kd, seed, "auto", flags)
-        return train_run(name, a, seed=seed, epochs=a.epochs, kd=kd, weights=a.start, extra=tuple(flags.split()))
+        flags = "--amp" if prec == "amp" else "--no-amp"  # explicit both ways: the default is auto
+        tag = "--amp" if prec == "amp" else ""  # the fp32 folders keep the names they had when fp32 was the default
+        name = _conv_name(kd["norm"] if kd else "baseline", kd, seed, "auto", tag)
+        return train_run(name, a, seed=seed, epochs=a.epochs, kd=kd, weights=a.start, extra=(flags,))
 
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         res = dict(zip([(j[0], j[2], j[3]) for j in jobs], pool.map(one, jobs)))
@@ -82,7 +83,7 @@ def main() -> int:
              f"{a.imgsz}, batch {a.batch}, hyp {a.ft_hyp}, same seed per row; the teacher arm uses "
              f"`{Path(a.teacher).name}` (mAP50-95 {t * 100:.2f}) with train.py's defaults (--dist_norm {kd['norm']}, "
              f"--distill_ratio {kd['ratio']:g}, --dist_loss {kd['dist_loss']}, --temperature {kd['T']:g}, teacher "
-             f"precision auto). fp32: no flag; amp: `--amp` (bf16 autocast for the student). Figures: best.pt's "
+             f"precision auto). fp32: `--no-amp`; amp: `--amp` (bf16 autocast for the student). Figures: best.pt's "
              f"epoch, mAP50-95 in points; wall time of the whole train.py command.", "",
              "| arm | seed | fp32 | amp | amp - fp32 | fp32 wall | amp wall | speed-up |",
              "|---|---|---|---|---|---|---|---|"]

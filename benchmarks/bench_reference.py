@@ -1,18 +1,18 @@
 #!/usr/bin/env python
 """Side-by-side training time against a reference YOLOv5 checkout, runs interleaved on one machine.
 
-    python benchmarks/bench_reference.py --reference /path/to/yolov5 [--pairs 3] [--variants plain amp]
+    python benchmarks/bench_reference.py --reference /path/to/yolov5 [--pairs 3] [--variants plain fp32]
 
 Both trainers run the same job as whole processes: YOLOv5n from scratch on the demo data, imgsz 320,
 batch 16, 2 workers, 2 epochs, plots off, validation every epoch as both do by default. For each variant of
-this project (`plain` = fp32 eager, `amp` = --amp, `compile` = --compile) the runs alternate reference,
-project, reference, project ... so that a drift in the machine's speed hits both sides alike; the ratio
-is taken pair by pair and its median printed. The reference is not part of this repository: pass the
-folder that holds its train.py (a git checkout, or the `yolov5` folder of the pip package), and with
---pythonpath whatever it needs that this venv lacks: benchmarks/setup_reference.sh sets both up from PyPI,
-and docs/results/perf_reference.md says why each piece is there. Writes perf_reference.md into a new dated
-folder, docs/experiments/<YYYY-MM-DD>-perf-reference/ (or --out), carrying over that setup section; add a row
-for the folder to docs/experiments/index.md.
+this project (`plain` = train.py's defaults, bf16 autocast on a CPU with native bf16; `fp32` = --no-amp; `amp`
+= --amp; `compile` = --compile) the runs alternate reference, project, reference, project ... so that a drift
+in the machine's speed hits both sides alike; the ratio is taken pair by pair and its median printed. The
+reference is not part of this repository: pass the folder that holds its train.py (a git checkout, or the
+`yolov5` folder of the pip package), and with --pythonpath whatever it needs that this venv lacks:
+benchmarks/setup_reference.sh sets both up from PyPI, and docs/results/perf_reference.md says why each piece
+is there. Writes perf_reference.md into a new dated folder, docs/experiments/<YYYY-MM-DD>-perf-reference/ (or
+--out), carrying over that setup section; add a row for the folder to docs/experiments/index.md.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from experiments import experiment_dir, remind_index
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP_DOC = ROOT / "docs" / "results" / "perf_reference.md"
-VARIANT_FLAGS = {"plain": [], "amp": ["--amp"], "compile": ["--compile"]}
+VARIANT_FLAGS = {"plain": [], "fp32": ["--no-amp"], "amp": ["--amp"], "compile": ["--compile"]}
 
 
 def job_args(data: str, imgsz: int, batch: int, workers: int, epochs: int, project: str, name: str) -> list[str]:
@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--reference", required=True, help="folder holding the reference YOLOv5 train.py")
     ap.add_argument("--pythonpath", default="", help="extra PYTHONPATH for the reference only")
     ap.add_argument("--python", default=sys.executable, help="interpreter for both trainers")
-    ap.add_argument("--variants", nargs="+", default=["plain", "amp"], choices=sorted(VARIANT_FLAGS))
+    ap.add_argument("--variants", nargs="+", default=["plain", "fp32"], choices=sorted(VARIANT_FLAGS))
     ap.add_argument("--pairs", type=int, default=3, help="reference/project pairs per variant")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--imgsz", type=int, default=320)
@@ -125,7 +125,7 @@ def main() -> int:
                 f"max {max(t_ref):.1f}); speed ratio project/reference {statistics.median(ratios):.2f}x "
                 f"(median of {len(ratios)} interleaved pairs, range {min(ratios):.2f}-{max(ratios):.2f})")
         print(line, flush=True)
-        rows.append(f"| {variant} (`{' '.join(VARIANT_FLAGS[variant]) or 'fp32, eager'}`) | "
+        rows.append(f"| {variant} (`{' '.join(VARIANT_FLAGS[variant]) or 'defaults'}`) | "
                     f"{statistics.median(t_proj):.1f} s | {statistics.median(t_ref):.1f} s | "
                     f"**{statistics.median(ratios):.2f}×** ({min(ratios):.2f}–{max(ratios):.2f}) |")
     out = Path(a.out) if a.out else experiment_dir("perf-reference") / "perf_reference.md"

@@ -19,7 +19,7 @@ from common import criterion_for, demo_data, load_hyp, peak_memory_mb, student, 
 from utils.core.distributed import select_device
 from utils.data.datasets import create_dataloader
 from utils.data.unlabeled import build_unlabeled_stream
-from utils.training.engine import (CompiledForward, LoopConfig, LoopState, ModelEMA, Optim, StudentForward,
+from utils.training.engine import (AMP_CHOICES, CompiledForward, LoopConfig, LoopState, ModelEMA, Optim, StudentForward,
                                    build_optimizer, lr_lambda, resolve_amp, train_one_epoch)
 
 
@@ -31,7 +31,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kd", action="store_true", help="distil from the demo teacher while training")
     ap.add_argument("--teacher-precision", default="auto", help="as train.py's --teacher-precision")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the student on CPU (as train.py --amp)")
+    ap.add_argument("--amp", nargs="?", const="on", default=None, choices=AMP_CHOICES,
+                    help="as train.py's --amp (alone: on); not given: fp32 on CPU, fp16 on CUDA, the tables' baseline")
     ap.add_argument("--compile", action="store_true", help="torch.compile the student's forward (train.py --compile)")
     ap.add_argument("--unlabeled-ratio", type=float, default=0.0,
                     help="with --kd: also draw this many unlabelled images per labelled one (the demo training "
@@ -44,7 +45,7 @@ def main() -> int:
     loader, _ = create_dataloader(data["train"], a.imgsz, a.batch, 32, hyp=hyp, augment=True, workers=a.workers,
                                   shuffle=True)
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    amp_dtype = resolve_amp(True if a.amp else None, device)
+    amp_dtype = resolve_amp(a.amp, device)
     unlabeled = None
     if a.kd and a.unlabeled_ratio > 0:
         unlabeled = build_unlabeled_stream(data["train"], a.unlabeled_ratio, a.batch, a.imgsz, 32, hyp,

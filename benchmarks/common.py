@@ -69,7 +69,7 @@ class Stepper:
     def __init__(self, model, hyp: dict, device: torch.device, teacher: Teacher | None = None, amp: bool = False,
                  imgsz: int = 320, feat_kd: str = "none", feat_ratio: float = 1.0):
         self.model, self.device, self.amp = model, device, amp
-        forward = StudentForward(device, resolve_amp(True, device) if amp else None)
+        forward = StudentForward(device, resolve_amp("on", device) if amp else None)
         self.criterion = (DetectionCriterion(ComputeLoss(model), forward) if teacher is None else
                           Distiller(KDConfig(t_weights=teacher.path, feat_kd=feat_kd, feat_ratio=feat_ratio),
                                     ComputeLoss(model), teacher, model, imgsz, forward))

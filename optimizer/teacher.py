@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,34 +14,13 @@ import torch.nn as nn
 from optimizer.int8 import convert_int8, int8_unavailable, prepare_int8
 from utils.core.distributed import de_parallel
 from utils.core.errors import UserError
+from utils.core.hardware import cpu_supports_bf16
 from utils.training.checkpoint import attempt_load
 
 LOGGER = logging.getLogger("yolov5kd")
 
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # --teacher-precision choices
 INT8_CALIBRATION_BATCHES = 8  # training batches an int8 teacher observes in fp32 before it is quantised
-# /proc/cpuinfo flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension
-_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 instructions (Linux /proc/cpuinfo flags) and oneDNN is built in."""
-    # Not torch's own check: oneDNN also "supports" bf16 on plain AVX512 by emulation, which is slower than
-    # fp32. Other systems (no /proc/cpuinfo) answer False, so auto stays on fp32 there.
-    if not sys.platform.startswith("linux") or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        text = CPUINFO.read_text(errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features") and _BF16_CPU_FLAGS & set(value.split()):
-            return True
-    return False
-
-
 def resolve_teacher_precision(precision: str, device: str | torch.device) -> tuple[str, str]:
     """(fp32 | bf16 | fp16 | int8, why) for a --teacher-precision value on device; UserError for fp16 off CUDA
     and for int8 off the CPU or where this torch cannot quantise."""

@@ -9,15 +9,17 @@ import torch
 import yaml
 
 import optimizer.teacher as teacher_mod
+import utils.core.hardware as hardware_mod
+import utils.training.engine as engine_mod
 from conftest import ROOT, random_checkpoint, run_cli
 from models.common import Conv
 from models.yolo import Model
 from optimizer.config import KD_SPECS, KDConfig, add_kd_args
 from optimizer.criterion import DetectionCriterion, Distiller
 from optimizer.int8 import int8_unavailable
-from optimizer.teacher import (INT8_CALIBRATION_BATCHES, Teacher, cpu_supports_bf16, load_teacher,
-                               resolve_teacher_precision)
+from optimizer.teacher import INT8_CALIBRATION_BATCHES, Teacher, load_teacher, resolve_teacher_precision
 from utils.core.errors import UserError
+from utils.core.hardware import cpu_supports_bf16
 from utils.training.checkpoint import build_checkpoint, torch_load
 from utils.training.engine import (CompiledForward, LoopConfig, LoopState, ModelEMA, Optim, StudentForward,
                                    build_optimizer, lr_lambda, resolve_amp, train_one_epoch)
@@ -67,7 +69,7 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
         pytest.skip("torch built without oneDNN: bf16 is never chosen")
     monkeypatch.setattr(sys, "platform", "linux")
     info = tmp_path / "cpuinfo"
-    monkeypatch.setattr(teacher_mod, "CPUINFO", info)
+    monkeypatch.setattr(hardware_mod, "CPUINFO", info)
     cases = {"flags\t\t: fpu sse avx2 avx512f avx512bw avx512vl\n": False,  # AVX512 alone: emulated bf16
              "flags\t\t: fpu avx512f avx512_bf16\n": True,
              "flags\t\t: fpu amx_tile amx_bf16\n": True,
@@ -207,12 +209,30 @@ def test_int8_teacher_observes_then_quantises(fixtures_dir, golden, caplog):
 
 # ----------------------------------------------------------------------------------------------------- --amp, loop
 
-def test_resolve_amp():
+def test_resolve_amp(monkeypatch, caplog):
     cuda = torch.device("cuda", 0)
-    assert resolve_amp(None, cuda) == torch.float16 and resolve_amp(True, cuda) == torch.float16
-    assert resolve_amp(False, cuda) is None
-    assert resolve_amp(None, CPU) is None and resolve_amp(False, CPU) is None  # CPU default: fp32, as before
-    assert resolve_amp(True, CPU) == torch.bfloat16
+    for native in (False, True):  # CUDA ignores the CPU's bf16
+        monkeypatch.setattr(engine_mod, "cpu_supports_bf16", lambda: native)
+        for flag in ("auto", "on", True, None):
+            assert resolve_amp(flag, cuda) == torch.float16, flag
+        assert resolve_amp("off", cuda) is None and resolve_amp(False, cuda) is None
+    monkeypatch.setattr(engine_mod, "cpu_supports_bf16", lambda: True)
+    with caplog.at_level(logging.INFO, logger="yolov5kd"):
+        assert resolve_amp("auto", CPU) == torch.bfloat16  # the new default, where bf16 is native
+    assert "AMP: bf16 autocast (auto: CPU runs bf16 natively)" in _messages(caplog)
+    assert resolve_amp("on", CPU) == resolve_amp(True, CPU) == torch.bfloat16
+    assert resolve_amp("off", CPU) is None and resolve_amp(False, CPU) is None
+    assert resolve_amp(None, CPU) is None  # a run recorded before auto resumes in the fp32 it began in
+    monkeypatch.setattr(engine_mod, "cpu_supports_bf16", lambda: False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="yolov5kd"):
+        assert resolve_amp("auto", CPU) is None  # emulated bf16 is slower than fp32: never a default
+        assert resolve_amp("on", CPU) == torch.bfloat16  # asked for: honoured, with the reason it may be slow
+    assert _messages(caplog) == [
+        "AMP: off (fp32) (auto: CPU has no native bf16)",
+        "AMP: bf16 autocast (requested; this CPU emulates bf16, which may be slower than fp32)"]
+    with pytest.raises(UserError, match=r"^--amp fast: must be one of auto, on, off$"):
+        resolve_amp("fast", CPU)
 
 
 def _student(seed: int = 0) -> Model:
@@ -364,11 +384,12 @@ def test_flags_and_resume_record():
 
     import train
     opt = train.parse_opt(["--teacher-precision", "fp32", "--amp", "--compile"])
-    assert (opt.teacher_precision, opt.amp, opt.compile) == ("fp32", True, True)
+    assert (opt.teacher_precision, opt.amp, opt.compile) == ("fp32", "on", True)
     assert "teacher_precision" in opt.cli_given
     opt = train.parse_opt([])
-    assert (opt.teacher_precision, opt.amp, opt.compile) == ("auto", None, False)  # defaults unchanged
-    assert train.parse_opt(["--no-amp"]).amp is False
+    assert (opt.teacher_precision, opt.amp, opt.compile) == ("auto", "auto", False)
+    assert train.parse_opt(["--no-amp"]).amp == "off" and train.parse_opt(["--amp", "off"]).amp == "off"
+    assert train.parse_opt(["--amp", "auto", "--epochs", "1"]).amp == "auto"
 
 
 @pytest.mark.e2e
@@ -394,7 +415,7 @@ def test_cli_amp_compile_and_bf16_teacher_end_to_end(tiny_data, tmp_path):
     assert "Teacher mAP50" in r.stderr  # the teacher's reference validation runs on an fp32 copy
     run = tmp_path / "run"
     opt = yaml.safe_load((run / "opt.yaml").read_text())
-    assert (opt["teacher_precision"], opt["amp"], opt["compile"]) == ("bf16", True, True)
+    assert (opt["teacher_precision"], opt["amp"], opt["compile"]) == ("bf16", "on", True)
     ck = torch_load(run / "weights/last.pt")
     assert type(ck["model"]) is Model
     assert KDConfig.from_record(ck["opt"]).teacher_precision == "bf16" == KDConfig.from_record(opt).teacher_precision

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from utils.core.distributed import de_parallel
 from utils.core.errors import UserError
+from utils.core.hardware import cpu_supports_bf16
 
 LOGGER = logging.getLogger("yolov5kd")
 NBS = 64  # nominal batch size: gradients are accumulated up to it
@@ -179,18 +180,33 @@ MAX_NONFINITE = 3  # consecutive non-finite losses tolerated (each skipped) befo
 _AMP_NAMES = {torch.float16: "fp16 autocast with GradScaler", torch.bfloat16: "bf16 autocast", None: "off (fp32)"}
 
 
-def resolve_amp(flag: bool | None, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for --amp/--no-amp (None: not given): fp16 on CUDA unless --no-amp, bf16 on CPU only
-    with --amp, None (fp32) otherwise."""
+AMP_CHOICES = ("auto", "on", "off")  # --amp values; --amp alone means on, --no-amp means off
+
+
+def resolve_amp(flag: str | bool | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp: auto (the default) is fp16 on CUDA and bf16 on a CPU that runs bf16
+    natively, fp32 elsewhere; on/off force it. None is what runs recorded before auto, resumed as they began."""
+    if isinstance(flag, bool):  # recorded by runs before auto (--amp / --no-amp)
+        flag = "on" if flag else "off"
+    if flag not in (*AMP_CHOICES, None):
+        raise UserError(f"--amp {flag}: must be one of {', '.join(AMP_CHOICES)}")
+    why = "auto" if flag == "auto" else "requested" if flag else "as the run was recorded"
     if device.type == "cuda":
-        dtype = None if flag is False else torch.float16
+        dtype = None if flag == "off" else torch.float16
     elif device.type == "cpu":
-        dtype = torch.bfloat16 if flag else None
+        # bf16 autocast is only a default where the CPU has bf16 instructions: oneDNN emulates it elsewhere,
+        # slower than fp32. None (the default before auto) stays fp32 on the CPU so a resumed run keeps its dtype.
+        native = cpu_supports_bf16()
+        dtype = torch.bfloat16 if flag == "on" or (flag == "auto" and native) else None
+        if flag == "auto":
+            why = "auto: CPU runs bf16 natively" if native else "auto: CPU has no native bf16"
+        elif flag == "on" and not native:
+            why = "requested; this CPU emulates bf16, which may be slower than fp32"
     else:
-        if flag:
+        if flag == "on":
             LOGGER.warning(f"WARNING: --amp is not supported on {device.type}; training in fp32")
         dtype = None
-    LOGGER.info(f"AMP: {_AMP_NAMES[dtype]}")
+    LOGGER.info(f"AMP: {_AMP_NAMES[dtype]} ({why})")
     return dtype
 
 
