@@ -21,6 +21,8 @@ LOGGER = logging.getLogger("yolov5kd")
 
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # --teacher-precision choices
 INT8_CALIBRATION_BATCHES = 8  # training batches an int8 teacher observes in fp32 before it is quantised
+
+
 def resolve_teacher_precision(precision: str, device: str | torch.device) -> tuple[str, str]:
     """(fp32 | bf16 | fp16 | int8, why) for a --teacher-precision value on device; UserError for fp16 off CUDA
     and for int8 off the CPU or where this torch cannot quantise."""

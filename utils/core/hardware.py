@@ -1,4 +1,4 @@
-"""What this machine's CPU can do, read once where a precision is chosen (the teacher's, the student's autocast)."""
+"""What this CPU can do: the one bf16 check behind the teacher's precision and the student's autocast."""
 from __future__ import annotations
 
 import sys
