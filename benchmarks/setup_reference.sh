@@ -39,4 +39,4 @@ cp "$("$PY" -c 'import matplotlib, os; print(os.path.join(os.path.dirname(matplo
 
 echo "reference ready under $DIR"
 echo "export YOLOV5_CONFIG_DIR=$CFG"
-echo "python benchmarks/bench_reference.py --reference $PKG/yolov5 --pythonpath $DEPS:$PKG --variants plain amp --pairs 3"
+echo "python benchmarks/bench_reference.py --reference $PKG/yolov5 --pythonpath $DEPS:$PKG --variants plain fp32 --pairs 3"
