@@ -34,18 +34,20 @@ from utils.core.distributed import (DistInfo, broadcast_flag, cleanup_distribute
 from utils.core.download import ensure_weights
 from utils.core.errors import UserError, report
 from utils.core.log import get_latest_run, hold_run_folder, increment_path, setup_logging
+from utils.core.runtime import init_seeds, keep_freed_memory
 from utils.data.datasets import available_memory, batch_memory_need, check_dataset, create_dataloader, reseed_loader
 from utils.data.unlabeled import UnlabeledStream, build_unlabeled_stream
 from utils.evaluation.metrics import fitness
 from utils.reporting.loggers import RunLogger
 from utils.training.anchors import check_anchors
 from utils.training.checkpoint import model_from_ckpt, torch_load
-from utils.training.engine import (AMP_CHOICES, NBS, CompiledForward, EarlyStopping, LoopConfig, LoopState, ModelEMA,
-                                   Optim, StudentForward, accumulate_steps, build_optimizer, build_scheduler,
-                                   init_seeds, keep_freed_memory, lr_lambda, resolve_amp, train_one_epoch)
+from utils.training.engine import LoopConfig, LoopState, train_one_epoch
+from utils.training.forward import AMP_CHOICES, CompiledForward, StudentForward, resolve_amp
 from utils.training.hyp import load_hyp
 from utils.training.keeper import CheckpointKeeper, ResumePoint, restore_ema
 from utils.training.loss import ComputeLoss, scale_hyp
+from utils.training.optim import (NBS, EarlyStopping, ModelEMA, Optim, accumulate_steps, build_optimizer, build_scheduler,
+                                  lr_lambda)
 
 ROOT = Path(__file__).resolve().parent
 

@@ -27,10 +27,10 @@ from utils.core.distributed import de_parallel
 from utils.core.download import ensure_weights
 from utils.core.errors import UserError, report
 from utils.core.log import increment_path, setup_logging
+from utils.core.runtime import keep_freed_memory
 from utils.evaluation.metrics import ConfusionMatrix, ap_per_class, process_batch
 from utils.evaluation.nms import non_max_suppression
 from utils.training.checkpoint import attempt_load
-from utils.training.engine import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent
 

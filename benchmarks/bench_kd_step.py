@@ -20,8 +20,9 @@ import torch
 from common import Stepper, demo_data, load_hyp, peak_memory_mb, student, sync, teacher
 from optimizer.features import FEAT_FORMS
 from utils.core.distributed import select_device
+from utils.core.runtime import init_seeds
 from utils.data.datasets import create_dataloader
-from utils.training.engine import init_seeds, to_input
+from utils.training.forward import to_input
 
 
 def first_batch(imgsz: int, batch: int):

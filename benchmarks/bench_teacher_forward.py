@@ -31,8 +31,9 @@ import torch.nn as nn
 
 from common import DEMO_TEACHER, ROOT, Stepper, load_hyp, student
 from optimizer.teacher import Teacher, load_teacher
+from utils.core.runtime import init_seeds
 from utils.data.datasets import check_dataset, create_dataloader
-from utils.training.engine import init_seeds, to_input
+from utils.training.forward import to_input
 
 VARIANTS = ("fp32", "bf16", "bf16-weights", "int8")
 

@@ -19,8 +19,9 @@ from common import criterion_for, demo_data, load_hyp, peak_memory_mb, student, 
 from utils.core.distributed import select_device
 from utils.data.datasets import create_dataloader
 from utils.data.unlabeled import build_unlabeled_stream
-from utils.training.engine import (AMP_CHOICES, CompiledForward, LoopConfig, LoopState, ModelEMA, Optim, StudentForward,
-                                   build_optimizer, lr_lambda, resolve_amp, train_one_epoch)
+from utils.training.engine import LoopConfig, LoopState, train_one_epoch
+from utils.training.forward import AMP_CHOICES, CompiledForward, StudentForward, resolve_amp
+from utils.training.optim import ModelEMA, Optim, build_optimizer, lr_lambda
 
 
 def main() -> int:

@@ -11,11 +11,12 @@ from models.yolo import Model, to_training_layout
 from optimizer.config import KDConfig
 from optimizer.criterion import FEAT_WARMUP_EPOCHS, DetectionCriterion, Distiller
 from optimizer.teacher import Teacher, load_teacher, resolve_teacher_precision
+from utils.core.runtime import keep_freed_memory
 from utils.data.datasets import check_dataset
 from utils.data.unlabeled import UnlabeledStream
-from utils.training.engine import (ModelEMA, StudentForward, build_optimizer, keep_freed_memory, optimizer_step,
-                                   resolve_amp, to_input)
+from utils.training.forward import StudentForward, resolve_amp, to_input
 from utils.training.loss import ComputeLoss, scale_hyp
+from utils.training.optim import ModelEMA, build_optimizer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ def criterion_for(model: torch.nn.Module, imgsz: int, forward: StudentForward, k
 
 
 class Stepper:
-    """One optimizer step of train.py's loop (the criterion's step and the engine's optimizer_step, no accumulation),
+    """One optimizer step of train.py's loop (the criterion's step and optim's optimizer_step, no accumulation),
     with the plain criterion or, given a teacher, the distilling one."""
 
     def __init__(self, model, hyp: dict, device: torch.device, teacher: Teacher | None = None, amp: bool = False,

@@ -29,7 +29,7 @@ from optimizer.teacher import Teacher, load_teacher, preflight
 from utils.core.distributed import de_parallel
 from utils.core.errors import UserError
 from utils.data.unlabeled import UnlabeledStream
-from utils.training.engine import StudentForward, to_input
+from utils.training.forward import StudentForward, to_input
 
 LOGGER = logging.getLogger("yolov5kd")
 

@@ -14,9 +14,10 @@ from optimizer.config import KD_SPECS, KDConfig
 from optimizer.criterion import Distiller
 from optimizer.teacher import Teacher
 from utils.reporting.loggers import read_results_csv
-from utils.training.engine import StudentForward, build_optimizer, optimizer_step
+from utils.training.forward import StudentForward
 from utils.training.hyp import load_hyp
 from utils.training.loss import ComputeLoss, scale_hyp
+from utils.training.optim import build_optimizer, optimizer_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TRAIN = str(ROOT / "train.py")

@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, one_error, overflowing_checkpoint, random_checkpoint, run_cli
 from utils.reporting.loggers import read_results_csv
 from utils.training.checkpoint import build_checkpoint, save_checkpoint, torch_load
-from utils.training.engine import build_optimizer, build_scheduler, lr_lambda
+from utils.training.optim import build_optimizer, build_scheduler, lr_lambda
 
 TRAIN = str(ROOT / "train.py")
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",

@@ -76,9 +76,11 @@ def _one_step_setup(teacher8):
     from models.yolo import Model
     from optimizer.config import KDConfig
     from optimizer.criterion import Distiller
-    from utils.training.engine import LoopState, StudentForward, build_optimizer
+    from utils.training.engine import LoopState
+    from utils.training.forward import StudentForward
     from utils.training.hyp import load_hyp
     from utils.training.loss import ComputeLoss, scale_hyp
+    from utils.training.optim import build_optimizer
 
     torch.manual_seed(1)
     model = Model("yolov5n.yaml", nc=8)
@@ -97,7 +99,8 @@ def _one_step_setup(teacher8):
 
 
 def _epoch(model, crit, opt, loader, hyp, state_cls, unlabeled=None):
-    from utils.training.engine import LoopConfig, Optim, train_one_epoch
+    from utils.training.engine import LoopConfig, train_one_epoch
+    from utils.training.optim import Optim
 
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     for g in opt.param_groups:

@@ -10,7 +10,7 @@ import yaml
 
 import optimizer.teacher as teacher_mod
 import utils.core.hardware as hardware_mod
-import utils.training.engine as engine_mod
+import utils.training.forward as forward_mod
 from conftest import ROOT, random_checkpoint, run_cli
 from models.common import Conv
 from models.yolo import Model
@@ -21,10 +21,11 @@ from optimizer.teacher import INT8_CALIBRATION_BATCHES, Teacher, load_teacher, r
 from utils.core.errors import UserError
 from utils.core.hardware import cpu_supports_bf16
 from utils.training.checkpoint import build_checkpoint, torch_load
-from utils.training.engine import (CompiledForward, LoopConfig, LoopState, ModelEMA, Optim, StudentForward,
-                                   build_optimizer, lr_lambda, resolve_amp, train_one_epoch)
+from utils.training.engine import LoopConfig, LoopState, train_one_epoch
+from utils.training.forward import CompiledForward, StudentForward, resolve_amp
 from utils.training.hyp import load_hyp
 from utils.training.loss import ComputeLoss, scale_hyp
+from utils.training.optim import ModelEMA, Optim, build_optimizer, lr_lambda
 
 TRAIN = str(ROOT / "train.py")
 LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
@@ -212,18 +213,18 @@ def test_int8_teacher_observes_then_quantises(fixtures_dir, golden, caplog):
 def test_resolve_amp(monkeypatch, caplog):
     cuda = torch.device("cuda", 0)
     for native in (False, True):  # CUDA ignores the CPU's bf16
-        monkeypatch.setattr(engine_mod, "cpu_supports_bf16", lambda: native)
+        monkeypatch.setattr(forward_mod, "cpu_supports_bf16", lambda: native)
         for flag in ("auto", "on", True, None):
             assert resolve_amp(flag, cuda) == torch.float16, flag
         assert resolve_amp("off", cuda) is None and resolve_amp(False, cuda) is None
-    monkeypatch.setattr(engine_mod, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(forward_mod, "cpu_supports_bf16", lambda: True)
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
         assert resolve_amp("auto", CPU) == torch.bfloat16  # the new default, where bf16 is native
     assert "AMP: bf16 autocast (auto: CPU runs bf16 natively)" in _messages(caplog)
     assert resolve_amp("on", CPU) == resolve_amp(True, CPU) == torch.bfloat16
     assert resolve_amp("off", CPU) is None and resolve_amp(False, CPU) is None
     assert resolve_amp(None, CPU) is None  # a run recorded before auto resumes in the fp32 it began in
-    monkeypatch.setattr(engine_mod, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(forward_mod, "cpu_supports_bf16", lambda: False)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
         assert resolve_amp("auto", CPU) is None  # emulated bf16 is slower than fp32: never a default

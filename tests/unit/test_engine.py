@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.yolo import Model
-from utils.training.engine import EarlyStopping, ModelEMA, build_optimizer, build_scheduler, lr_lambda
+from utils.training.optim import EarlyStopping, ModelEMA, build_optimizer, build_scheduler, lr_lambda
 
 
 def test_optimizer_groups_match_reference_counts():
@@ -81,7 +81,7 @@ def test_early_stopping():
 
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from utils.training.engine import keep_freed_memory
+from utils.core.runtime import keep_freed_memory
 
 SIZES = (10 * 2**20, 2**20, 10 * 2**20, 4 * 2**20, 12 * 2**20)  # floats: 40, 4, 40, 16, 48 MB
 

@@ -20,7 +20,7 @@ from optimizer.features import (FEAT_FORMS, Adapter, FeatureAdapters, FeatureDis
                                 head_channels, teacher_weights)
 from optimizer.teacher import Teacher
 from utils.core.errors import UserError
-from utils.training.engine import StudentForward
+from utils.training.forward import StudentForward
 from utils.training.hyp import load_hyp
 from utils.training.loss import ComputeLoss, scale_hyp
 

@@ -13,7 +13,7 @@ from optimizer.criterion import (BALANCE_HIGH, BALANCE_LOW, DetectionCriterion, 
 from optimizer.teacher import Teacher
 from utils.core.errors import UserError
 from utils.training.checkpoint import torch_load
-from utils.training.engine import StudentForward
+from utils.training.forward import StudentForward
 from utils.training.hyp import load_hyp, validate_hyp
 
 TRAIN = str(ROOT / "train.py")

@@ -7,8 +7,8 @@ import torch
 from models.yolo import Model
 from utils.core.errors import UserError
 from utils.training.checkpoint import torch_load
-from utils.training.engine import ModelEMA, build_optimizer
 from utils.training.keeper import CheckpointKeeper, ResumePoint
+from utils.training.optim import ModelEMA, build_optimizer
 
 
 def test_resume_point_counts_epochs():

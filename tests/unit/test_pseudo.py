@@ -20,7 +20,7 @@ from optimizer.criterion import PSEUDO_PARTS, Distiller
 from optimizer.pseudo import PSEUDO_IOU, PseudoLabeller, cell_scores, decode_maps
 from optimizer.teacher import Teacher
 from utils.core.errors import UserError
-from utils.training.engine import StudentForward
+from utils.training.forward import StudentForward
 from utils.training.hyp import load_hyp
 from utils.training.loss import ComputeLoss, scale_hyp
 

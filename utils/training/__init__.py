@@ -1,1 +1,2 @@
-"""Training: the loop (engine), the detection loss, checkpoint io and keeper, the hyp table, evolution, AutoAnchor."""
+"""Training: the loop (engine), how the student runs (forward), optimizer, schedule, EMA and early stopping (optim),
+the detection loss, checkpoint io and keeper, the hyp table, evolution, AutoAnchor."""

@@ -13,7 +13,7 @@ from utils.core.distributed import de_parallel
 from utils.core.errors import UserError
 from utils.reporting.loggers import trim_results_csv
 from utils.training.checkpoint import build_checkpoint, save_checkpoint, strip_optimizer
-from utils.training.engine import ModelEMA, weights_are_finite
+from utils.training.optim import ModelEMA
 
 LOGGER = logging.getLogger("yolov5kd")
 
@@ -49,6 +49,11 @@ def restore_ema(ckpt: dict, ema: ModelEMA) -> None:
 
 def _fp32_state(model: nn.Module) -> dict:
     return {k: v.detach().contiguous().clone() for k, v in de_parallel(model).state_dict().items()}
+
+
+def weights_are_finite(model: nn.Module) -> bool:
+    """True if every float parameter and buffer is finite (checked before any checkpoint is written)."""
+    return all(torch.isfinite(t).all() for t in de_parallel(model).state_dict().values() if t.is_floating_point())
 
 
 class CheckpointKeeper:
