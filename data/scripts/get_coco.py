@@ -7,11 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from utils.core.download import assets_base, download_zip_dataset
+from utils.core.errors import UserError, report
 
-from utils.core.download import assets_base, download_zip_dataset  # noqa: E402
-from utils.core.errors import UserError, report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 IMAGES_URL = "http://images.cocodataset.org/zips"
 SPLITS = ("train2017", "val2017", "test2017")

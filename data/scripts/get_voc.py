@@ -11,11 +11,10 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from utils.core.download import assets_base, download_zip_dataset
+from utils.core.errors import UserError, report
 
-from utils.core.download import assets_base, download_zip_dataset  # noqa: E402
-from utils.core.errors import UserError, report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 ZIPS = ("VOCtrainval_06-Nov-2007.zip", "VOCtest_06-Nov-2007.zip", "VOCtrainval_11-May-2012.zip")
 SETS = (("2012", "train"), ("2012", "val"), ("2007", "train"), ("2007", "val"), ("2007", "test"))

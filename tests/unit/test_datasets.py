@@ -328,8 +328,13 @@ def test_check_dataset_download_rules(fake_root, monkeypatch):
     y.write_text(base + "download: data/scripts/mk.py\n")
     d = D.check_dataset(y)
     assert Path(d["val"]).is_dir()
-    y.write_text(base.replace("dl", "dl2") + "download: python -c 'import sys; sys.exit(3)'\n")
+    (fake_root / "data" / "scripts" / "fail.py").write_text("import sys\nsys.exit(3)\n")
+    y.write_text(base.replace("dl", "dl2") + "download: python data/scripts/fail.py\n")
     with pytest.raises(UserError, match="exit code 3"):
+        D.check_dataset(y)
+    # anything else is refused before it runs (tests/unit/test_download_commands.py tries many forms)
+    y.write_text(base.replace("dl", "dl2") + "download: python -c 'import sys; sys.exit(3)'\n")
+    with pytest.raises(UserError, match="refusing download"):
         D.check_dataset(y)
 
 

@@ -196,11 +196,7 @@ def test_the_shipped_official_yamls():
 
 
 def test_voc_xml_converts_to_yolo_lines():
-    import sys
-
-    from conftest import ROOT
-    sys.path.insert(0, str(ROOT / "data" / "scripts"))
-    from get_voc import voc_to_yolo
+    from data.scripts.get_voc import voc_to_yolo  # the installed package: no sys.path edit
 
     xml = """<annotation><size><width>500</width><height>400</height><depth>3</depth></size>
       <object><name>dog</name><difficult>0</difficult><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>111</xmax>

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, distributed
 
 from utils.core.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 from utils.core.config import find_file, read_yaml
-from utils.core.download import download_zip_dataset
+from utils.core.download import dataset_download_plan, download_zip_dataset
 from utils.core.errors import EXIT_CODE, ReportedError, UserError
 from utils.data.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective,
                                 warp_image, warp_targets)
@@ -35,38 +35,21 @@ MAX_NAME_CHARS = 200  # class names are labels on plots and in results, not docu
 
 
 # ----------------------------------------------------------------------------------------------- dataset yaml
-def _run_download(cmd: str, yaml_file: Path, path: Path) -> None:
-    if cmd.startswith(("http://", "https://")):
-        if not cmd.split("?")[0].endswith(".zip"):
-            raise UserError(f"{yaml_file}: download {cmd!r}: only a .zip URL or a shipped script is fetched; get "
-                            f"the dataset by hand into {path}")
-        LOGGER.info(f"Dataset not found, downloading {cmd}")
-        download_zip_dataset(cmd, path, yaml_file.name)
+def _run_download(value: str, yaml_file: Path, path: Path) -> None:
+    """Act on a dataset yaml's `download:` value: fetch its .zip URL or run its script from data/scripts/ (no shell);
+    anything else is refused in one line before anything runs."""
+    plan = dataset_download_plan(value, ROOT, yaml_file, path)
+    if isinstance(plan, str):
+        LOGGER.info(f"Dataset not found, downloading {plan}")
+        download_zip_dataset(plan, path, yaml_file.name)
         return
-    if cmd.startswith("python "):
-        argv = [sys.executable] + shlex.split(cmd)[1:]
-    elif cmd.startswith("bash "):
-        argv = shlex.split(cmd)
-    elif cmd.endswith(".py") and " " not in cmd.strip():
-        argv = [sys.executable, cmd.strip()]
-    else:
-        # the reference would exec() this string; running yaml text as code is not something we do
-        raise UserError(f"{yaml_file}: refusing to run download entry {cmd!r} (only a shipped .py script, "
-                        f"'python ...' or 'bash ...' commands are run)")
-    LOGGER.info(f"Dataset not found, running {' '.join(argv)}")
-    r = subprocess.run(argv, cwd=ROOT)
-    if r.returncode == EXIT_CODE and _shipped_script(argv):
+    LOGGER.info(f"Dataset not found, running {shlex.join(plan)}")
+    r = subprocess.run([sys.executable, *plan], cwd=ROOT)
+    if r.returncode == EXIT_CODE:
         # the project's own scripts exit 2 after printing their one-line ERROR: not a second line for it
-        raise ReportedError(f"{yaml_file}: {cmd} failed")
+        raise ReportedError(f"{yaml_file}: {value} failed")
     if r.returncode != 0:
-        raise UserError(f"{yaml_file}: download command failed with exit code {r.returncode}: {cmd}")
-
-
-def _shipped_script(argv: list[str]) -> bool:
-    """True when `argv` runs a Python script under data/scripts/ (the project's own download scripts)."""
-    if len(argv) < 2 or argv[0] != sys.executable:
-        return False
-    return (ROOT / argv[1]).resolve().parent == (ROOT / "data" / "scripts").resolve()
+        raise UserError(f"{yaml_file}: download script failed with exit code {r.returncode}: {value}")
 
 
 def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
