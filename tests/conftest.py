@@ -1,4 +1,12 @@
-"""Shared fixtures: golden data and the two official-format checkpoints."""
+"""Shared fixtures: golden data and the two official-format checkpoints.
+
+To run the suite as a CPU with AVX2 alone (no AVX-512, no native bf16) does, from any x86 machine:
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m pytest tests
+
+ATen's kernels and oneDNN's convolutions then take their AVX2 paths, and utils.core.hardware reads the oneDNN
+cap, so `--amp auto` is fp32 as on such a CPU. tests/README.md says why the tolerances hold on both.
+"""
 import sys
 from pathlib import Path
 

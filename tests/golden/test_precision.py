@@ -69,6 +69,8 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch built without oneDNN: bf16 is never chosen")
     monkeypatch.setattr(sys, "platform", "linux")
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(var, raising=False)  # the AVX2-only test mode sets it; this test reads the flags
     info = tmp_path / "cpuinfo"
     monkeypatch.setattr(hardware_mod, "CPUINFO", info)
     cases = {"flags\t\t: fpu sse avx2 avx512f avx512bw avx512vl\n": False,  # AVX512 alone: emulated bf16
@@ -80,6 +82,14 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
     for text, want in cases.items():
         info.write_text("processor\t: 0\n" + text)
         assert cpu_supports_bf16() is want, text
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n")
+    for cap, want in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert cpu_supports_bf16() is want, cap  # oneDNN capped below bf16 emulates it: fp32 is faster
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # oneDNN's older name for the same cap
+    assert cpu_supports_bf16() is False
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
     info.unlink()
     assert cpu_supports_bf16() is False  # unreadable: fp32
     monkeypatch.setattr(sys, "platform", "win32")

@@ -114,3 +114,22 @@ def test_legacy_format_plain_tensors_still_load(tmp_path):
 def test_random_checkpoint_helper_writes_official_layout(tmp_path):
     assert_official_layout(torch_load(random_checkpoint(tmp_path / "r.pt", "yolov5n.yaml")), "r.pt")
     shutil.rmtree(tmp_path)
+
+
+def test_validation_copy_computes_what_val_py_computes_from_the_saved_file(tmp_path):
+    """results.csv's mAP comes from validation_copy(EMA in the training layout), val.py's from the saved fp16
+    file: the two must run the same kernels on the same weights, so their outputs are equal bit for bit."""
+    from train import validation_copy
+
+    torch.manual_seed(0)
+    # yolov5s: its wider convs take kernels whose NHWC and NCHW variants round differently even on AVX-512
+    m = to_training_layout(Model("yolov5s.yaml", nc=8)).train()
+    with torch.no_grad():  # a few train-mode steps give BN running stats, so the fused weights are not trivial
+        for _ in range(3):
+            m(torch.rand(2, 3, 128, 128).to(memory_format=torch.channels_last))
+    path = save_checkpoint(build_checkpoint(m), tmp_path / "best.pt")
+    im = torch.rand(2, 3, 128, 96)
+    with torch.no_grad():
+        during_training = validation_copy(m)(im)[0]
+        from_the_file = attempt_load(path)(im)[0]
+    assert torch.equal(during_training, from_the_file)
