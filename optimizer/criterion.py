@@ -14,7 +14,7 @@ whatever `parts` holds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,6 @@ class DetectionCriterion:
     """YOLOv5's detection loss as a criterion: (loss, {box, obj, cls})."""
 
     parts = DETECTION_PARTS
-    detection_parts = DETECTION_PARTS  # the parts of `parts` that come from the detection loss
     # the parts that are counts, not losses: progress column under the part's name, results.csv column
     # train/<value>
     figures: Mapping[str, str] = {}
@@ -78,6 +77,12 @@ class DetectionCriterion:
 
     def end_epoch(self) -> None:
         """Called by the loop after each epoch."""
+
+    def nonfinite_advice(self, parts: Sequence[str]) -> str:
+        """What to do when training stops on a non-finite loss; `parts` are the non-finite parts (none when only
+        the total was)."""
+        fix = "lower lr0 in the hyp file, and check the labels and the starting weights"
+        return f"the detection loss is at fault: {fix}" if parts else fix
 
     def describe(self) -> list[str]:
         """Lines for the start of training (nothing for the detection loss alone)."""
@@ -280,6 +285,14 @@ class Distiller(DetectionCriterion):
             lines.append(f"Unlabelled images: {len(u)} ({u.batch_size} per step beside {u.labelled_batch} labelled, "
                          f"unlabeled_ratio {c.unlabeled_ratio:g}), {use}")
         return lines
+
+    def nonfinite_advice(self, parts: Sequence[str]) -> str:
+        """The teacher and the distillation knobs when only distillation parts are non-finite; else the detection
+        loss's advice."""
+        if parts and not any(k in DETECTION_PARTS for k in parts):
+            return ("the distillation loss is at fault: check the teacher checkpoint, and lower distill_ratio or "
+                    "temperature")
+        return super().nonfinite_advice(parts)
 
     def samples(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The last step's unlabelled images with their pseudo boxes (and scores), under 'pseudo'."""

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from models.yolo import Model
-from utils.training.optim import EarlyStopping, ModelEMA, build_optimizer, build_scheduler, lr_lambda
+from utils.core.errors import UserError
+from utils.training.engine import LoopConfig, LoopState, train_one_epoch
+from utils.training.optim import EarlyStopping, ModelEMA, Optim, build_optimizer, build_scheduler, lr_lambda
 
 
 def test_optimizer_groups_match_reference_counts():
@@ -77,6 +79,43 @@ def test_early_stopping():
     assert s.possible_stop
     assert s(2, 0.45)
     assert s.best_epoch == 0
+
+
+class _NanCriterion:
+    """A criterion whose second part, and with it the loss, is never finite."""
+
+    parts = ("box", "dx")
+    figures: dict = {}
+    progress_note = ""
+
+    def start_epoch(self, epoch):
+        pass
+
+    def end_epoch(self):
+        pass
+
+    def nonfinite_advice(self, parts):
+        return f"advice for {'+'.join(parts)}"
+
+    def __call__(self, model, imgs, targets):
+        out = model(imgs).sum()
+        return out * float("nan"), {"box": out.detach(), "dx": torch.tensor(float("nan"))}
+
+
+def test_the_loop_stops_on_a_nonfinite_loss_with_the_criterions_advice():
+    """The loop names the non-finite parts and nothing it does not know: the advice is the criterion's."""
+    net = torch.nn.Conv2d(3, 1, 1)
+    opt = build_optimizer(net, "SGD", 0.01, 0.9, 0.0)
+    build_scheduler(opt, lr_lambda(1, 0.01))  # the warmup reads each group's initial_lr
+    cfg = LoopConfig(epochs=1, device=torch.device("cpu"), lf=lr_lambda(1, 0.01), batch_size=2, nw=0, imgsz=8, gs=8,
+                     warmup={"warmup_bias_lr": 0.1, "warmup_momentum": 0.8, "momentum": 0.9}, show_progress=False)
+    batch = (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, 6), ("a", "b"), None)
+    with pytest.raises(UserError) as e:
+        train_one_epoch(net, [batch] * 4, _NanCriterion(), Optim(opt, torch.amp.GradScaler("cuda", enabled=False)),
+                        0, LoopState(), cfg)
+    msg = str(e.value)
+    assert "non-finite loss (dx) at epoch 0, batch 2 (3 batches in a row); advice for dx." in msg
+    assert "distillation" not in msg and "detection" not in msg
 
 
 _FAULTS_SCRIPT = """

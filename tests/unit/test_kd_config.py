@@ -134,6 +134,26 @@ def test_distiller_reports_balance_once(caplog):
     assert list(plain(student, imgs, targets)[1]) == ["box", "obj", "cls"]
 
 
+def test_each_criterion_advises_on_its_own_nonfinite_parts():
+    from models.yolo import Model
+    from utils.training.loss import ComputeLoss, scale_hyp
+
+    student = Model("yolov5n.yaml", nc=8)
+    student.hyp = scale_hyp(load_hyp(LOW, KD_SPECS), 3, 8, 64)
+    forward = StudentForward(torch.device("cpu"))
+    plain = DetectionCriterion(ComputeLoss(student), forward)
+    d = Distiller(KDConfig(t_weights="t.pt"), ComputeLoss(student), Teacher(Model("yolov5n.yaml", nc=8)), student,
+                  64, forward)
+    for crit in (plain, d):
+        assert crit.nonfinite_advice(["box"]).startswith("the detection loss is at fault: lower lr0")
+        assert crit.nonfinite_advice([]).startswith("lower lr0")  # only the total: no part to blame
+    assert "distill" not in plain.nonfinite_advice(["box", "cls"])
+    for parts in (["dcls"], ["dbox", "dobj"]):
+        advice = d.nonfinite_advice(parts)
+        assert advice.startswith("the distillation loss is at fault") and "lr0" not in advice
+    assert "lr0" in d.nonfinite_advice(["obj", "dobj"])  # the detection loss too: its advice comes first
+
+
 @pytest.mark.parametrize("n_unlabeled", [0, 3])
 def test_distiller_parts_share_the_detection_scale(n_unlabeled):
     """The logged parts are per-image like YOLOv5's loss items: their sum x the labelled batch size is the loss

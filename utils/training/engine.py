@@ -63,13 +63,13 @@ def train_one_epoch(model: nn.Module, loader, criterion, optim: Optim, epoch: in
     """Train for one epoch (warmup, accumulation to 64 images, clipping, EMA) with one criterion.
 
     `criterion(model, imgs, targets)` returns (loss, parts); the parts, whatever they are, become the progress
-    columns and the epoch means. How the model is run (autocast, compiled forward) is the criterion's."""
+    columns and the epoch means. How the model is run (autocast, compiled forward) is the criterion's, and so is
+    the advice when non-finite losses stop the training (`criterion.nonfinite_advice(parts)`)."""
     model.train()
     criterion.start_epoch(epoch)
     optimizer, scaler, ema = optim.optimizer, optim.scaler, optim.ema
     nb = len(loader)
     names = tuple(criterion.parts)
-    det_parts = set(criterion.detection_parts)  # the rest come from whatever else the criterion adds
     mloss = torch.zeros(len(names), device=cfg.device)
     skipped = 0
     accumulate = accumulate_steps(cfg.batch_size)
@@ -103,11 +103,11 @@ def train_one_epoch(model: nn.Module, loader, criterion, optim: Optim, epoch: in
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
             bad = [k for k, v in zip(names, items.tolist()) if not math.isfinite(v)]
-            LOGGER.warning(f"non-finite {_nonfinite_part(bad, det_parts)} at epoch {epoch}, batch {i} "
+            LOGGER.warning(f"non-finite {_nonfinite_part(bad)} at epoch {epoch}, batch {i} "
                            f"({dict(zip(names, items.tolist()))}); step skipped")
             if state.nonfinite >= MAX_NONFINITE:
-                raise UserError(f"training diverged: non-finite {_nonfinite_part(bad, det_parts)} at epoch {epoch}, "
-                                f"batch {i} ({state.nonfinite} batches in a row); {_nonfinite_advice(bad, det_parts)}."
+                raise UserError(f"training diverged: non-finite {_nonfinite_part(bad)} at epoch {epoch}, "
+                                f"batch {i} ({state.nonfinite} batches in a row); {criterion.nonfinite_advice(bad)}."
                                 f" Checkpoints already written keep the last finite weights")
             continue
         state.nonfinite = 0
@@ -127,7 +127,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optim: Optim, epoch: in
 
     if i >= 0 and skipped == i + 1:
         raise UserError(f"training diverged: every batch of epoch {epoch} had a non-finite "
-                        f"{_nonfinite_part(bad, det_parts)} ({skipped} skipped); {_nonfinite_advice(bad, det_parts)}. "
+                        f"{_nonfinite_part(bad)} ({skipped} skipped); {criterion.nonfinite_advice(bad)}. "
                         f"Checkpoints already written keep the last finite weights")
     criterion.end_epoch()
     # Step what is left of the last accumulation now, so no gradient crosses the epoch's checkpoint.
@@ -159,14 +159,5 @@ def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
     return imgs
 
 
-def _nonfinite_part(bad: list[str], det_parts: set[str]) -> str:
-    groups = [g for g, hit in (("detection loss", any(k in det_parts for k in bad)),
-                               ("distillation loss", any(k not in det_parts for k in bad))) if hit]
-    return f"{' and '.join(groups) or 'loss'} ({', '.join(bad)})" if bad else "loss"
-
-
-def _nonfinite_advice(bad: list[str], det_parts: set[str]) -> str:
-    if not bad or any(k in det_parts for k in bad):
-        return "lower lr0 in the hyp file, and check the labels and the starting weights"
-    return ("the distillation loss is at fault: check the teacher checkpoint, and lower distill_ratio or "
-            "temperature")
+def _nonfinite_part(bad: list[str]) -> str:
+    return f"loss ({', '.join(bad)})" if bad else "loss"
