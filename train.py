@@ -249,7 +249,6 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     loss_hyp = scale_hyp(hyp, base.model[-1].nl, nc, imgsz, opt.label_smoothing)
     base.hyp = loss_hyp  # a record only, as official checkpoints carry it; the losses get loss_hyp itself
     base.names = names
-    base.class_weights = labels_to_class_weights(labels, nc).to(device) * nc
     if ema is not None:
         ema.update_attr(model)
 
@@ -267,7 +266,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     del ckpt
     reference = None
     if main and not opt.noval and not resuming:
-        reference = reference_scores(criterion, model, opt, data_dict, imgsz, val_loader)
+        reference = reference_scores(criterion, model, opt, data_dict, val_loader)
     stopper = EarlyStopping(patience=opt.patience)
     stopper.best_fitness = resume.best_fitness if resuming else -1.0
     logger = RunLogger(save_dir, hyp={**hyp, **kd.hyp_values()}, opt=opt_record, parts=criterion.parts,
@@ -377,16 +376,6 @@ def validation_copy(model: nn.Module) -> nn.Module:
     return m.eval().fuse()
 
 
-def labels_to_class_weights(labels: np.ndarray, nc: int = 80) -> torch.Tensor:
-    """Inverse class frequency, normalised to sum 1 (classes without labels count as 1)."""
-    if len(labels) == 0:
-        return torch.Tensor()
-    counts = np.bincount(labels[:, 0].astype(int), minlength=nc).astype(float)
-    counts[counts == 0] = 1
-    weights = 1 / counts
-    return torch.from_numpy(weights / weights.sum()).float()
-
-
 def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module, imgsz: int, forward: StudentForward,
                     trust: bool, unlabeled: UnlabeledStream | None = None, seed: int = 0) -> DetectionCriterion:
     """The loss the loop minimises: detection alone, or detection + distillation from the configured teacher
@@ -396,7 +385,7 @@ def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module,
     return Distiller.build(kd, compute_loss, student, imgsz, forward, trust=trust, unlabeled=unlabeled, seed=seed)
 
 
-def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_dict: dict, imgsz: int,
+def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_dict: dict,
                      val_loader) -> dict[str, float]:
     """mAP50-95 of the teacher (the student's ceiling) and of the starting student when it was loaded from a
     checkpoint, measured before the first step so the end of training can say what changed."""

@@ -144,6 +144,7 @@ def test_strip_optimizer(tmp_path, fixtures_dir):
 def test_official_checkpoint_contents(fixtures_dir):
     ck = torch_load(fixtures_dir / "teacher.pt")
     assert type(ck["model"]).__name__ == "DetectionModel"
+    assert ck["model"].class_weights.shape == (4,)  # official models carry it; the safe loader takes it as it is
     m = attempt_load(fixtures_dir / "teacher.pt")
     assert m.names == {0: "circle", 1: "square", 2: "rect", 3: "triangle"}
     assert next(m.parameters()).dtype == torch.float32

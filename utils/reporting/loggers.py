@@ -24,7 +24,6 @@ RESULTS_KEYS = [
     'x/lr0', 'x/lr1', 'x/lr2',
 ]
 KD_KEYS = ['train/dbox_loss', 'train/dobj_loss', 'train/dcls_loss']  # the columns a distilled run adds
-DETECTION_PARTS = ('box', 'obj', 'cls')
 
 __all__ = ['RESULTS_KEYS', 'KD_KEYS', 'RunLogger', 'trim_results_csv', 'read_results_csv', 'format_header', 'format_row']
 
@@ -42,6 +41,15 @@ def format_header(keys: Sequence[str]) -> str:
 def format_row(values: Sequence[float]) -> str:
     """One results.csv data line (no newline): each value as %20.5g, comma-separated."""
     return ','.join('%20.5g' % float(v) for v in values)
+
+
+def _part(key: str) -> str:
+    """The loss part behind a train/<part>_loss column."""
+    return key[len('train/'):-len('_loss')]
+
+
+# the criterion's first parts, behind YOLOv5's own train/ columns: box, obj, cls
+_YOLO_PARTS = tuple(_part(k) for k in RESULTS_KEYS if k.startswith('train/'))
 
 
 def _scalar(v: Any) -> float:
@@ -99,9 +107,9 @@ class RunLogger:
         self.hyp = dict(hyp) if hyp else {}
         self.opt = dict(vars(opt)) if opt is not None and not isinstance(opt, Mapping) else dict(opt or {})
         if parts is None:
-            parts = DETECTION_PARTS + (tuple(k[len('train/'):-len('_loss')] for k in KD_KEYS) if kd else ())
-        if tuple(parts[:3]) != DETECTION_PARTS:
-            raise ValueError(f'the first loss parts must be {DETECTION_PARTS}, got {tuple(parts)}')
+            parts = _YOLO_PARTS + (tuple(_part(k) for k in KD_KEYS) if kd else ())
+        if tuple(parts[:3]) != _YOLO_PARTS:
+            raise ValueError(f'the first loss parts must be {_YOLO_PARTS}, got {tuple(parts)}')
         self.parts = tuple(parts)
         self.kd = len(self.parts) > 3
         self.plots = bool(plots)

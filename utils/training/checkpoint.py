@@ -160,7 +160,9 @@ def model_from_ckpt(ckpt: Any, path: str | Path, prefer_ema: bool = True) -> nn.
 
 
 def update_legacy(model: nn.Module, inplace: bool = True) -> nn.Module:
-    """Bring models pickled by older YOLOv5 releases (and older torch) up to the current attributes."""
+    """Bring models pickled by older YOLOv5 releases (and older torch) up to the current attributes. Official
+    checkpoints' models also carry `class_weights` (YOLOv5's train.py attaches it for --image-weights): it is
+    left as loaded, and nothing here reads or writes it."""
     if not hasattr(model, "stride"):
         model.stride = torch.tensor([32.0])
     names = getattr(model, "names", None)

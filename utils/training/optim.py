@@ -91,7 +91,7 @@ class ModelEMA:
             if v.dtype.is_floating_point:
                 v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
 
-    def update_attr(self, model: nn.Module, include=("yaml", "nc", "hyp", "names", "stride", "class_weights")) -> None:
+    def update_attr(self, model: nn.Module, include=("yaml", "nc", "hyp", "names", "stride")) -> None:
         """Copy the plain attributes train.py attaches to the model."""
         src = de_parallel(model)
         for k in include:
