@@ -257,19 +257,25 @@ def mean_std(xs: list[float]) -> str:
 
 
 def prune_table(rows: list[tuple[str, float, dict]]) -> list[str]:
-    """Markdown rows of the prune stage from (importance, ratio, prune.yaml) triples."""
-    lines = ["| importance | ratio | parameters | GFLOPs | CPU latency bs1 | mAP50-95 after | mAP50 after | prune.py wall |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown rows of the prune stage from (importance, ratio, prune.yaml) triples. Latency is each run's own
+    pair (the original and the pruned model took turns in that run), so a load on the machine weighs on both;
+    the unpruned row gives the median and range of the runs' 'before' figures."""
+    lines = ["| importance | ratio | parameters | GFLOPs | CPU latency bs1, before → after | mAP50-95 after | "
+             "mAP50 after | prune.py wall |", "|---|---|---|---|---|---|---|---|"]
     if rows:
         r0 = rows[0][2]
-        lines.append(f"| (unpruned) | 0 | {r0['params_before']:,} | {r0['gflops_before']:.3f} | "
-                     f"{_ms(r0.get('latency_ms_before'))} | {pts(r0.get('map50_95_before'), 2)} | "
-                     f"{pts(r0.get('map50_before'), 2)} | |")
+        before = [r["latency_ms_before"] for _, _, r in rows if r.get("latency_ms_before") is not None]
+        lat = "–" if not before else (f"{statistics.median(before):.1f} ms" + (
+            f" (median of {len(before)}, {min(before):.1f}–{max(before):.1f})" if len(before) > 1 else ""))
+        lines.append(f"| (unpruned) | 0 | {r0['params_before']:,} | {r0['gflops_before']:.3f} | {lat} | "
+                     f"{pts(r0.get('map50_95_before'), 2)} | {pts(r0.get('map50_before'), 2)} | |")
     for imp, ratio, r in rows:
         share = r["params_after"] / r["params_before"]
         gshare = r["gflops_after"] / r["gflops_before"] if r["gflops_before"] else float("nan")
+        lb, la = r.get("latency_ms_before"), r.get("latency_ms_after")
+        lat = "–" if lb is None or la is None else f"{lb:.1f} → {la:.1f} ms ({la / lb:.0%})"
         lines.append(f"| {imp} | {ratio:g} | {r['params_after']:,} ({share:.1%}) | {r['gflops_after']:.3f} "
-                     f"({gshare:.1%}) | {_ms(r.get('latency_ms_after'))} | {pts(r.get('map50_95_after'), 2)} | "
+                     f"({gshare:.1%}) | {lat} | {pts(r.get('map50_95_after'), 2)} | "
                      f"{pts(r.get('map50_after'), 2)} | {_sec(r.get('seconds'))} |")
     return lines
 

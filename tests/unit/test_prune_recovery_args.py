@@ -83,7 +83,9 @@ def test_prune_and_finetune_tables() -> None:
               "map50_95_after": 0.00091, "map50_before": 0.88334, "map50_after": 0.00403, "seconds": 27.2}
     lines = pr.prune_table([("l1", 0.5, recipe)])
     assert lines[2] == "| (unpruned) | 0 | 7,062,781 | 0.993 | 38.7 ms | 71.60 | 88.33 | |"
-    assert lines[3] == "| l1 | 0.5 | 1,785,565 (25.3%) | 0.262 (26.4%) | 13.4 ms | 0.09 | 0.40 | 27 s |"
+    assert lines[3] == "| l1 | 0.5 | 1,785,565 (25.3%) | 0.262 (26.4%) | 38.7 → 13.4 ms (35%) | 0.09 | 0.40 | 27 s |"
+    two = pr.prune_table([("l1", 0.5, recipe), ("l2", 0.5, {**recipe, "latency_ms_before": 70.4})])
+    assert "| 54.6 ms (median of 2, 38.7–70.4) |" in two[2]
     rows = pr.finetune_table([("l1", recipe, (0.521, 0.725), 900.0)])
     assert rows[2] == "| l1 | 0.09 | 52.10 | 72.50 | 15.0 min |"
     assert pr.prune_table([]) == pr.prune_table([])[:2]  # headers only
