@@ -36,7 +36,7 @@ from utils.core.errors import UserError, report
 from utils.core.log import get_latest_run, hold_run_folder, increment_path, setup_logging
 from utils.core.runtime import init_seeds, keep_freed_memory
 from utils.data.datasets import available_memory, batch_memory_need, check_dataset, create_dataloader, reseed_loader
-from utils.data.unlabeled import UnlabeledStream, build_unlabeled_stream
+from utils.data.unlabeled import UnlabeledStream, build_unlabeled_stream, check_unlabeled_overlap
 from utils.evaluation.metrics import fitness
 from utils.reporting.loggers import RunLogger
 from utils.training.anchors import check_anchors
@@ -144,9 +144,13 @@ def load_data(opt: argparse.Namespace, info: DistInfo, kd: KDConfig) -> tuple[di
     if data_dict.get("unlabeled") and not kd.enabled:
         raise UserError(f"{opt.data}: 'unlabeled:' images need a teacher (--t_weights): without one they carry no "
                         f"training signal; add a teacher or remove the key")
-    if kd.pseudo_conf > 0 and not data_dict.get("unlabeled"):
-        raise UserError(f"{opt.data}: pseudo_conf {kd.pseudo_conf:g} needs unlabelled images to label, and this "
-                        f"dataset yaml has no 'unlabeled:' key; add one or set pseudo_conf 0")
+    if kd.enabled and kd.pseudo_conf > 0 and not data_dict.get("unlabeled"):
+        what = ("its 'unlabeled:' lists no images" if "unlabeled" in data_dict
+                else "this dataset yaml has no 'unlabeled:' key")
+        raise UserError(f"{opt.data}: pseudo_conf {kd.pseudo_conf:g} needs unlabelled images to label, and {what}; "
+                        f"add some or set pseudo_conf 0")
+    if data_dict.get("unlabeled"):
+        check_unlabeled_overlap(data_dict["unlabeled"], {k: data_dict.get(k) for k in ("val", "test")}, opt.data)
     nc = 1 if opt.single_cls else int(data_dict["nc"])
     names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
     return data_dict, nc, names
@@ -417,7 +421,33 @@ def summary_line(reference: dict[str, float], results) -> str:
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options: YOLOv5's names and defaults plus the distillation flags."""
+    """Command-line options: YOLOv5's names and defaults plus the distillation flags; `cli_given` lists the
+    options typed (by dest, whatever their spelling)."""
+    opt = build_parser().parse_args(argv)
+    opt.cli_given = sorted(typed_options(argv))
+    return opt
+
+
+def typed_options(argv: list[str] | None = None) -> set[str]:
+    """The dests of the options the command line typed, spelt in any way (--img, an abbreviation, --no-amp):
+    a second parse in which no option has a default, so only the typed ones land in the namespace."""
+    probe = build_parser()
+    for action in probe._actions:  # argparse has no public way to drop every default at once
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def flag_spellings() -> dict[str, str]:
+    """Each option's dest -> its first flag (batch_size -> --batch-size), for messages that name typed options."""
+    out: dict[str, str] = {}
+    for a in build_parser()._actions:
+        if a.option_strings:
+            out.setdefault(a.dest, a.option_strings[0])  # --amp, not the later --no-amp
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags: YOLOv5's names and defaults plus the distillation flags."""
     p = argparse.ArgumentParser(description="Train a YOLOv5 detector, optionally with output distillation.")
     p.add_argument("--weights", type=str, default="", help="initial weights path ('' = from scratch with --cfg)")
     p.add_argument("--cfg", type=str, default="", help="model yaml (yolov5n.yaml … resolve to models/)")
@@ -459,13 +489,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of checkpoints you trust (runs code stored in the file)")
     add_kd_args(p)
-    opt = p.parse_args(argv)
-    opt.cli_given = sorted(_given_flags(argv if argv is not None else sys.argv[1:]))
-    return opt
-
-
-def _given_flags(argv: list[str]) -> set[str]:
-    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return p
 
 
 def check_flags(opt: argparse.Namespace) -> None:
@@ -489,6 +513,10 @@ def check_flags(opt: argparse.Namespace) -> None:
                         f"--imgsz or --batch-size")
 
 
+# the only options a resume takes from the command line: where it runs, not what it trains
+RESUME_KEEPS = ("device", "workers", "trust_checkpoint")
+
+
 def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:
     """Options of the run being resumed, after checking that it can be resumed; writes nothing.
 
@@ -507,21 +535,30 @@ def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:
     run = last.parent.parent
     opt_yaml = run / "opt.yaml"
     d = read_yaml(opt_yaml, "run options") if opt_yaml.is_file() else dict(ckpt.get("opt") or {})
-    keep = {k: getattr(opt, k) for k in ("device", "workers", "trust_checkpoint")}
+    keep = {k: getattr(opt, k) for k in RESUME_KEEPS}
     new = argparse.Namespace(**{**vars(opt), **d})
     new.cfg, new.weights, new.resume, new.save_dir = "", str(last), True, str(run)
     new.hyp = d.get("hyp", new.hyp)
     for k, v in keep.items():
         if k in opt.cli_given:
             setattr(new, k, v)
+    # an edited or damaged record must not "resume" into a run that trains nothing and then strips last.pt
+    ResumePoint.plan(ckpt, new.epochs, str(opt_yaml) if opt_yaml.is_file() else f"{last} (its recorded options)")
     if new.t_weights:
         check_teacher_unchanged(new.t_weights, getattr(new, "t_sha256", None))
+    ignored = [k for k in opt.cli_given
+               if k != "resume" and k not in RESUME_KEEPS and getattr(new, k, None) != getattr(opt, k)]
+    if ignored:
+        flags = flag_spellings()
+        typed = (flags[k] + ("" if isinstance(getattr(opt, k), bool) else f" {getattr(opt, k)}") for k in ignored)
+        LOGGER.warning(f"WARNING: --resume continues the run as recorded in {run}, so it ignores {', '.join(typed)} "
+                       f"(it takes only {', '.join(flags[k] for k in RESUME_KEEPS)} from the command line)")
     return new
 
 
 def resolve_run(opt: argparse.Namespace, hyp: dict) -> KDConfig:
     """A new run's distillation config (flag > hyp > default) with the teacher's sha256; --evolve resolves by it too."""
-    kd = KDConfig.resolve(vars(opt), hyp, opt.cli_given)
+    kd = KDConfig.resolve(vars(opt), hyp, opt.cli_given, strict=True)
     return dataclasses.replace(kd, t_sha256=file_sha256(kd.t_weights)) if kd.enabled else kd
 
 
@@ -530,7 +567,9 @@ def run_record(hyp: dict, opt: argparse.Namespace, kd: KDConfig) -> tuple[dict, 
     config's values and the hyp in effect, keys in the order these files have always had (save_dir last)."""
     hyp_rec = {**hyp, **kd.hyp_values()}
     opt_rec = {k: v for k, v in vars(opt).items() if k != "save_dir"}
-    opt_rec.update(kd.as_dict())
+    # without a teacher no distillation setting is in effect: the options say so (the hyp keeps its keys, which
+    # are only the defaults a run with a teacher would take)
+    opt_rec.update((kd if kd.enabled else KDConfig()).as_dict())
     opt_rec["hyp"] = hyp_rec
     if "save_dir" in vars(opt):
         opt_rec["save_dir"] = opt.save_dir
@@ -551,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         if opt.evolve is not None:  # many trainings of train() with mutated hyps, into runs/evolve/exp*
             from utils.training.evolve import run_evolution
             check_flags(opt)
+            validate.check_run_folder(opt.project, opt.name)
             return run_evolution(opt, info, train, resolve_run, KD_SPECS)
         if opt.resume:
             opt = prepare_resume(opt)
@@ -558,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             kd = KDConfig.from_record(vars(opt))
         else:
             check_flags(opt)
+            validate.check_run_folder(opt.project, opt.name)
             hyp = load_hyp(opt.hyp, KD_SPECS)
             kd = resolve_run(opt, hyp)
             opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))

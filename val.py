@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,6 +364,38 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     return (mp, mr, map50, map_, *losses), ev.maps(nc, map_), ev.times
 
 
+def check_run_folder(project: str | Path, name: str) -> None:
+    """One-line errors, before anything is written, for a --name that leaves --project (../x, an absolute path,
+    '.') and for a --project that cannot be a folder (an existing file, a path under /proc, no permission)."""
+    norm = os.path.normpath(str(name))
+    if os.path.isabs(str(name)) or norm in (".", "..") or norm.startswith(f"..{os.sep}"):
+        raise UserError(f"--name {name}: must name a folder inside --project {project} (such as exp)")
+    here = Path(project)
+    while not here.exists() and here != here.parent:  # the deepest part of the path that is there
+        here = here.parent
+    if not here.is_dir():
+        raise UserError(f"--project {project}: {here} is a file, not a folder")
+    try:  # a probe: permissions and special file systems (/proc) only show when a folder is made
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=here))
+    except OSError as e:
+        raise UserError(f"--project {project}: no folder can be made in {here} ({e.strerror or e})") from None
+
+
+def check_flags(opt: argparse.Namespace) -> None:
+    """One-line errors for numeric flags out of range, before anything loads."""
+    checks = (
+        ("--batch-size", opt.batch_size, opt.batch_size >= 1, ">= 1"),
+        ("--imgsz", opt.imgsz, opt.imgsz >= 32, ">= 32"),
+        ("--conf-thres", opt.conf_thres, 0 <= opt.conf_thres <= 1, "within [0, 1]"),
+        ("--iou-thres", opt.iou_thres, 0 <= opt.iou_thres <= 1, "within [0, 1]"),
+        ("--max-det", opt.max_det, opt.max_det >= 1, ">= 1"),
+        ("--workers", opt.workers, opt.workers >= 0, ">= 0"),
+    )
+    for flag, value, ok, need in checks:
+        if not ok:  # NaN fails every comparison, so it lands here too
+            raise UserError(f"{flag} {value}: must be {need}")
+
+
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (YOLOv5's names and defaults)."""
     p = argparse.ArgumentParser(description="Validate a YOLOv5 checkpoint on a dataset.")
@@ -400,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     keep_freed_memory()  # as train.py: reuse freed activation memory rather than page-fault it in per batch
     try:
+        check_flags(opt)
+        check_run_folder(opt.project, opt.name)
         if opt.task == "speed":
             # YOLOv5's speed settings: timing at deployment thresholds, FP16 where the device has it
             opt.conf_thres, opt.iou_thres, opt.save_json, opt.half = 0.25, 0.45, False, True

@@ -18,7 +18,7 @@ import time
 import torch
 
 from common import Stepper, demo_data, load_hyp, peak_memory_mb, student, sync, teacher
-from optimizer.features import FEAT_FORMS
+from optimizer.config import FEAT_FORMS
 from utils.core.distributed import select_device
 from utils.core.runtime import init_seeds
 from utils.data.datasets import create_dataloader

@@ -19,8 +19,8 @@ import torch
 from bench_kd_step import first_batch
 
 from common import load_hyp, student, teacher
-from optimizer.config import KDConfig
-from optimizer.loss import DIST_NORMS, OutputDistillationLoss
+from optimizer.config import DIST_NORMS, KDConfig
+from optimizer.loss import OutputDistillationLoss
 from utils.training.checkpoint import attempt_load
 from utils.training.loss import ComputeLoss, scale_hyp
 

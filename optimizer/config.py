@@ -6,12 +6,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from optimizer.features import FEAT_FORMS
-from optimizer.loss import DIST_LOSSES, DIST_NORMS
-from optimizer.teacher import TEACHER_PRECISIONS
 from utils.core.errors import UserError
 from utils.training.hyp import EVOLVE_SWITCH, HypSpec, check_value
 
+# The choices of the settings that name a form. They live with the settings: the modules that implement the forms
+# import them from here, and this module imports nothing of optimizer/.
+DIST_LOSSES = ("l2", "kl", "bce")  # the class term's divergence (optimizer/loss.py)
+DIST_NORMS = ("mean", "weighted", "soft", "iou")  # how each output term is normalised (optimizer/loss.py)
+FEAT_FORMS = ("none", "mse", "pkd", "cross")  # feature distillation, none = off (optimizer/features.py)
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # --teacher-precision (optimizer/teacher.py)
 # The distillation settings a hyp yaml may carry, with their defaults and valid ranges. train.py hands
 # them to utils.training.hyp.load_hyp, so a hyp file is checked in one pass.
 # dist_norm 'iou' at distill_ratio 0.05 measured best in the convergence benchmark on both demo datasets
@@ -43,6 +46,15 @@ KD_SPECS: dict[str, HypSpec] = {
     "pseudo_ignore": HypSpec(PSEUDO_IGNORE_DEFAULT, 0.0, 1.0, evolve=(1, 0.0, 0.9)),
 }
 KD_HYP_KEYS = tuple(KD_SPECS)
+# Typed values that switch a part off: they need no teacher, so typing them without one is not refused.
+OFF_VALUES: dict[str, Any] = {"pseudo_conf": 0.0, "feat_kd": "none"}
+_NO_VALUE = object()
+_FLAGS = {"teacher_precision": "--teacher-precision"}  # every other setting's flag is --<name>
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag of a distillation setting (--feat_kd for feat_kd)."""
+    return _FLAGS.get(key, f"--{key}")
 
 
 def check_kd_values(values: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -92,9 +104,12 @@ class KDConfig:
         return {k: getattr(self, k) for k in KD_HYP_KEYS}
 
     @classmethod
-    def resolve(cls, flags: Mapping[str, Any], hyp: Mapping[str, Any], cli_given: Iterable[str]) -> KDConfig:
+    def resolve(cls, flags: Mapping[str, Any], hyp: Mapping[str, Any], cli_given: Iterable[str],
+                strict: bool = False) -> KDConfig:
         """A flag typed on the command line wins over the (already validated) hyp yaml, which wins over the
-        default; flag values are validated here, with one-line errors."""
+        default; flag values are validated here, with one-line errors. Typed without a teacher, the pseudo-label
+        flags are refused, and with `strict` (train.py) every distillation flag is; the hyp yaml's keys are
+        only the defaults a run with a teacher would take, so without one they are not."""
         given = set(cli_given)
         values: dict[str, Any] = {}
         for key, default in cls().as_dict().items():
@@ -108,19 +123,34 @@ class KDConfig:
                 values[key] = default
         typed = check_kd_values({k: v for k, v in values.items() if k in given}, "command line")
         config = cls(**{**values, **typed})
-        config.check_pseudo()
+        config.check_typed(typed if strict else {k: v for k, v in typed.items() if k.startswith("pseudo_")})
+        config.check()
         return config
 
-    def check_pseudo(self) -> None:
-        """Pseudo-labels need a teacher, and an ignore band below pseudo_conf (one-line UserErrors)."""
-        if self.pseudo_conf <= 0:
+    def check_typed(self, typed: Mapping[str, Any]) -> None:
+        """Distillation flags typed on the command line need a teacher: without one they would change nothing
+        while the run's records named them (one-line UserError). A value that turns its part off is fine."""
+        if self.enabled:
             return
-        if not self.enabled:
-            raise UserError(f"pseudo_conf {self.pseudo_conf:g}: pseudo-labels are a teacher's detections; give a "
+        moot = {k: v for k, v in typed.items() if k != "t_weights" and OFF_VALUES.get(k, _NO_VALUE) != v}
+        if list(moot) == ["pseudo_conf"]:
+            raise UserError(f"pseudo_conf {moot['pseudo_conf']:g}: pseudo-labels are a teacher's detections; give a "
                             f"teacher (--t_weights) or set pseudo_conf 0")
+        if moot:
+            named = ", ".join(f"{flag_name(k)} {v:g}" if isinstance(v, float) else f"{flag_name(k)} {v}"
+                              for k, v in moot.items())
+            raise UserError(f"{named}: distillation setting(s) typed without a teacher, so they would have no effect; "
+                            f"give a teacher (--t_weights) or remove them")
+
+    def check(self, where: str = "") -> None:
+        """The rules between keys, for a config with a teacher (without one none is in effect): the pseudo-label
+        ignore band below pseudo_conf. One-line UserErrors, prefixed with `where` when given."""
+        if not self.enabled or self.pseudo_conf <= 0:
+            return
         if self.pseudo_ignore >= self.pseudo_conf:
-            raise UserError(f"pseudo_ignore {self.pseudo_ignore:g} must be below pseudo_conf {self.pseudo_conf:g}: "
-                            f"the ignore band is [pseudo_ignore, pseudo_conf); 0 turns it off")
+            raise UserError(f"{where + ': ' if where else ''}pseudo_ignore {self.pseudo_ignore:g} must be below "
+                            f"pseudo_conf {self.pseudo_conf:g}: the ignore band is [pseudo_ignore, pseudo_conf); "
+                            f"0 turns it off")
 
     @classmethod
     def from_record(cls, opt: Mapping[str, Any]) -> KDConfig:

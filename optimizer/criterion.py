@@ -40,6 +40,9 @@ PSEUDO_PARTS = ("pseudo", "pboxes")  # the pseudo-label detection loss, and pseu
 # A distillation part outside [LOW, HIGH] x its detection counterpart is reported once, with the knob to turn.
 BALANCE_LOW, BALANCE_HIGH = 0.01, 10.0
 BALANCE_BATCHES = 20  # the first-epoch balance report averages this many batches (or the whole epoch)
+# A teacher whose highest objectness over those batches stays below detect.py's default confidence finds no
+# objects: its maps teach only background, which no distill_ratio can change.
+TEACHER_SEES_NOTHING = 0.25
 # Epochs in which the feature adapters train alone: the feature term's gradient reaches the student only
 # afterwards. Fresh adapters are random projections, and the gradient through them pulls the student's neck in
 # random directions: at the 8-class plateau (feature gradient ~1x the detection terms' at the neck) the
@@ -156,6 +159,7 @@ class Distiller(DetectionCriterion):
         self._sums: dict[str, float] = {}
         self._grads = [0.0, 0.0]  # first-epoch sums of |d dfeat / d neck| and |d detection / d neck|
         self._seen = 0
+        self._teacher_score = 0.0  # the teacher's highest objectness over the batches the report averages
         self.reported = False
         if unlabeled is not None:
             self.progress_note = f"+{unlabeled.batch_size} of {len(unlabeled)} unlabelled/step"
@@ -244,6 +248,8 @@ class Distiller(DetectionCriterion):
             parts[FEATURE_PART] = dfeat.detach() / bs
             total = total + dfeat.to(loss.dtype)
         if not self.reported:
+            top = max(float(m[..., 4].float().max().sigmoid()) for m in t_maps)
+            self._teacher_score = max(self._teacher_score, top)
             self._accumulate(parts)
         return total, parts
 
@@ -365,7 +371,7 @@ class Distiller(DetectionCriterion):
             LOGGER.info("Pseudo-labels over the first %d batches: %.3g boxes per unlabelled image; their detection "
                         "loss %.4g / the labelled images' %.4g = %.3g", self._seen, means[PSEUDO_PARTS[1]],
                         means[PSEUDO_PARTS[0]], det, means[PSEUDO_PARTS[0]] / det if det > 0 else float("nan"))
-        for line in balance_warnings(ratios, self.config):
+        for line in balance_warnings(ratios, self.config, self._teacher_score):
             LOGGER.warning(line)
         self.reported = True
 
@@ -391,12 +397,19 @@ def balance_ratios(parts: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def balance_warnings(ratios: Mapping[str, float], config: KDConfig) -> list[str]:
+def balance_warnings(ratios: Mapping[str, float], config: KDConfig, teacher_score: float | None = None) -> list[str]:
     """One line for each distillation part below 1% or above 10x its detection counterpart (the feature term:
-    its gradient at the neck against the detection terms'), naming the knob."""
+    its gradient at the neck against the detection terms'), naming the knob; with `teacher_score` (the teacher's
+    highest objectness) below TEACHER_SEES_NOTHING, one line saying the teacher finds no objects instead of
+    advice to raise distill_ratio, which cannot help then."""
     lines = []
+    blind = teacher_score is not None and teacher_score < TEACHER_SEES_NOTHING
+    if blind:
+        lines.append(f"WARNING: the teacher finds no objects on these images (its highest objectness is "
+                     f"{teacher_score:.3g}, below {TEACHER_SEES_NOTHING:g}), so its maps teach only background and "
+                     f"no distill_ratio can help; check that --t_weights was trained for this dataset's classes")
     for name, r in ratios.items():
-        if not _finite(r):
+        if not _finite(r) or (blind and name != FEATURE_GRAD and r < BALANCE_LOW):
             continue
         if name == FEATURE_GRAD:
             if r < BALANCE_LOW:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from optimizer.config import FEAT_FORMS
 from optimizer.loss import MIN_WEIGHT_SUM, OutputDistillationLoss
 from utils.core.errors import UserError
 
-FEAT_FORMS = ("none", "mse", "pkd", "cross")
 PKD_EPS = 1e-6  # variance floor of the standardisation: a constant channel compares as all zeros
 
 

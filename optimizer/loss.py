@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from optimizer.box_ciou import decoded_ciou_loss
+from optimizer.config import check_kd_values
 from utils.core.distributed import de_parallel
 from utils.core.errors import UserError
 from utils.training.loss import BALANCE_3, BALANCE_N
 
 LOGGER = logging.getLogger("yolov5kd")
 
-DIST_LOSSES = ("l2", "kl", "bce")
-# How each level's term is normalised:
+# How each level's term is normalised (dist_norm; its choices, DIST_NORMS, live with the settings in config.py):
 #   mean     - the seed formula: mean over every element of D·w (w = sigmoid(teacher obj logit));
 #   weighted - weighted average over cells, Σ_c w_c·D_c / max(Σ_c w_c, 1), D_c averaged over the
 #              cell's box / class channels: independent of the grid size and of how many cells are empty;
@@ -27,7 +27,6 @@ DIST_LOSSES = ("l2", "kl", "bce")
 #              boxes, weighted average over cells: each term then uses its detection counterpart's own
 #              divergence, so the box term is on the detection box loss's scale (l2 on box logits is ~100x
 #              smaller there) and pulls on localisation, which mAP50-95 rewards.
-DIST_NORMS = ("mean", "weighted", "soft", "iou")
 KL_OBJ_NORMS = ("soft", "iou")  # forms whose objectness part is a binary KL over every cell
 # Denominator floor for weighted/soft: one fully confident teacher cell. A level where the teacher sees
 # (almost) nothing then adds Σ w·D ≈ 0 instead of a full-strength average over cells it calls empty
@@ -200,9 +199,6 @@ def compute_distillation_output_loss(p: Sequence[torch.Tensor], t_p: Sequence[to
                                      distill_ratio: float = 0.5) -> torch.Tensor:
     """Seed-compatible entry point: the total distillation loss (shape (1,)) from model.hyp and model.nc, with
     the seed's formula ("mean") and its documented defaults (l2, T 20, ratio 0.5)."""
-    # imported here: the config module builds on this one (its choices are DIST_LOSSES / DIST_NORMS)
-    from optimizer.config import check_kd_values
-
     values = check_kd_values({"dist_loss": dist_loss, "temperature": T, "distill_ratio": distill_ratio},
                              "compute_distillation_output_loss")
     hyp = getattr(de_parallel(model), "hyp", None)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from optimizer.config import TEACHER_PRECISIONS
 from optimizer.int8 import convert_int8, int8_unavailable, prepare_int8
 from utils.core.distributed import de_parallel
 from utils.core.errors import UserError
@@ -19,7 +20,6 @@ from utils.training.checkpoint import attempt_load
 
 LOGGER = logging.getLogger("yolov5kd")
 
-TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # --teacher-precision choices
 INT8_CALIBRATION_BATCHES = 8  # training batches an int8 teacher observes in fp32 before it is quantised
 
 

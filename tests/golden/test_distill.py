@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import distillation_loss
-from optimizer.loss import DIST_NORMS, compute_distillation_output_loss
+from optimizer.config import DIST_NORMS
+from optimizer.loss import compute_distillation_output_loss
 from utils.core.errors import UserError
 
 GOLDEN_CASES = [("distill_l2_T1", "l2", 1.0), ("distill_l2_T5", "l2", 5.0),

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from conftest import distillation_loss
-from optimizer.config import check_kd_values
-from optimizer.loss import DIST_NORMS
+from optimizer.config import DIST_NORMS, check_kd_values
 from utils.core.errors import UserError
 
 HYP = {"box": 0.05, "obj": 0.7, "cls": 0.3}

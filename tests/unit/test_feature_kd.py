@@ -14,10 +14,10 @@ import torch.nn as nn
 
 from conftest import ROOT
 from models.yolo import Model
-from optimizer.config import KD_SPECS, KDConfig
+from optimizer.config import FEAT_FORMS, KD_SPECS, KDConfig
 from optimizer.criterion import Distiller
-from optimizer.features import (FEAT_FORMS, Adapter, FeatureAdapters, FeatureDistillationLoss, build_adapters,
-                                head_channels, teacher_weights)
+from optimizer.features import (Adapter, FeatureAdapters, FeatureDistillationLoss, build_adapters, head_channels,
+                                teacher_weights)
 from optimizer.teacher import Teacher
 from utils.core.errors import UserError
 from utils.training.forward import StudentForward

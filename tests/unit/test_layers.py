@@ -1,4 +1,5 @@
-"""The layer order of the packages (README: Layout): a module imports only from its own package or from lower layers."""
+"""The layer order of the packages (README: Layout): a module imports only from its own package or from lower layers,
+and no files import each other in a circle, inside a package or across."""
 from __future__ import annotations
 
 import ast
@@ -42,6 +43,64 @@ def _imports(path: Path) -> list[str]:
             out.append(node.module)
             out += [f"{node.module}.{a.name}" for a in node.names]  # `from utils import plots`
     return out
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (lazy imports too), for every file under utils/, models/ and
+    optimizer/; an imported name that is no file of ours (a class, a constant) adds nothing."""
+    files = {".".join(f.relative_to(ROOT).with_suffix("").parts): f
+             for folder in ("utils", "models", "optimizer") for f in sorted((ROOT / folder).rglob("*.py"))}
+    modules = {m.removesuffix(".__init__"): m for m in files}
+    return {m: {modules[t] for t in _imports(f) if t in modules and modules[t] != m} for m, f in files.items()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[str]:
+    """One line per group of modules that import each other in a circle (a strongly connected component of more
+    than one module, or a module that imports itself), e.g. 'a -> b -> a'."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1 or v in graph.get(v, ()):
+                out.append(_one_circle(graph, set(group)))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def _one_circle(graph: dict[str, set[str]], group: set[str]) -> str:
+    """A path from the group's first module back to it through the group: 'a -> b -> a'."""
+    start = min(group)
+    paths = {start: [start]}
+    todo = [start]
+    while todo:  # breadth first: the shortest circle through `start`
+        v = todo.pop(0)
+        for w in sorted(graph.get(v, ())):
+            if w == start:
+                return " -> ".join(paths[v] + [start])
+            if w in group and w not in paths:
+                paths[w] = paths[v] + [w]
+                todo.append(w)
+    return start
 
 
 def _edges() -> list[tuple[str, str, str]]:
@@ -88,6 +147,28 @@ def test_no_cycle_between_folders():
         return any(n == b or (n not in seen and reaches(n, b, seen | {n})) for n in graph.get(a, ()))
 
     assert [p for p in graph if reaches(p, p, set())] == []
+
+
+def test_no_circle_between_files():
+    graph = _module_graph()
+    assert graph["optimizer.criterion"], "no import between files found: the scan is broken"
+    assert circles(graph) == []
+
+
+@pytest.mark.parametrize("graph, found", [
+    ({"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "p.d": {"p.a"}}, ["p.a -> p.b -> p.c -> p.a"]),
+    ({"p.a": {"p.b", "p.c"}, "p.b": {"p.c"}, "p.c": set()}, []),
+    ({"p.a": {"p.a"}}, ["p.a -> p.a"]),
+    ({"p.a": {"p.b"}, "p.b": {"p.a"}, "q.x": {"q.y"}, "q.y": {"q.x"}}, ["p.a -> p.b -> p.a", "q.x -> q.y -> q.x"]),
+])
+def test_the_check_catches_a_circle(graph, found):
+    assert circles(graph) == found
+
+
+def test_a_lazy_import_counts(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def late():\n    from optimizer.config import check_kd_values\n")
+    assert "optimizer.config" in _imports(f)
 
 
 @pytest.mark.parametrize("edge, bad", [

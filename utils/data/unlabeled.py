@@ -7,14 +7,15 @@ not depend on earlier epochs and a resumed run replays exactly what an uninterru
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from utils.core.errors import UserError
-from utils.data.datasets import GENERATOR_SEED, create_dataloader
+from utils.data.datasets import GENERATOR_SEED, create_dataloader, list_images
 
 LOGGER = logging.getLogger("yolov5kd")
 # Keeps the unlabelled stream's shuffling independent of the labelled loader's (which uses GENERATOR_SEED + ...).
@@ -90,3 +91,30 @@ def build_unlabeled_stream(paths: str | Path | Sequence[str | Path], ratio: floa
                                   world_size=world_size, workers=workers, prefix="unlabeled: ", shuffle=True,
                                   seed=seed, labelled=False)
     return UnlabeledStream(loader, seed, rank, labelled_batch)
+
+
+def _real_paths(paths: Sequence[str]) -> set[str]:
+    """The files with their folders resolved (links, '..'), so two spellings of one image compare equal."""
+    # each folder is resolved once, not each file: an unlabelled set may hold a million images
+    real: dict[str, str] = {}
+    out = set()
+    for f in paths:
+        folder, name = os.path.split(os.path.abspath(f))
+        if folder not in real:
+            real[folder] = os.path.realpath(folder)
+        out.add(os.path.join(real[folder], name))
+    return out
+
+
+def check_unlabeled_overlap(unlabeled: str | Path | Sequence[str | Path],
+                            scored: Mapping[str, str | Path | Sequence[str | Path] | None], where: str) -> None:
+    """Refuse 'unlabeled:' images that are also in a split the run is scored on (val:, test:), in one line with
+    the count: the teacher's maps and pseudo-labels of those images would leak them into the scores."""
+    mine = _real_paths(list_images(unlabeled, "unlabeled: "))
+    for split, paths in scored.items():
+        items = [] if not paths else [paths] if isinstance(paths, (str, Path)) else list(paths)
+        items = [x for x in items if Path(x).exists()]  # a listed test: split need not be there
+        both = len(mine & _real_paths(list_images(items, f"{split}: "))) if items else 0
+        if both:
+            raise UserError(f"{where}: {both} image(s) listed under 'unlabeled:' are also in '{split}:', so training "
+                            f"on them would leak the {split} images into the scores; remove them from 'unlabeled:'")

@@ -46,6 +46,7 @@ GAIN_CLIP = (0.3, 3.0)  # a value changes by at most x0.3 .. x3 per generation
 SWITCH_P = 0.2  # chance that a categorical key (dist_norm) switches to another choice in a generation
 TOP_N = 5  # parents are drawn from this many best rows
 MAX_FAILED_IN_A_ROW = 3  # a mutated hyp that fails to train scores 0; this many failures in a row stop the run
+MAX_DRAWS = 100  # draws per generation before mutate gives up and returns the parent
 
 METRIC_KEYS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
                "val/box_loss", "val/obj_loss", "val/cls_loss")
@@ -54,6 +55,7 @@ OUTPUTS = ("evolve.csv", "hyp_evolve.yaml", "evolve.png")
 
 
 Specs = Mapping[str, HypSpec]  # every hyp key's spec: HYP_SPECS merged with the caller's (the KD keys)
+CheckFn = Callable[[Mapping[str, Any]], None]  # raises UserError for a hyp that breaks a rule between keys
 
 
 # --------------------------------------------------------------------------------------------- pure functions
@@ -96,16 +98,18 @@ def select_parent(rows: Sequence[Mapping[str, Any]], rng: np.random.Generator) -
     return rows[int(order[rng.choice(len(order), p=w / w.sum())])]
 
 
-def mutate(parent: Mapping[str, Any], keys: Sequence[str], specs: Specs, rng: np.random.Generator) -> dict:
+def mutate(parent: Mapping[str, Any], keys: Sequence[str], specs: Specs, rng: np.random.Generator,
+           check: CheckFn | None = None) -> dict:
     """The parent's values with the numeric keys multiplied by v = clip(g·[U<0.8]·N(0,1)·u·0.2 + 1, 0.3, 3)
     (one u per draw, redrawn until some v differs from 1), categorical keys switched with probability
     SWITCH_P to one of their other choices (uniformly; gain 0 keeps them), then constrained to the bounds. A
-    draw that the clipping and rounding turn back into the parent is drawn again (at most 100 times), so a
-    generation does not retrain its parent."""
+    draw that the clipping and rounding turn back into the parent, or that `check` refuses (the rules between
+    keys, such as pseudo_ignore below pseudo_conf), is drawn again, at most MAX_DRAWS times in all; when no
+    draw passes, the parent comes back (a valid draw that equals it, or the parent itself)."""
     numeric = [k for k in keys if not specs[k].choices]
     g = np.array([float(specs[k].evolve[0]) for k in numeric])
-    child = dict(parent)
-    for _ in range(100):
+    fallback = dict(parent)
+    for _ in range(MAX_DRAWS):
         out = dict(parent)
         if numeric and (g > 0).any():
             v = np.ones(len(numeric))
@@ -120,9 +124,15 @@ def mutate(parent: Mapping[str, Any], keys: Sequence[str], specs: Specs, rng: np
                 others = [c for c in specs[k].choices if c != parent[k]]
                 out[k] = others[int(rng.integers(len(others)))]
         child = constrain(out, keys, specs)
+        if check is not None:
+            try:
+                check(child)
+            except UserError:
+                continue
         if any(child[k] != parent[k] for k in keys):
-            break
-    return child
+            return child
+        fallback = child
+    return fallback
 
 
 def generation_rng(seed: int, generation: int) -> np.random.Generator:
@@ -131,14 +141,15 @@ def generation_rng(seed: int, generation: int) -> np.random.Generator:
 
 
 def next_hyp(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], keys: Sequence[str], specs: Specs,
-             seed: int, generation: int) -> dict:
+             seed: int, generation: int, check: CheckFn | None = None) -> dict:
     """Generation `generation`'s hyp: the (constrained) starting hyp when there are no rows yet, else a
-    mutated copy of a parent drawn from the rows. Keys outside `keys` keep the starting hyp's values."""
+    mutated copy of a parent drawn from the rows whose draws `check` accepts (see mutate). Keys outside `keys`
+    keep the starting hyp's values."""
     if not rows:
         return constrain(base, keys, specs)
     rng = generation_rng(seed, generation)
     parent = select_parent(rows, rng)
-    return mutate({**base, **{k: parent[k] for k in keys}}, keys, specs, rng)
+    return mutate({**base, **{k: parent[k] for k in keys}}, keys, specs, rng, check)
 
 
 def make_row(results: Sequence[float] | None, hyp: Mapping[str, Any], keys: Sequence[str], generation: int) -> dict:
@@ -255,8 +266,9 @@ def check_evolvable(hyp_arg: Any, specs: Specs, teacher_keys: Collection[str]) -
 
 # ---------------------------------------------------------------------------------------------------- the run
 # The caller (train.py) hands in its training and its run-config resolution, so this layer needs nothing
-# from the distillation package above it; the config is a frozen dataclass with enabled, hyp_values() and
-# as_dict(), whose KD fields are named as the teacher keys.
+# from the distillation package above it; the config is a frozen dataclass with enabled, hyp_values(),
+# as_dict() and check(where) (its rules between keys, as one-line UserErrors), whose KD fields are named as
+# the teacher keys.
 TrainFn = Callable[[dict, argparse.Namespace, Any, DistInfo, Any], Sequence[float]]
 ResolveFn = Callable[[argparse.Namespace, dict], Any]
 
@@ -312,18 +324,26 @@ def _evolve_generations(opt: argparse.Namespace, run: Path, n: int, base: dict, 
         write_best_hyp(yaml_path, base, rows, keys, n)
         write_plot(png_path, rows, keys, specs)
 
+    def config(hyp: Mapping[str, Any]) -> Any:
+        return dataclasses.replace(kd, **{k: hyp[k] for k in teacher_keys})  # the evolved values, never the flags
+
+    def check(hyp: Mapping[str, Any]) -> None:
+        config(hyp).check()  # the rules the command line enforces hold for every generation
+
     failed, trained = 0, 0
     try:
         for g in range(len(rows), n):
             shutil.rmtree(gen_dir, ignore_errors=True)  # what a generation cut short left behind
-            hyp = next_hyp(base, rows, keys, specs, opt.seed, g)
-            gkd = dataclasses.replace(kd, **{k: hyp[k] for k in teacher_keys})  # the evolved values, never the flags
+            hyp = next_hyp(base, rows, keys, specs, opt.seed, g, check)
+            gkd = config(hyp)
             gopt = argparse.Namespace(**vars(opt))
             gopt.save_dir, gopt.resume = str(gen_dir), False
             gopt.noval = gopt.nosave = gopt.noplots = True  # validate and save the final epoch only
             LOGGER.info(f"\nEvolve: generation {g + 1}/{n} " + " ".join(f"{k}={hyp[k]}" for k in keys))
             t0 = time.time()
             try:
+                # a parent read from an older evolve.csv may break a rule that no draw could mend
+                gkd.check(f"evolve generation {g}")
                 # the distillation values travel in gkd alone, as in a plain run
                 results = train_fn({k: v for k, v in hyp.items() if k not in teacher_keys}, gopt, device, DistInfo(),
                                    gkd)

@@ -27,14 +27,32 @@ class ResumePoint:
     best_fitness: float = 0.0
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict, weights: Any, epochs: int) -> ResumePoint:
-        """The counters of a last.pt being resumed (prepare_resume has already refused finished ones)."""
+    def plan(cls, ckpt: dict, epochs: Any, where: str) -> ResumePoint:
+        """The counters of a last.pt resumed to the `epochs` recorded in `where` (a finished checkpoint has been
+        refused before). One-line UserErrors for a record that is not a whole number >= 1, and for one under
+        which the resume would train nothing, unless the checkpoint holds the final epoch of the run as it was
+        started (a run killed during its final strip: the resume finishes that)."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise UserError(f"{where}: epochs {epochs!r} is not a whole number >= 1, so the record is corrupt; "
+                            f"restore it, or start a new run from the checkpoint with --weights")
         start_epoch = int(ckpt["epoch"]) + 1
-        LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
-        if epochs < start_epoch:
+        # YOLOv5: a record below the epochs already trained means "that many more" (fine-tuning)
+        total = epochs if epochs >= start_epoch else epochs + start_epoch - 1
+        started_with = (ckpt.get("opt") or {}).get("epochs")
+        if total <= start_epoch and started_with != start_epoch:
+            raise UserError(f"{where}: epochs {epochs}, but the checkpoint has trained {start_epoch} epoch(s), so the "
+                            f"resume would train nothing and strip its optimizer; set epochs above {start_epoch} "
+                            f"to train on")
+        return cls(start_epoch, total, float(ckpt.get("best_fitness") or 0.0))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, weights: Any, epochs: int) -> ResumePoint:
+        """The counters of a last.pt being resumed (prepare_resume has already checked them with plan())."""
+        point = cls.plan(ckpt, epochs, str(weights))
+        LOGGER.info(f"Resuming training from {weights} from epoch {point.start_epoch} to {epochs} total epochs")
+        if point.epochs != epochs:
             LOGGER.info(f"{weights} has been trained for {ckpt['epoch']} epochs. Fine-tuning for {epochs} more epochs.")
-            epochs += int(ckpt["epoch"])
-        return cls(start_epoch, epochs, float(ckpt.get("best_fitness") or 0.0))
+        return point
 
 
 def restore_ema(ckpt: dict, ema: ModelEMA) -> None:
