@@ -15,6 +15,7 @@ DIST_LOSSES = ("l2", "kl", "bce")  # the class term's divergence (optimizer/loss
 DIST_NORMS = ("mean", "weighted", "soft", "iou")  # how each output term is normalised (optimizer/loss.py)
 FEAT_FORMS = ("none", "mse", "pkd", "cross")  # feature distillation, none = off (optimizer/features.py)
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # --teacher-precision (optimizer/teacher.py)
+
 # The distillation settings a hyp yaml may carry, with their defaults and valid ranges. train.py hands
 # them to utils.training.hyp.load_hyp, so a hyp file is checked in one pass.
 # dist_norm 'iou' at distill_ratio 0.05 measured best in the convergence benchmark on both demo datasets
