@@ -25,7 +25,7 @@ import torch.nn as nn
 
 import val as validate
 from models.yolo import Model, check_img_size, set_inplace_activations, to_training_layout
-from optimizer.config import KD_HYP_KEYS, KD_SPECS, KDConfig, add_kd_args
+from optimizer.config import KD_HYP_KEYS, KD_SPECS, KDConfig, add_kd_args, without_settings
 from optimizer.criterion import DetectionCriterion, Distiller
 from optimizer.teacher import check_teacher_unchanged, file_sha256
 from utils.core.config import read_yaml, yaml_save
@@ -35,7 +35,8 @@ from utils.core.download import ensure_weights
 from utils.core.errors import UserError, report
 from utils.core.log import get_latest_run, hold_run_folder, increment_path, setup_logging
 from utils.core.runtime import init_seeds, keep_freed_memory
-from utils.data.datasets import available_memory, batch_memory_need, check_dataset, create_dataloader, reseed_loader
+from utils.data.datasets import (DatasetSpec, DataSettings, LoadImagesAndLabels, available_memory, batch_memory_need,
+                                 check_dataset, create_dataloader, reseed_loader)
 from utils.data.unlabeled import UnlabeledStream, build_unlabeled_stream, check_unlabeled_overlap
 from utils.evaluation.metrics import fitness
 from utils.reporting.loggers import RunLogger
@@ -111,7 +112,7 @@ class Setup:
     """Everything the epoch loop needs, built once by setup()."""
 
     save_dir: Path
-    data_dict: dict
+    data: DatasetSpec
     names: dict
     model: nn.Module  # the trained module (DDP-wrapped under torchrun)
     ema: ModelEMA | None  # main process only
@@ -136,46 +137,45 @@ class Setup:
     reference: dict[str, float] | None
 
 
-def load_data(opt: argparse.Namespace, info: DistInfo, kd: KDConfig) -> tuple[dict, int, dict]:
-    """The dataset dict, nc and class names; 'unlabeled:' images without a teacher, and pseudo-labels without
+def load_data(opt: argparse.Namespace, info: DistInfo, kd: KDConfig) -> tuple[DatasetSpec, int, dict]:
+    """The dataset spec, nc and class names; 'unlabeled:' images without a teacher, and pseudo-labels without
     'unlabeled:' images, are refused here."""
     with main_process_first(info):
-        data_dict = check_dataset(opt.data)
-    if data_dict.get("unlabeled") and not kd.enabled:
+        data = check_dataset(opt.data)
+    if data.unlabeled and not kd.enabled:
         raise UserError(f"{opt.data}: 'unlabeled:' images need a teacher (--t_weights): without one they carry no "
                         f"training signal; add a teacher or remove the key")
-    if kd.enabled and kd.pseudo_conf > 0 and not data_dict.get("unlabeled"):
-        what = ("its 'unlabeled:' lists no images" if "unlabeled" in data_dict
+    if kd.enabled and kd.pseudo_conf > 0 and not data.unlabeled:
+        what = ("its 'unlabeled:' lists no images" if "unlabeled" in data.keys
                 else "this dataset yaml has no 'unlabeled:' key")
         raise UserError(f"{opt.data}: pseudo_conf {kd.pseudo_conf:g} needs unlabelled images to label, and {what}; "
                         f"add some or set pseudo_conf 0")
-    if data_dict.get("unlabeled"):
-        check_unlabeled_overlap(data_dict["unlabeled"], {k: data_dict.get(k) for k in ("val", "test")}, opt.data)
-    nc = 1 if opt.single_cls else int(data_dict["nc"])
-    names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
-    return data_dict, nc, names
+    if data.unlabeled:
+        check_unlabeled_overlap(data.unlabeled, {"val": data.val, "test": data.test}, opt.data)
+    nc = 1 if opt.single_cls else data.nc
+    names = {0: "item"} if opt.single_cls and data.nc != 1 else data.names
+    return data, nc, names
 
 
-def build_loaders(opt: argparse.Namespace, info: DistInfo, data_dict: dict, hyp: dict, kd: KDConfig, imgsz: int,
+def build_loaders(opt: argparse.Namespace, info: DistInfo, data: DatasetSpec, hyp: dict, kd: KDConfig, imgsz: int,
                   gs: int, nc: int) -> tuple[Any, Any, np.ndarray, Any, UnlabeledStream | None]:
     """(train loader, its dataset, all its label rows, val loader (main process only), unlabelled stream or None)."""
-    batch = opt.batch_size // info.world_size
     # rows are checked against the dataset's own classes; --single-cls then merges them into class 0
-    data_nc = int(data_dict["nc"])
+    train = DataSettings(imgsz=imgsz, batch_size=opt.batch_size // info.world_size, augment=True, hyp=hyp,
+                         rect=opt.rect, cache=opt.cache, single_cls=opt.single_cls, stride=gs, prefix="train: ",
+                         nc=data.nc)
     with main_process_first(info):
-        train_loader, dataset = create_dataloader(
-            data_dict["train"], imgsz, batch, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
-            rect=opt.rect, rank=info.rank, world_size=info.world_size, workers=opt.workers, prefix="train: ",
-            shuffle=True, seed=opt.seed, nc=data_nc)
+        dataset = LoadImagesAndLabels(data.train, train)
+        train_loader = create_dataloader(dataset, workers=opt.workers, shuffle=True, rank=info.rank,
+                                         world_size=info.world_size, seed=opt.seed)
     labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise UserError(f"{opt.data}: label class {int(labels[:, 0].max())} exceeds nc={nc}")
     unlabeled = None
-    if data_dict.get("unlabeled"):
+    if data.unlabeled:
         with main_process_first(info):
-            unlabeled = build_unlabeled_stream(data_dict["unlabeled"], kd.unlabeled_ratio, batch, imgsz, gs, hyp,
-                                               workers=opt.workers, rank=info.rank, world_size=info.world_size,
-                                               seed=opt.seed, cache=opt.cache)
+            unlabeled = build_unlabeled_stream(data.unlabeled, kd.unlabeled_ratio, train, workers=opt.workers,
+                                               rank=info.rank, world_size=info.world_size, seed=opt.seed)
         if unlabeled is not None:
             both = len(set(dataset.im_files) & set(unlabeled.dataset.im_files))
             if both:
@@ -183,11 +183,13 @@ def build_loaders(opt: argparse.Namespace, info: DistInfo, data_dict: dict, hyp:
                                f"are used both ways")
     val_loader = None
     if info.is_main:
-        val_loader, val_set = create_dataloader(data_dict["val"], imgsz, batch * 2, gs, opt.single_cls, hyp=hyp,
-                                                cache=None if opt.noval else opt.cache, rect=True, rank=-1,
-                                                workers=opt.workers * 2, pad=0.5, prefix="val: ", nc=data_nc)
+        val = DataSettings(imgsz=imgsz, batch_size=train.batch_size * 2, hyp=hyp, rect=True,
+                           cache=None if opt.noval else opt.cache, single_cls=opt.single_cls, stride=gs, pad=0.5,
+                           prefix="val: ", nc=data.nc)
+        val_set = LoadImagesAndLabels(data.val, val)
+        val_loader = create_dataloader(val_set, workers=opt.workers * 2)
         if not any(len(x) for x in val_set.labels):
-            LOGGER.warning(f"WARNING: val: {data_dict['val']} has no labels, so mAP cannot be measured (fitness "
+            LOGGER.warning(f"WARNING: val: {data.val} has no labels, so mAP cannot be measured (fitness "
                            f"counts as 0); training goes on and best.pt follows the latest epoch")
     return train_loader, dataset, labels, val_loader, unlabeled
 
@@ -202,7 +204,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     init_seeds(opt.seed + 1 + info.rank, deterministic=True)
     torch.set_flush_denormal(True)  # denormal activations/gradients make CPU kernels several % slower
     keep_freed_memory()  # reuse freed activation memory instead of page-faulting it in again every step
-    data_dict, nc, names = load_data(opt, info, kd)
+    data, nc, names = load_data(opt, info, kd)
     model, ckpt = build_student(opt, nc, hyp, device)
     ckpt = ckpt if resuming else None  # from here on, a checkpoint means "resume from it"
     model = to_training_layout(model)
@@ -228,7 +230,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     if opt.sync_bn and info.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
 
-    train_loader, dataset, labels, val_loader, unlabeled = build_loaders(opt, info, data_dict, hyp, kd, imgsz, gs, nc)
+    train_loader, dataset, labels, val_loader, unlabeled = build_loaders(opt, info, data, hyp, kd, imgsz, gs, nc)
     if main and ckpt is None:
         if not opt.noautoanchor:
             check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
@@ -270,12 +272,12 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     del ckpt
     reference = None
     if main and not opt.noval and not resuming:
-        reference = reference_scores(criterion, model, opt, data_dict, val_loader)
+        reference = reference_scores(criterion, model, opt, data, val_loader)
     stopper = EarlyStopping(patience=opt.patience)
     stopper.best_fitness = resume.best_fitness if resuming else -1.0
     logger = RunLogger(save_dir, hyp={**hyp, **kd.hyp_values()}, opt=opt_record, parts=criterion.parts,
                        figures=criterion.figures, tensorboard=True, plots=not opt.noplots) if main else None
-    return Setup(save_dir=save_dir, data_dict=data_dict, names=names, model=model, ema=ema, optimizer=optimizer,
+    return Setup(save_dir=save_dir, data=data, names=names, model=model, ema=ema, optimizer=optimizer,
                  scheduler=scheduler, lf=lf, hyp=hyp, opt_record=opt_record, train_loader=train_loader, val_loader=val_loader,
                  compute_loss=compute_loss, criterion=criterion, keeper=keeper, logger=logger,
                  stopper=stopper, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
@@ -284,6 +286,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
 
 def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo, kd: KDConfig) -> tuple:
     """Run the whole training; returns the final validation results tuple."""
+    opt = without_settings(opt)  # the distillation values in effect live in `kd` alone from here on
     with hold_run_folder(opt.save_dir, hold=info.is_main):
         r = setup(hyp, opt, device, info, kd)
         t0 = time.time()
@@ -333,7 +336,7 @@ def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: Di
             r.ema.update_attr(r.model)
             final_epoch = epoch + 1 == r.resume.epochs or r.stopper.possible_stop
             if not opt.noval or final_epoch:
-                results = validate.evaluate(validation_copy(r.ema.ema), r.val_loader, r.data_dict,
+                results = validate.evaluate(validation_copy(r.ema.ema), r.val_loader, r.data,
                                             compute_loss=r.compute_loss, half=r.amp_dtype is not None,
                                             single_cls=opt.single_cls, plots=False, save_dir=r.save_dir).results
             fi = float(fitness(np.array(results).reshape(1, -1))[0])
@@ -357,7 +360,7 @@ def finish(r: Setup, opt: argparse.Namespace, device: torch.device, info: DistIn
     best = r.keeper.best
     if best.exists() and not opt.noval:
         LOGGER.info(f"\nValidating {best}...")
-        results = validate.evaluate(validation_copy(_load_for_val(best, device)), r.val_loader, r.data_dict,
+        results = validate.evaluate(validation_copy(_load_for_val(best, device)), r.val_loader, r.data,
                                     compute_loss=r.compute_loss, single_cls=opt.single_cls, plots=not opt.noplots,
                                     save_dir=r.save_dir, verbose=True, progress=True).results
     r.logger.on_train_end()
@@ -389,7 +392,7 @@ def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module,
     return Distiller.build(kd, compute_loss, student, imgsz, forward, trust=trust, unlabeled=unlabeled, seed=seed)
 
 
-def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_dict: dict,
+def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data: DatasetSpec,
                      val_loader) -> dict[str, float]:
     """mAP50-95 of the teacher (the student's ceiling) and of the starting student when it was loaded from a
     checkpoint, measured before the first step so the end of training can say what changed."""
@@ -398,13 +401,13 @@ def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data_
     if ceiling is not None:
         name, ref_model = ceiling
         LOGGER.info(f"{name} on the validation set (the ceiling for the student):")
-        r = validate.evaluate(deepcopy(ref_model).float(), val_loader, data_dict, plots=False,
+        r = validate.evaluate(deepcopy(ref_model).float(), val_loader, data, plots=False,
                               single_cls=opt.single_cls, half=False).results
         LOGGER.info(f"Teacher mAP50 {r[2]:.4f}, mAP50-95 {r[3]:.4f}")
         out["teacher"] = float(r[3])
     if str(opt.weights).endswith(".pt"):
         LOGGER.info(f"Student {opt.weights} before training:")
-        r = validate.evaluate(validation_copy(model), val_loader, data_dict, plots=False, single_cls=opt.single_cls,
+        r = validate.evaluate(validation_copy(model), val_loader, data, plots=False, single_cls=opt.single_cls,
                               half=False).results
         out["student"] = float(r[3])
     return out
@@ -601,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
             validate.check_run_folder(opt.project, opt.name)
             hyp = load_hyp(opt.hyp, KD_SPECS)
             kd = resolve_run(opt, hyp)
+            if kd.enabled:
+                LOGGER.info(kd.summary(opt.cli_given, hyp, Path(opt.hyp).name))
             opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
         # from here on the distillation values live in `kd` alone; the files get them through run_record()
         hyp = {k: v for k, v in hyp.items() if k not in KD_HYP_KEYS}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import Any
 
 from utils.core.errors import UserError
@@ -16,80 +16,101 @@ DIST_NORMS = ("mean", "weighted", "soft", "iou")  # how each output term is norm
 FEAT_FORMS = ("none", "mse", "pkd", "cross")  # feature distillation, none = off (optimizer/features.py)
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # --teacher-precision (optimizer/teacher.py)
 
-# The distillation settings a hyp yaml may carry, with their defaults and valid ranges. train.py hands
-# them to utils.training.hyp.load_hyp, so a hyp file is checked in one pass.
-# dist_norm 'iou' at distill_ratio 0.05 measured best in the convergence benchmark on both demo datasets
-# (README, Results). Norm and ratio move together: the weighted-over-the-teacher's-objects forms (weighted,
-# soft, iou) give terms ~50x larger than the seed's 'mean' terms, whose ratio was 0.5.
-# train.py --evolve mutates them only when a teacher is given; unlabeled_ratio is carried, not mutated (gain 0):
-# it sets the cost of a step, and the fitness would simply favour more compute.
-# Off by default (feat_kd none): no form gained at the 8-class plateau or in the Quickstart's setting
-# (docs/results/convergence.md). When it is turned on, 0.02 is the weight that cost least there (pkd alone
-# -0.16 on three seeds; the feature gradient at the neck ~1/20 of the detection terms'); 0.1 (~1/4) cost 1-3
-# points alone, and ~1x cost 2-7.5.
-FEAT_RATIO_DEFAULT = 0.02
-PSEUDO_IGNORE_DEFAULT = 0.1
-KD_SPECS: dict[str, HypSpec] = {
-    "distill_ratio": HypSpec(0.05, 0.0, 1e6, evolve=(1, 0.01, 5.0)),
-    "temperature": HypSpec(5.0, 0.0, 1e4, lo_open=True, evolve=(1, 1.0, 10.0)),
-    "dist_norm": HypSpec("iou", kind=str, choices=DIST_NORMS, evolve=EVOLVE_SWITCH),
-    # unlabelled images per labelled image in each step, used when the dataset yaml has 'unlabeled:'
-    "unlabeled_ratio": HypSpec(1.0, 0.0, 64.0, evolve=(0, 0.0, 64.0)),
-    # feature distillation (optimizer/features.py): the form is carried, never switched by --evolve (forms
-    # differ in cost, as unlabeled_ratio does); its weight is evolved, below 1 (at the 8-class plateau, weights
-    # whose gradient at the neck matched the detection terms' cost 2-7 mAP50-95 points)
-    "feat_kd": HypSpec("none", kind=str, choices=FEAT_FORMS, evolve=(0, 0.0, 0.0)),
-    "feat_ratio": HypSpec(FEAT_RATIO_DEFAULT, 0.0, 1e6, evolve=(1, 0.005, 1.0)),
-    # pseudo-labels on the unlabelled images (optimizer/pseudo.py); pseudo_conf 0 is off. Evolution multiplies
-    # values, so an off run stays off and an on run stays on (the bounds start at 0).
-    "pseudo_conf": HypSpec(0.0, 0.0, 1.0, evolve=(1, 0.0, 0.95)),
-    "pseudo_weight": HypSpec(1.0, 0.0, 1e6, evolve=(1, 0.0, 4.0)),
-    "pseudo_ignore": HypSpec(PSEUDO_IGNORE_DEFAULT, 0.0, 1.0, evolve=(1, 0.0, 0.9)),
-}
-KD_HYP_KEYS = tuple(KD_SPECS)
-# Typed values that switch a part off: they need no teacher, so typing them without one is not refused.
-OFF_VALUES: dict[str, Any] = {"pseudo_conf": 0.0, "feat_kd": "none"}
+# The settings table: one row per distillation setting, the only place its flag, default, rule (range or
+# choices), hyp key, evolve bounds and help text are written. The flags (add_kd_args), the checks
+# (check_kd_values), the hyp yaml's keys and evolve bounds (KD_SPECS), KDConfig's fields and the README options
+# table's test are all derived from it.
+#
+# Why the defaults are what they are:
+# - dist_norm 'iou' at distill_ratio 0.05 measured best in the convergence benchmark on both demo datasets
+#   (README). Norm and ratio move together: the weighted-over-the-teacher's-objects forms (weighted, soft, iou)
+#   give terms ~50x larger than the seed's 'mean' terms, whose ratio was 0.5.
+# - --evolve mutates the hyp keys only when a teacher is given. unlabeled_ratio and feat_kd are carried, never
+#   mutated (gain 0): they set the cost of a step, and the fitness would simply favour more compute.
+# - feat_kd is off: no form gained at the 8-class plateau or in the Quickstart's setting
+#   (docs/results/convergence.md). Turned on, feat_ratio 0.02 cost least there (pkd alone -0.16 on three seeds;
+#   the feature gradient at the neck ~1/20 of the detection terms'); 0.1 (~1/4) cost 1-3 points alone, ~1x 2-7.5,
+#   so its evolve range stays below 1.
+# - pseudo_conf 0 is off. Evolution multiplies values, so an off run stays off and an on run stays on.
+
+
 _NO_VALUE = object()
-_FLAGS = {"teacher_precision": "--teacher-precision"}  # every other setting's flag is --<name>
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One distillation setting: its rule and default (`spec`; None for a free string), whether a hyp yaml may
+    carry it, its flag, the value that switches its part off, and its help text."""
+
+    name: str
+    spec: HypSpec | None
+    help: str
+    hyp: bool = True
+    flag: str = ""  # '' = --<name>
+    off: Any = _NO_VALUE  # typed without a teacher, this value is no mistake: it asks for nothing
+
+    @property
+    def default(self) -> Any:
+        """The value when neither the command line nor the hyp yaml gives one."""
+        return None if self.spec is None else self.spec.default
+
+    @property
+    def option(self) -> str:
+        """The command-line flag."""
+        return self.flag or f"--{self.name}"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("t_weights", None, "teacher checkpoint; enables distillation", hyp=False),
+    Setting("dist_loss", HypSpec("l2", kind=str, choices=DIST_LOSSES), "class-term divergence", hyp=False),
+    Setting("distill_ratio", HypSpec(0.05, 0.0, 1e6, evolve=(1, 0.01, 5.0)), "weight of the distillation loss"),
+    Setting("temperature", HypSpec(5.0, 0.0, 1e4, lo_open=True, evolve=(1, 1.0, 10.0)),
+            "softening temperature for kl/bce"),
+    Setting("dist_norm", HypSpec("iou", kind=str, choices=DIST_NORMS, evolve=EVOLVE_SWITCH),
+            "how each distillation term is normalised"),
+    Setting("unlabeled_ratio", HypSpec(1.0, 0.0, 64.0, evolve=(0, 0.0, 64.0)),
+            "unlabelled images per labelled image in each step, when the dataset yaml has 'unlabeled:'"),
+    Setting("feat_kd", HypSpec("none", kind=str, choices=FEAT_FORMS, evolve=(0, 0.0, 0.0)),
+            "feature distillation of the neck maps: mse (weighted by the teacher's scores), pkd (standardised), "
+            "cross (through the teacher's head)", off="none"),
+    Setting("feat_ratio", HypSpec(0.02, 0.0, 1e6, evolve=(1, 0.005, 1.0)),
+            "weight of the feature distillation loss"),
+    Setting("pseudo_conf", HypSpec(0.0, 0.0, 1.0, evolve=(1, 0.0, 0.95)),
+            "with 'unlabeled:' images: the teacher's detections scoring at least this become labels for them; "
+            "0 = off", off=0.0),
+    Setting("pseudo_weight", HypSpec(1.0, 0.0, 1e6, evolve=(1, 0.0, 4.0)),
+            "weight of the pseudo-label detection loss"),
+    Setting("pseudo_ignore", HypSpec(0.1, 0.0, 1.0, evolve=(1, 0.0, 0.9)),
+            "cells the teacher scores in [pseudo_ignore, pseudo_conf) are not taught background; 0 = no band"),
+    Setting("teacher_precision", HypSpec("auto", kind=str, choices=TEACHER_PRECISIONS),
+            "teacher forward precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32; int8 (CPU, "
+            "opt-in): quantised convolutions, faster, but the teacher may lose accuracy",
+            hyp=False, flag="--teacher-precision"),
+)
+SETTING = {s.name: s for s in SETTINGS}
+# the hyp-yaml keys, for utils.training.hyp.load_hyp (so a hyp file is checked in one pass) and --evolve
+KD_SPECS: dict[str, HypSpec] = {s.name: s.spec for s in SETTINGS if s.hyp}
+KD_HYP_KEYS = tuple(KD_SPECS)
 
 
 def flag_name(key: str) -> str:
     """The command-line flag of a distillation setting (--feat_kd for feat_kd)."""
-    return _FLAGS.get(key, f"--{key}")
+    return SETTING[key].option
 
 
 def check_kd_values(values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The distillation values given, checked and converted: the one place their rules are applied (the hyp
-    keys against KD_SPECS, dist_loss and teacher_precision against their choices); one-line UserErrors."""
+    """The distillation values given, checked against their rows and converted: the one place their rules are
+    applied; one-line UserErrors naming `where` the value came from."""
     out = dict(values)
     for key, value in values.items():
-        if key in KD_SPECS:
-            out[key] = check_value(key, value, KD_SPECS[key], where)
-    if "dist_loss" in values and values["dist_loss"] not in DIST_LOSSES:
-        raise UserError(f"--dist_loss {values['dist_loss']!r}: must be one of {', '.join(DIST_LOSSES)}")
-    if "teacher_precision" in values and values["teacher_precision"] not in TEACHER_PRECISIONS:
-        raise UserError(f"--teacher-precision {values['teacher_precision']!r}: must be one of "
-                        f"{', '.join(TEACHER_PRECISIONS)}")
+        spec = SETTING[key].spec if key in SETTING else None
+        if spec is not None:
+            out[key] = check_value(key, value, spec, where)
     return out
 
 
-@dataclass(frozen=True)
-class KDConfig:
-    """Everything that defines a run's distillation; `t_weights` None means no distillation."""
-
-    t_weights: str | None = None
-    dist_loss: str = "l2"
-    temperature: float = KD_SPECS["temperature"].default
-    distill_ratio: float = KD_SPECS["distill_ratio"].default
-    dist_norm: str = KD_SPECS["dist_norm"].default
-    unlabeled_ratio: float = KD_SPECS["unlabeled_ratio"].default
-    feat_kd: str = KD_SPECS["feat_kd"].default
-    feat_ratio: float = KD_SPECS["feat_ratio"].default
-    pseudo_conf: float = KD_SPECS["pseudo_conf"].default
-    pseudo_weight: float = KD_SPECS["pseudo_weight"].default
-    pseudo_ignore: float = KD_SPECS["pseudo_ignore"].default
-    t_sha256: str | None = None  # fingerprint of the teacher file, so a resumed run gets the same teacher
-    teacher_precision: str = "auto"  # recorded as given: "auto" is resolved for the device each time it loads
+class _KDConfigMethods:
+    """What a resolved distillation config can do; its fields are the settings table's names (KDConfig below)."""
 
     @property
     def enabled(self) -> bool:
@@ -113,15 +134,13 @@ class KDConfig:
         only the defaults a run with a teacher would take, so without one they are not."""
         given = set(cli_given)
         values: dict[str, Any] = {}
-        for key, default in cls().as_dict().items():
-            if key == "t_sha256":
-                continue
-            if key in given:
-                values[key] = flags[key]
-            elif key in KD_HYP_KEYS and key in hyp:
-                values[key] = hyp[key]
+        for st in SETTINGS:
+            if st.name in given:
+                values[st.name] = flags[st.name]
+            elif st.hyp and st.name in hyp:
+                values[st.name] = hyp[st.name]
             else:
-                values[key] = default
+                values[st.name] = st.default
         typed = check_kd_values({k: v for k, v in values.items() if k in given}, "command line")
         config = cls(**{**values, **typed})
         config.check_typed(typed if strict else {k: v for k, v in typed.items() if k.startswith("pseudo_")})
@@ -133,7 +152,7 @@ class KDConfig:
         while the run's records named them (one-line UserError). A value that turns its part off is fine."""
         if self.enabled:
             return
-        moot = {k: v for k, v in typed.items() if k != "t_weights" and OFF_VALUES.get(k, _NO_VALUE) != v}
+        moot = {k: v for k, v in typed.items() if k != "t_weights" and SETTING[k].off != v}
         if list(moot) == ["pseudo_conf"]:
             raise UserError(f"pseudo_conf {moot['pseudo_conf']:g}: pseudo-labels are a teacher's detections; give a "
                             f"teacher (--t_weights) or set pseudo_conf 0")
@@ -164,39 +183,44 @@ class KDConfig:
         values.setdefault("dist_norm", "mean")
         return cls(**values)
 
+    def summary(self, given: Iterable[str] = (), hyp: Mapping[str, Any] | None = None, hyp_name: str = "") -> str:
+        """One line: the settings in effect and where each came from (typed, the hyp yaml, or the default)."""
+        given, hyp = set(given), hyp or {}
+        shown = [st for st in SETTINGS if st.name != "t_weights"]
+        values = " ".join(f"{st.name}={getattr(self, st.name)}" for st in shown)
+        defaulted = [st.name for st in shown if st.hyp and st.name not in given and st.name not in hyp]
+        line = f"Distillation from {self.t_weights}: {values}"
+        if defaulted:
+            line += f" (defaults for {', '.join(defaulted)}: {hyp_name or 'the hyp yaml'} does not set them)"
+        return line
+
+
+# KDConfig's fields are the table's rows (plus the teacher file's fingerprint), so a new setting is one row
+KDConfig = make_dataclass(
+    "KDConfig",
+    [(st.name, Any, field(default=st.default)) for st in SETTINGS]
+    # fingerprint of the teacher file, so a resumed run gets the same teacher; teacher_precision is recorded as
+    # given ("auto" is resolved for the device each time the teacher loads)
+    + [("t_sha256", Any, field(default=None))],
+    bases=(_KDConfigMethods,), frozen=True)
+KDConfig.__module__ = __name__  # pickles and reprs as optimizer.config.KDConfig
+KDConfig.__doc__ = "Everything that defines a run's distillation; `t_weights` None means no distillation."
+
 
 def add_kd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --t_weights, --dist_loss, --dist_norm, --temperature, --distill_ratio, --unlabeled_ratio, --feat_kd,
-    --feat_ratio, --pseudo_conf, --pseudo_weight, --pseudo_ignore and --teacher-precision."""
-    d = KDConfig()
-    parser.add_argument("--t_weights", type=str, default=d.t_weights, help="teacher checkpoint; enables distillation")
-    parser.add_argument("--dist_loss", type=str, choices=DIST_LOSSES, default=d.dist_loss,
-                        help="class-term divergence")
-    parser.add_argument("--dist_norm", type=str, choices=DIST_NORMS, default=d.dist_norm,
-                        help="how each distillation term is normalised (overrides hyp 'dist_norm')")
-    parser.add_argument("--temperature", type=float, default=d.temperature,
-                        help="softening temperature for kl/bce (overrides hyp 'temperature')")
-    parser.add_argument("--distill_ratio", type=float, default=d.distill_ratio,
-                        help="weight of the distillation loss (overrides hyp 'distill_ratio')")
-    parser.add_argument("--unlabeled_ratio", type=float, default=d.unlabeled_ratio,
-                        help="unlabelled images per labelled image in each step, when the dataset yaml has "
-                             "'unlabeled:' (overrides hyp 'unlabeled_ratio')")
-    parser.add_argument("--feat_kd", type=str, choices=FEAT_FORMS, default=d.feat_kd,
-                        help="feature distillation of the neck maps: mse (weighted by the teacher's scores), pkd "
-                             "(standardised), cross (through the teacher's head) (overrides hyp 'feat_kd')")
-    parser.add_argument("--feat_ratio", type=float, default=d.feat_ratio,
-                        help="weight of the feature distillation loss (overrides hyp 'feat_ratio')")
-    parser.add_argument("--pseudo_conf", type=float, default=d.pseudo_conf,
-                        help="with 'unlabeled:' images: the teacher's detections scoring at least this become "
-                             "labels for them; 0 = off (overrides hyp 'pseudo_conf')")
-    parser.add_argument("--pseudo_weight", type=float, default=d.pseudo_weight,
-                        help="weight of the pseudo-label detection loss (overrides hyp 'pseudo_weight')")
-    parser.add_argument("--pseudo_ignore", type=float, default=d.pseudo_ignore,
-                        help="cells the teacher scores in [pseudo_ignore, pseudo_conf) are not taught background; "
-                             "0 = no band (overrides hyp 'pseudo_ignore')")
-    parser.add_argument("--teacher-precision", dest="teacher_precision", type=str, choices=TEACHER_PRECISIONS,
-                        default=d.teacher_precision,
-                        help="teacher forward precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, "
-                             "else fp32; int8 (CPU, opt-in): quantised convolutions, faster, but the teacher may "
-                             "lose accuracy")
+    """Add one flag per row of the settings table (--t_weights, --dist_loss, ... --teacher-precision)."""
+    for st in SETTINGS:
+        spec = st.spec
+        kind = str if spec is None else spec.kind
+        # choices are shown, not enforced, here: check_kd_values checks every value once, in one line
+        metavar = "{" + ",".join(spec.choices) + "}" if spec is not None and spec.choices else None
+        text = st.help + (f" (overrides hyp '{st.name}')" if st.hyp else "")
+        parser.add_argument(st.option, dest=st.name, type=kind, default=st.default, metavar=metavar, help=text)
     return parser
+
+
+def without_settings(opt: argparse.Namespace) -> argparse.Namespace:
+    """A copy of the options without the distillation flags: once resolved, the values in effect are the
+    config's, so no stale copy (an argparse default the config overrode) can be read or recorded."""
+    drop = {st.name for st in SETTINGS} | {"t_sha256"}
+    return argparse.Namespace(**{k: v for k, v in vars(opt).items() if k not in drop})

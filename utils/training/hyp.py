@@ -96,7 +96,8 @@ def check_value(key: str, value: Any, spec: HypSpec, where: str) -> Any:
 def validate_hyp(hyp: dict, where: str = "hyp", extra_specs: dict[str, HypSpec] | None = None) -> dict:
     """A checked copy: every known key typed and in range, missing optional keys defaulted (one warning),
     unknown keys (typos such as lr00) reported in one warning and kept. `extra_specs` adds the keys other
-    parts of the project own (the distillation settings), so they are checked here too, once."""
+    parts of the project own (the distillation settings), so they are checked here too, once; those the file
+    lacks are left out for their owner to default."""
     specs = {**HYP_SPECS, **(extra_specs or {})}
     out = dict(hyp)
     missing_required = [k for k, s in specs.items() if s.required and k not in hyp]
@@ -108,7 +109,9 @@ def validate_hyp(hyp: dict, where: str = "hyp", extra_specs: dict[str, HypSpec] 
             if k == "anchors" and isinstance(hyp[k], list):
                 continue  # explicit anchor lists are checked by the model builder
             out[k] = check_value(k, hyp[k], s, where)
-        elif k not in OPTIONAL_NO_DEFAULT:
+        elif k not in OPTIONAL_NO_DEFAULT and k in HYP_SPECS:
+            # an extra key the file lacks stays absent: its owner resolves its default and says so in its own
+            # line (an official YOLOv5 hyp yaml has no distillation keys, which is no mistake)
             out[k] = s.default
             defaulted.append(k)
     if defaulted:
