@@ -11,7 +11,7 @@ from data_helpers import FixedStream
 from conftest import ROOT, run_cli, unl_yaml
 from models.yolo import Model
 from optimizer.config import KD_SPECS, KDConfig
-from optimizer.criterion import Distiller
+from optimizer.criterion import Distiller, Student
 from optimizer.teacher import Teacher
 from utils.reporting.loggers import read_results_csv
 from utils.training.forward import StudentForward
@@ -47,7 +47,7 @@ def test_fp16_autocast_distillation_step_with_grad_scaler(extra):
     g = torch.Generator().manual_seed(0)
     unlabeled = FixedStream(torch.randint(0, 255, (4, 3, 128, 128), dtype=torch.uint8, generator=g), 4)
     kd = KDConfig(t_weights="t.pt", **extra)
-    crit = Distiller(kd, loss_fn, _teacher("fp16"), model, 128, StudentForward(DEV, torch.float16),
+    crit = Distiller(kd, _teacher("fp16"), Student(model, loss_fn, StudentForward(DEV, torch.float16), 128),
                      unlabeled if "pseudo_conf" in extra else None, seed=0)
     crit.start_epoch(1)  # past the feature adapters' warm-up: every term reaches the student
     opt = build_optimizer(model, "SGD", 0.01, 0.9, 5e-4, extra=crit.trainable())

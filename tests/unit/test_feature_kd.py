@@ -15,10 +15,13 @@ import torch.nn as nn
 from conftest import ROOT
 from models.yolo import Model
 from optimizer.config import FEAT_FORMS, KD_SPECS, KDConfig
-from optimizer.criterion import Distiller
+from optimizer.balance import FEATURE_GRAD, balance_warnings
+from optimizer.criterion import DetectionCriterion, Distiller, Student
 from optimizer.features import (Adapter, FeatureAdapters, FeatureDistillationLoss, build_adapters, head_channels,
                                 teacher_weights)
 from optimizer.teacher import Teacher
+from optimizer.terms.base import StepMaps
+from optimizer.terms.features import FEAT_WARMUP_EPOCHS, FeatureTerm
 from utils.core.errors import UserError
 from utils.training.forward import StudentForward
 from utils.training.hyp import load_hyp
@@ -205,9 +208,14 @@ def _distiller(form: str, distill_ratio: float = 0.05, nc: int = 8):
     student = _model("yolov5n.yaml", nc=nc)
     loss_hyp = scale_hyp(load_hyp(LOW, KD_SPECS), 3, nc, 64)
     teacher = Teacher(_model("yolov5s.yaml", nc=nc, seed=1).fuse())
-    d = Distiller(KDConfig(t_weights="t.pt", feat_kd=form, feat_ratio=0.5, distill_ratio=distill_ratio),
-                  ComputeLoss(student, hyp=loss_hyp), teacher, student, 64, StudentForward(torch.device("cpu")))
+    d = Distiller(KDConfig(t_weights="t.pt", feat_kd=form, feat_ratio=0.5, distill_ratio=distill_ratio), teacher,
+                  Student(student, ComputeLoss(student, hyp=loss_hyp), StudentForward(torch.device("cpu")), 64))
     return d, student, teacher
+
+
+def _feature(d: Distiller) -> FeatureTerm:
+    (term,) = [t for t in d.terms if isinstance(t, FeatureTerm)]
+    return term
 
 
 TARGETS = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2], [1, 3, 0.3, 0.6, 0.1, 0.3]])
@@ -219,21 +227,22 @@ def test_gradients_reach_the_neck_and_the_adapters_never_the_teacher(form):
     imgs = torch.rand(2, 3, 64, 64)
     loss, parts = d(student, imgs, TARGETS)
     assert list(parts) == ["box", "obj", "cls", "dbox", "dobj", "dcls", "dfeat"] and float(parts["dfeat"]) > 0
-    (parts_only,) = torch.autograd.grad(loss, [d.adapters.levels[0][0].weight], retain_graph=True)
+    ft = _feature(d)
+    (parts_only,) = torch.autograd.grad(loss, [ft.adapters.levels[0][0].weight], retain_graph=True)
     assert parts_only.abs().sum() > 0
     # the feature term alone: it must reach the neck (the last layer before Detect) and the adapters
     _, s_feats = student(imgs, features=True)
     t_maps, t_feats = d.teacher.run(imgs, features=True)
-    dfeat = d.features(d.adapters(s_feats), t_feats, t_maps)
+    dfeat = ft.loss(ft.adapters(s_feats), t_feats, t_maps)
     student.zero_grad()
     dfeat.backward()
     neck = student.model[-2]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in neck.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.adapters.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ft.adapters.parameters())
     assert all(p.grad is None for p in student.model[-1].parameters())  # Detect does not see the feature term
     assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
     if form == "cross":
-        assert all(p.grad is None and not p.requires_grad for conv in d.features.head for p in conv.parameters())
+        assert all(p.grad is None and not p.requires_grad for conv in ft.loss.head for p in conv.parameters())
 
 
 def test_distiller_features_with_unlabelled_images_and_balance_report(caplog):
@@ -242,9 +251,10 @@ def test_distiller_features_with_unlabelled_images_and_balance_report(caplog):
     t_maps, t_feats = d.teacher.run(torch.cat((imgs, u_imgs)), features=True)
     pred, s_feats = student(imgs, features=True)
     u_pred, u_feats = student(u_imgs, features=True)
-    loss, parts = d.losses(pred, TARGETS, t_maps, u_pred, s_feats, t_feats, u_feats)
+    loss, parts = d.losses(StepMaps(pred, TARGETS, t_maps, u_pred, s_feats, t_feats, u_feats, u_imgs))
     all_feats = [torch.cat((s, u)) for s, u in zip(s_feats, u_feats)]
-    dfeat = d.features(d.adapters(all_feats), t_feats, t_maps)
+    ft = _feature(d)
+    dfeat = ft.loss(ft.adapters(all_feats), t_feats, t_maps)
     assert float(parts["dfeat"]) == pytest.approx(float(dfeat.detach()) / 2, rel=1e-5)  # on the labelled batch's scale
     assert float(loss.detach()) == pytest.approx(sum(float(v) for v in parts.values()) * 2, rel=1e-5)
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
@@ -255,8 +265,6 @@ def test_distiller_features_with_unlabelled_images_and_balance_report(caplog):
 
 
 def test_balance_warnings_name_feat_ratio():
-    from optimizer.criterion import FEATURE_GRAD, balance_warnings
-
     cfg = KDConfig(t_weights="t.pt", feat_kd="mse")
     (low,) = balance_warnings({FEATURE_GRAD: 0.001}, cfg)
     (high,) = balance_warnings({FEATURE_GRAD: 50.0}, cfg)
@@ -266,31 +274,31 @@ def test_balance_warnings_name_feat_ratio():
 
 def test_adapter_state_round_trips_and_is_contiguous():
     d, _, _ = _distiller("pkd")
-    d.adapters.to(memory_format=torch.channels_last)
+    _feature(d).adapters.to(memory_format=torch.channels_last)
     state = d.state_dict()
     assert set(state) == {"adapters"} and all(v.is_contiguous() for v in state["adapters"].values())
     e, _, _ = _distiller("pkd")
     with torch.no_grad():
-        for p in e.adapters.parameters():
+        for p in _feature(e).adapters.parameters():
             p.add_(1)
     e.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(d.adapters.state_dict().values(), e.adapters.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(_feature(d).adapters.state_dict().values(),
+                                                 _feature(e).adapters.state_dict().values()))
     plain, _, _ = _distiller("none")
     assert plain.state_dict() == {} and plain.trainable() is None and "dfeat" not in plain.parts
 
 
 def test_adapters_train_alone_in_the_first_epoch():
-    from optimizer.criterion import FEAT_WARMUP_EPOCHS, DetectionCriterion
-
     d, student, _ = _distiller("mse", distill_ratio=0.0)
+    term = _feature(d)
     imgs = torch.rand(2, 3, 64, 64)
     neck = list(student.model[-2].parameters())
 
     def neck_grads(criterion):
         student.zero_grad()
-        d.adapters.zero_grad()
+        term.adapters.zero_grad()
         criterion(student, imgs, TARGETS)[0].backward()
-        return [p.grad.clone() for p in neck], [p.grad for p in d.adapters.parameters()]
+        return [p.grad.clone() for p in neck], [p.grad for p in term.adapters.parameters()]
 
     plain, _ = neck_grads(DetectionCriterion(d.compute_loss, d.forward))
     assert FEAT_WARMUP_EPOCHS == 1
@@ -311,4 +319,4 @@ def test_feature_term_under_bf16_autocast_is_fp32():
     loss, parts = d(student, torch.rand(2, 3, 64, 64), TARGETS)
     assert parts["dfeat"].dtype == torch.float32 and torch.isfinite(parts["dfeat"])
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in d.adapters.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in _feature(d).adapters.parameters())

@@ -8,9 +8,11 @@ import yaml
 
 from conftest import ROOT, random_checkpoint, run_cli
 from optimizer.config import KD_SPECS, KDConfig, add_kd_args
-from optimizer.criterion import (BALANCE_HIGH, BALANCE_LOW, DetectionCriterion, Distiller, balance_ratios,
-                                 balance_warnings)
+from optimizer.balance import BALANCE_HIGH, BALANCE_LOW, balance_ratios, balance_warnings
+from optimizer.criterion import DetectionCriterion, Distiller, Student
 from optimizer.teacher import Teacher
+from optimizer.terms.base import StepMaps
+from optimizer.terms.output import OutputTerm
 from utils.core.errors import UserError
 from utils.training.checkpoint import torch_load
 from utils.training.forward import StudentForward
@@ -117,8 +119,8 @@ def test_distiller_reports_balance_once(caplog):
     student.hyp = scale_hyp(load_hyp(LOW, KD_SPECS), 3, 8, 64)
     imgs = torch.rand(2, 3, 64, 64)
     forward = StudentForward(torch.device("cpu"))
-    d = Distiller(KDConfig(t_weights="t.pt", distill_ratio=1e4), ComputeLoss(student),
-                  Teacher(Model("yolov5n.yaml", nc=8)), student, 64, forward)
+    d = Distiller(KDConfig(t_weights="t.pt", distill_ratio=1e4), Teacher(Model("yolov5n.yaml", nc=8)),
+                  Student(student, ComputeLoss(student), forward, 64))
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2]])
     with caplog.at_level(logging.INFO, logger="yolov5kd"):
         for _ in range(3):
@@ -142,8 +144,8 @@ def test_each_criterion_advises_on_its_own_nonfinite_parts():
     student.hyp = scale_hyp(load_hyp(LOW, KD_SPECS), 3, 8, 64)
     forward = StudentForward(torch.device("cpu"))
     plain = DetectionCriterion(ComputeLoss(student), forward)
-    d = Distiller(KDConfig(t_weights="t.pt"), ComputeLoss(student), Teacher(Model("yolov5n.yaml", nc=8)), student,
-                  64, forward)
+    d = Distiller(KDConfig(t_weights="t.pt"), Teacher(Model("yolov5n.yaml", nc=8)),
+                  Student(student, ComputeLoss(student), forward, 64))
     for crit in (plain, d):
         assert crit.nonfinite_advice(["box"]).startswith("the detection loss is at fault: lower lr0")
         assert crit.nonfinite_advice([]).startswith("lower lr0")  # only the total: no part to blame
@@ -166,14 +168,15 @@ def test_distiller_parts_share_the_detection_scale(n_unlabeled):
     student.hyp = scale_hyp(load_hyp(LOW, KD_SPECS), 3, 8, 64)
     bs = 4
     imgs = torch.rand(bs + n_unlabeled, 3, 64, 64)
-    d = Distiller(KDConfig(t_weights="t.pt", distill_ratio=0.5), ComputeLoss(student),
-                  Teacher(Model("yolov5n.yaml", nc=8)), student, 64, StudentForward(torch.device("cpu")))
+    d = Distiller(KDConfig(t_weights="t.pt", distill_ratio=0.5), Teacher(Model("yolov5n.yaml", nc=8)),
+                  Student(student, ComputeLoss(student), StudentForward(torch.device("cpu")), 64))
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2], [2, 3, 0.3, 0.6, 0.1, 0.3]])
     t_maps = d.teacher(imgs)
     pred = student(imgs)
     lab, unl = [p[:bs] for p in pred], ([p[bs:] for p in pred] if n_unlabeled else None)
-    loss, parts = d.losses(lab, targets, [m.clone() for m in t_maps], unl)
+    loss, parts = d.losses(StepMaps(lab, targets, [m.clone() for m in t_maps], unl))
     assert float(loss.detach()) == pytest.approx(sum(float(v) for v in parts.values()) * bs, rel=1e-5)
-    _, raw = d.loss(pred, t_maps)  # the seed-scaled parts (x the batch size of all images the KD saw)
+    (output,) = [t for t in d.terms if isinstance(t, OutputTerm)]
+    _, raw = output.loss(pred, t_maps)  # the seed-scaled parts (x the batch size of all images the KD saw)
     for k in ("dbox", "dobj", "dcls"):
         assert float(parts[k]) == pytest.approx(float(raw[k]) / bs, rel=1e-5)

@@ -18,7 +18,7 @@ import train
 import val
 from conftest import DEMO_NAMES
 from optimizer.config import KD_SPECS, KDConfig
-from optimizer.criterion import Distiller
+from optimizer.criterion import Distiller, Student
 from optimizer.teacher import Teacher
 from utils.core.distributed import DistInfo
 from utils.core.errors import UserError
@@ -338,8 +338,8 @@ def _distiller(obj_bias: float, distill_ratio: float = 0.05):
     with torch.no_grad():
         for conv in teacher.model[-1].m:
             conv.bias.view(3, -1)[:, 4] = obj_bias
-    d = Distiller(KDConfig(t_weights="t.pt", distill_ratio=distill_ratio, dist_norm="weighted"),
-                  ComputeLoss(student), Teacher(teacher), student, 64, StudentForward(torch.device("cpu")))
+    d = Distiller(KDConfig(t_weights="t.pt", distill_ratio=distill_ratio, dist_norm="weighted"), Teacher(teacher),
+                  Student(student, ComputeLoss(student), StudentForward(torch.device("cpu")), 64))
     return student, d
 
 

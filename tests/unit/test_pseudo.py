@@ -16,9 +16,10 @@ from data_helpers import FixedStream
 from conftest import ROOT
 from models.yolo import Model
 from optimizer.config import KD_SPECS, KDConfig
-from optimizer.criterion import PSEUDO_PARTS, Distiller
+from optimizer.criterion import Distiller, Student
 from optimizer.pseudo import PSEUDO_IOU, PseudoLabeller, cell_scores, decode_maps
 from optimizer.teacher import Teacher
+from optimizer.terms.pseudo import PSEUDO_PARTS, PseudoTerm
 from utils.core.errors import UserError
 from utils.training.forward import StudentForward
 from utils.training.hyp import load_hyp
@@ -203,7 +204,8 @@ def test_the_band_masks_the_objectness_of_its_cells_and_nothing_else(fl_gamma):
 # ------------------------------------------------------------------------------------------------ the distiller
 
 
-def _distiller(pseudo_conf: float, unlabeled=None, distill_ratio: float = 0.05) -> tuple[Model, Distiller]:
+def _distiller(pseudo_conf: float, unlabeled=None, distill_ratio: float = 0.05,
+               pseudo_weight: float = 1.0) -> tuple[Model, Distiller]:
     model, loss_fn = _loss()
     torch.manual_seed(3)
     teacher = Teacher(Model("yolov5s.yaml", nc=NC).fuse())
@@ -212,8 +214,14 @@ def _distiller(pseudo_conf: float, unlabeled=None, distill_ratio: float = 0.05) 
         for conv in head.m:
             conv.bias.view(3, -1)[:, 4] = 1.0
             conv.bias.view(3, -1)[:, 6] = 1.0
-    kd = KDConfig(t_weights="t.pt", pseudo_conf=pseudo_conf, distill_ratio=distill_ratio)
-    return model, Distiller(kd, loss_fn, teacher, model, 64, StudentForward(torch.device("cpu")), unlabeled)
+    kd = KDConfig(t_weights="t.pt", pseudo_conf=pseudo_conf, distill_ratio=distill_ratio, pseudo_weight=pseudo_weight)
+    return model, Distiller(kd, teacher, Student(model, loss_fn, StudentForward(torch.device("cpu")), 64), unlabeled)
+
+
+def _last_pseudo(crit: Distiller):
+    """The pseudo term's last (unlabelled images, pseudo-labels)."""
+    (term,) = [t for t in crit.terms if isinstance(t, PseudoTerm)]
+    return term.last
 
 
 def _batch():
@@ -240,7 +248,7 @@ def test_the_pseudo_term_is_the_detection_loss_on_the_pseudo_targets():
     imgs, targets, u = _batch()
     model, crit = _distiller(0.5, FixedStream(u), distill_ratio=0.0)
     loss, parts = crit(model, imgs, targets)
-    u_imgs, batch = crit._last_pseudo
+    u_imgs, batch = _last_pseudo(crit)
     assert batch.ignore is not None  # the default band (pseudo_ignore 0.1) is on
     det, _ = crit.compute_loss(model(imgs), targets)
     want, _ = crit.compute_loss(model(u_imgs), batch.targets, ignore=batch.ignore)
@@ -254,8 +262,8 @@ def test_pseudo_weight_scales_the_term():
     imgs, targets, u = _batch()
     model, crit = _distiller(0.5, FixedStream(u), distill_ratio=0.0)
     one = crit(model, imgs, targets)[1]["pseudo"]
-    crit.config = KDConfig(t_weights="t.pt", pseudo_conf=0.5, distill_ratio=0.0, pseudo_weight=0.25)
-    torch.testing.assert_close(crit(model, imgs, targets)[1]["pseudo"], one * 0.25)
+    _, quarter = _distiller(0.5, FixedStream(u), distill_ratio=0.0, pseudo_weight=0.25)  # the same teacher (seeded)
+    torch.testing.assert_close(quarter(model, imgs, targets)[1]["pseudo"], one * 0.25)
 
 
 def test_no_gradient_reaches_the_teacher():
@@ -263,7 +271,7 @@ def test_no_gradient_reaches_the_teacher():
     model, crit = _distiller(0.5, FixedStream(u))
     loss, _ = crit(model, imgs, targets)
     loss.backward()
-    _, batch = crit._last_pseudo
+    _, batch = _last_pseudo(crit)
     assert not batch.targets.requires_grad and all(not m.requires_grad for m in batch.ignore)
     assert all(p.grad is None and not p.requires_grad for p in crit.teacher.model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -294,8 +302,8 @@ def test_pseudo_labels_under_bf16_autocast():
     imgs, targets, u = _batch()
     model, loss_fn = _loss()
     _, ref = _distiller(0.5, FixedStream(u))
-    crit = Distiller(ref.config, loss_fn, ref.teacher, model, 64, StudentForward(torch.device("cpu"), torch.bfloat16),
-                     FixedStream(u))
+    bf16 = StudentForward(torch.device("cpu"), torch.bfloat16)
+    crit = Distiller(ref.config, ref.teacher, Student(model, loss_fn, bf16, 64), FixedStream(u))
     loss, parts = crit(model, imgs, targets)
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and parts["pseudo"] > 0 and parts["pboxes"] > 0
     loss.backward()  # the bf16 graph of both student passes backpropagates
