@@ -135,11 +135,9 @@ class Distiller(DetectionCriterion):
                                           *(f", {t.note}" for t in self.terms if t.note)])
 
     @classmethod
-    def build(cls, config: KDConfig, student: Student | Any, *legacy: Any, trust: bool = False,
-              unlabeled: UnlabeledStream | None = None, seed: int = 0) -> Distiller:
+    def build(cls, config: KDConfig, student: Student, trust: bool = False, unlabeled: UnlabeledStream | None = None,
+              seed: int = 0) -> Distiller:
         """Load the teacher named by the config (safe loader, fused, frozen) and check it against the student."""
-        if legacy:  # TODO: drop once train.py passes a Student: the old (compute_loss, model, imgsz, forward) call
-            student = Student(legacy[0], student, legacy[2], legacy[1])
         if not config.enabled:
             raise UserError("distillation needs a teacher checkpoint (--t_weights)")
         teacher = load_teacher(config.t_weights, device=student.forward.device, trust=trust,
