@@ -123,6 +123,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--latency-runs", type=int, default=10)
     ap.add_argument("--train-flags", default="", help="extra train.py flags for every training")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: tables from the complete runs found (the others left out)")
     ap.add_argument("--jobs", type=int, default=1, help="subprocesses at once (each one thread)")
     ap.add_argument("--nice", type=int, default=19, help="niceness of every subprocess")
     ap.add_argument("--project", default=str(ROOT / "runs" / "prune_recovery"))
@@ -201,9 +203,10 @@ def prune_run(imp: str, ratio: float, a) -> dict:
     return out
 
 
-def train_run(name: str, weights: str, flags: list[str], seed: int, a) -> dict:
+def train_run(name: str, weights: str, flags: list[str], seed: int, a) -> dict | None:
     """One train.py run, reused when its results.csv holds every epoch and best.pt exists; returns the
-    results.csv columns plus 'seconds' (wall time of the subprocess) where known."""
+    results.csv columns plus 'seconds' (wall time of the subprocess) where known. With --report-only a run
+    that is not complete is not trained: None."""
     from utils.reporting.loggers import read_results_csv
 
     run = Path(a.project) / name
@@ -214,6 +217,9 @@ def train_run(name: str, weights: str, flags: list[str], seed: int, a) -> dict:
         if len(res.get("epoch", [])) == a.epochs:
             print(f"{name}: reusing {csv}")
             return {**res, "seconds": _seconds(log.with_suffix(".seconds"))}
+    if a.report_only:
+        print(f"{name}: not complete, left out (--report-only)")
+        return None
     if run.exists():
         shutil.rmtree(run)  # interrupted: start again rather than append to its results.csv
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", a.data, "--imgsz", str(a.imgsz), "--epochs",
@@ -381,9 +387,9 @@ def stage_finetune(a) -> list[str]:
     def one(imp):
         recipe = prune_run(imp, a.ratio, a)
         res = train_run(finetune_name(imp, a.ratio, a.epochs, seed), recipe["path"], [], seed, a)
-        return imp, recipe, best_row(res), res.get("seconds")
+        return None if res is None else (imp, recipe, best_row(res), res.get("seconds"))
 
-    rows = pool_map(one, list(a.importances), a)
+    rows = [r for r in pool_map(one, list(a.importances), a) if r is not None]
     return [f"Each pruning at ratio {a.ratio:g} of `{a.weights}` trained {a.epochs} epochs without a teacher: "
             f"`--hyp {a.hyp}`, imgsz {a.imgsz}, batch {a.batch}, seed {seed}. Figures: the epoch best.pt holds "
             f"(results.csv, train.py's fitness), mAP in points; wall time of the whole train.py run.", "",
@@ -404,6 +410,8 @@ def stage_recover(a) -> list[str]:
     results: dict[str, dict[int, dict]] = {}
     curves: dict[str, list[list[float]]] = {}
     for (arm, seed), res in runs.items():
+        if res is None:
+            continue
         m, m50 = best_row(res)
         results.setdefault(arm, {})[seed] = {"map": m, "map50": m50, "seconds": res.get("seconds")}
         curves.setdefault(arm, []).append(res[M5095])

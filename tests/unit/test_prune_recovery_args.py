@@ -89,3 +89,19 @@ def test_prune_and_finetune_tables() -> None:
     rows = pr.finetune_table([("l1", recipe, (0.521, 0.725), 900.0)])
     assert rows[2] == "| l1 | 0.09 | 52.10 | 72.50 | 15.0 min |"
     assert pr.prune_table([]) == pr.prune_table([])[:2]  # headers only
+
+
+def test_report_only_reuses_complete_runs_and_trains_nothing(tmp_path) -> None:
+    a = pr.parse_opt(["--stage", "recover", "--epochs", "2", "--project", str(tmp_path), "--report-only"])
+    run = tmp_path / "rec_l1_r0.5_kd_e2_s0"
+    (run / "weights").mkdir(parents=True)
+    (run / "weights" / "best.pt").write_bytes(b"")
+    header = ",".join(f"{k:>20}" for k in ("epoch", pr.M50, pr.M5095))
+    (run / "results.csv").write_text(f"{header}\n0,0.5,0.3\n")
+    assert pr.train_run(run.name, "w.pt", [], 0, a) is None  # one epoch of two: incomplete, left alone
+    assert (run / "results.csv").exists()
+    with open(run / "results.csv", "a") as f:
+        f.write("1,0.6,0.4\n")
+    (tmp_path / f"{run.name}.seconds").write_text("90.0\n")
+    res = pr.train_run(run.name, "w.pt", [], 0, a)
+    assert pr.best_row(res) == (0.4, 0.6) and res["seconds"] == 90.0
