@@ -7,6 +7,7 @@ To run the suite as a CPU with AVX2 alone (no AVX-512, no native bf16) does, fro
 ATen's kernels and oneDNN's convolutions then take their AVX2 paths, and utils.core.hardware reads the oneDNN
 cap, so `--amp auto` is fp32 as on such a CPU. tests/README.md says why the tolerances hold on both.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread per xdist worker (the suite runs -n auto, a worker per core), as the CLI subprocesses run; two
+# when run without xdist (-n 0 or -p no:xdist).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
