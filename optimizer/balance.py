@@ -20,6 +20,10 @@ LOGGER = logging.getLogger("yolov5kd")
 DETECTION_PARTS = ("box", "obj", "cls")
 DISTILLATION_PARTS = ("dbox", "dobj", "dcls")
 PAIRS = tuple(zip(DISTILLATION_PARTS, DETECTION_PARTS))
+WEIGHT_KEYS = {"dbox": "dist_box", "dobj": "dist_obj", "dcls": "dist_cls"}  # each output part's own multiplier
+# A distillation part under SUGGEST_BELOW x its detection counterpart gets a suggested multiplier, one that would
+# bring it to about SUGGEST_TARGET x (a line in the report; never applied by itself).
+SUGGEST_BELOW, SUGGEST_TARGET = 0.1, 0.5
 FEATURE_GRAD = "dfeat/det gradient"  # the feature term's entry among the ratios
 # A distillation part outside [LOW, HIGH] x its detection counterpart is reported once, with the knob to turn.
 BALANCE_LOW, BALANCE_HIGH = 0.01, 10.0
@@ -73,6 +77,29 @@ def balance_ratios(parts: Mapping[str, float]) -> dict[str, float]:
         den = float(parts.get(c, 0.0))
         out[f"{d}/{c}"] = float(parts.get(d, 0.0)) / den if den > 0 else float("nan")
     return out
+
+
+def suggested_weight(ratio: float, weight: float) -> float | None:
+    """The multiplier that would bring a part now at `ratio` x its detection counterpart (under `weight`) to about
+    SUGGEST_TARGET x: two significant digits; None when the part is not under SUGGEST_BELOW or cannot move (a
+    weight of 0 is a choice, a ratio of 0 or NaN says nothing)."""
+    if not (math.isfinite(ratio) and 0 < ratio < SUGGEST_BELOW and weight > 0):
+        return None
+    w = min(weight * SUGGEST_TARGET / ratio, 1e6)
+    return round(w, 1 - math.floor(math.log10(w)))
+
+
+def weight_suggestions(ratios: Mapping[str, float], weights: Mapping[str, float]) -> list[str]:
+    """One line per output part under SUGGEST_BELOW x its detection counterpart, naming the dist_* value that would
+    bring it to about SUGGEST_TARGET x (the parts scale linearly with their weights)."""
+    lines = []
+    for (d, c), r in zip(PAIRS, (ratios.get(f"{d}/{c}", float("nan")) for d, c in PAIRS)):
+        w = suggested_weight(r, weights[d])
+        if w is not None:
+            lines.append(f"Suggestion (not applied): {d}/{c} is {r:.3g}, under {SUGGEST_BELOW:g}; "
+                         f"--{WEIGHT_KEYS[d]} {w:g} (now {weights[d]:g}) would bring it to about {SUGGEST_TARGET:g} "
+                         f"(docs/guide/balance-report.md#choosing-the-weights)")
+    return lines
 
 
 def balance_warnings(ratios: Mapping[str, float], config: KDConfig, teacher_score: float | None = None) -> list[str]:

@@ -15,6 +15,7 @@ DIST_LOSSES = ("l2", "kl", "bce")  # the class term's divergence (optimizer/loss
 DIST_NORMS = ("mean", "weighted", "soft", "iou")  # how each output term is normalised (optimizer/loss.py)
 FEAT_FORMS = ("none", "mse", "pkd", "cross")  # feature distillation, none = off (optimizer/features.py)
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # --teacher-precision (optimizer/teacher.py)
+DISTILL_DECAYS = ("none", "linear", "cos")  # the schedule of the teacher's weight (optimizer/schedule.py)
 
 # The settings table: one row per distillation setting, the only place its flag, default, rule (range or
 # choices), hyp key, evolve bounds and help text are written. The flags (add_kd_args), the checks
@@ -32,6 +33,12 @@ TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # --teacher-preci
 #   the feature gradient at the neck ~1/20 of the detection terms'); 0.1 (~1/4) cost 1-3 points alone, ~1x 2-7.5,
 #   so its evolve range stays below 1.
 # - pseudo_conf 0 is off. Evolution multiplies values, so an off run stays off and an on run stays on.
+# - dist_box, dist_obj, dist_cls are 1: the seed's formula (one distill_ratio x the detection gains) until a
+#   measurement moves them; the balance report suggests a multiplier for a term under 10% of its counterpart.
+# - dist_loc 0 is off (the term is not built) until measured. Like pseudo_conf, evolution keeps it off or on.
+# - distill_decay none: today's constant weight. Not evolved (gain 0): a schedule changes what the last epochs
+#   train on, which a short evolution run cannot judge. distill_floor 0.01 is YOLOv6's end value: the labels
+#   alone finish the boxes, while the distillation parts stay logged (non-zero).
 
 
 _NO_VALUE = object()
@@ -82,6 +89,20 @@ SETTINGS: tuple[Setting, ...] = (
             "weight of the pseudo-label detection loss"),
     Setting("pseudo_ignore", HypSpec(0.1, 0.0, 1.0, evolve=(1, 0.0, 0.9)),
             "cells the teacher scores in [pseudo_ignore, pseudo_conf) are not taught background; 0 = no band"),
+    Setting("dist_box", HypSpec(1.0, 0.0, 1e6, evolve=(1, 0.0, 20.0)),
+            "multiplier on the output box term (dbox) alone"),
+    Setting("dist_obj", HypSpec(1.0, 0.0, 1e6, evolve=(1, 0.0, 20.0)),
+            "multiplier on the output objectness term (dobj) alone"),
+    Setting("dist_cls", HypSpec(1.0, 0.0, 1e6, evolve=(1, 0.0, 20.0)),
+            "multiplier on the output class term (dcls) alone"),
+    Setting("dist_loc", HypSpec(0.0, 0.0, 1e6, evolve=(1, 0.0, 20.0)),
+            "weight of the localisation term (dloc): on the cells assigned to labelled objects, the student's "
+            "1 - CIoU to the label beyond the teacher's, x the box gain; 0 = off", off=0.0),
+    Setting("distill_decay", HypSpec("none", kind=str, choices=DISTILL_DECAYS, evolve=(0, 0.0, 0.0)),
+            "schedule of the output, feature and localisation terms over the epochs: none (constant), linear "
+            "or cos, from 1 at the first epoch to distill_floor at the last", off="none"),
+    Setting("distill_floor", HypSpec(0.01, 0.0, 1.0, evolve=(1, 0.0, 1.0)),
+            "with distill_decay: the fraction of those terms left at the last epoch"),
     Setting("teacher_precision", HypSpec("auto", kind=str, choices=TEACHER_PRECISIONS),
             "teacher forward precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32; int8 (CPU, "
             "opt-in): quantised convolutions, faster, but the teacher may lose accuracy",

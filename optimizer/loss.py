@@ -63,8 +63,9 @@ class OutputDistillationLoss:
 
     def __init__(self, model: Any, *, dist_loss: str, T: float, distill_ratio: float, norm: str,
                  gains: Mapping[str, float], teacher_anchors: torch.Tensor | None = None,
-                 reg_norm: Sequence[torch.Tensor] | None = None):
-        """nc and anchors from the student; `gains` are the train-time rescaled box/obj/cls gains."""
+                 reg_norm: Sequence[torch.Tensor] | None = None, weights: Mapping[str, float] | None = None):
+        """nc and anchors from the student; `gains` are the train-time rescaled box/obj/cls gains; `weights`
+        ({dbox, dobj, dcls}, the dist_box/obj/cls settings) multiply each term's gain (x 1.0 leaves it bit for bit)."""
         m = de_parallel(model)
         nc = getattr(m, "nc", None)
         if nc is None:
@@ -75,6 +76,8 @@ class OutputDistillationLoss:
         self.T = float(T)
         self.distill_ratio = float(distill_ratio)
         self.gains = {"dbox": float(gains["box"]), "dobj": float(gains["obj"]), "dcls": float(gains["cls"])}
+        if weights is not None:  # float x 1.0 is the float itself: weights of 1 keep every number
+            self.gains = {k: g * float(weights[k]) for k, g in self.gains.items()}
         self.reg_norm = None if reg_norm is None else [r.detach().float() for r in reg_norm]
         # Raw xywh logits only mean the same box when both heads decode them with the same anchors.
         self.student_anchors = self.teacher_anchors = None

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from optimizer.balance import DISTILLATION_PARTS, PAIRS, balance_ratios
+from optimizer.balance import DISTILLATION_PARTS, PAIRS, WEIGHT_KEYS, balance_ratios, weight_suggestions
 from optimizer.config import KDConfig
 from optimizer.loss import OutputDistillationLoss
 from optimizer.terms.base import StepMaps, Term, TermContext
@@ -22,10 +22,17 @@ def output_settings(config: KDConfig, ctx: TermContext) -> dict[str, Any]:
             "gains": ctx.compute_loss.hyp}
 
 
+def output_weights(config: KDConfig) -> dict[str, float]:
+    """The per-term multipliers {dbox, dobj, dcls} (dist_box, dist_obj, dist_cls); the output term's alone, not
+    the feature term's `cross` form, which has feat_ratio."""
+    return {part: float(getattr(config, WEIGHT_KEYS[part])) for part in DISTILLATION_PARTS}
+
+
 class OutputTerm(Term):
     """Output distillation on every image of the step, labelled and unlabelled; always on with a teacher."""
 
     parts = DISTILLATION_PARTS
+    scheduled = True
 
     def __init__(self, loss: OutputDistillationLoss, config: KDConfig):
         self.loss = loss
@@ -35,7 +42,8 @@ class OutputTerm(Term):
     def build(cls, config: KDConfig, ctx: TermContext) -> OutputTerm:
         """The loss on the student's classes and anchors, checked against the teacher's."""
         return cls(OutputDistillationLoss(ctx.student, distill_ratio=config.distill_ratio,
-                                          teacher_anchors=ctx.teacher_anchors, **output_settings(config, ctx)), config)
+                                          teacher_anchors=ctx.teacher_anchors, weights=output_weights(config),
+                                          **output_settings(config, ctx)), config)
 
     def __call__(self, step: StepMaps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of all the step's maps against the teacher's (fp32 inside, whatever the autocast state)."""
@@ -56,4 +64,4 @@ class OutputTerm(Term):
         pairs = ", ".join(f"{d} {means[d]:.4g} / {c} {means[c]:.4g} = {r:.3g}"
                           for (d, c), r in zip(PAIRS, ratios.values()))
         line = f"Distillation balance over the first {batches} batches ({self.config.dist_norm} norm): {pairs}"
-        return [line], ratios
+        return [line, *weight_suggestions(ratios, output_weights(self.config))], ratios

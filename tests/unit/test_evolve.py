@@ -26,7 +26,8 @@ LOW = ROOT / "data/hyps/hyp.scratch-low.yaml"
 COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--noautoanchor",
           "--noplots", "--epochs", "1"]
 KD = ("distill_ratio", "temperature", "dist_norm", "unlabeled_ratio", "feat_kd", "feat_ratio", "pseudo_conf",
-      "pseudo_weight", "pseudo_ignore")
+      "pseudo_weight", "pseudo_ignore", "dist_box", "dist_obj", "dist_cls", "dist_loc", "distill_decay",
+      "distill_floor")
 SPECS = {**HYP_SPECS, **KD_SPECS}  # the one table evolve reads its bounds and choices from
 BOUNDS = {k: s.evolve for k, s in SPECS.items() if s.evolve is not None and not s.choices}  # numeric keys
 CHOICES = {k: s.choices for k, s in SPECS.items() if s.evolve is not None and s.choices}  # categorical keys
@@ -60,7 +61,9 @@ def test_bounds_lie_inside_the_valid_hyp_ranges():
         s = specs[k]
         assert gain >= 0 and lo <= hi, k
         assert s.lo <= lo and hi <= s.hi and not (s.lo_open and lo == s.lo), k
-    assert CHOICES == {"dist_norm": KD_SPECS["dist_norm"].choices, "feat_kd": KD_SPECS["feat_kd"].choices}
+    assert CHOICES == {"dist_norm": KD_SPECS["dist_norm"].choices, "feat_kd": KD_SPECS["feat_kd"].choices,
+                       "distill_decay": KD_SPECS["distill_decay"].choices}
+    assert KD_SPECS["distill_decay"].evolve[0] == 0  # carried: a schedule is judged over a whole run
     assert KD_SPECS["dist_norm"].evolve[0] > 0  # switched, not only carried
     assert KD_SPECS["feat_kd"].evolve[0] == 0  # carried: the forms differ in cost
     # YOLOv5 v7.0's table, then the distillation keys: the same values in the same order as before they moved
@@ -74,7 +77,9 @@ def test_bounds_lie_inside_the_valid_hyp_ranges():
         ("perspective", 0, 0.0, 0.001), ("flipud", 1, 0.0, 1.0), ("fliplr", 0, 0.0, 1.0), ("mosaic", 1, 0.0, 1.0),
         ("mixup", 1, 0.0, 1.0), ("copy_paste", 1, 0.0, 1.0), ("distill_ratio", 1, 0.01, 5.0),
         ("temperature", 1, 1.0, 10.0), ("unlabeled_ratio", 0, 0.0, 64.0), ("feat_ratio", 1, 0.005, 1.0),
-        ("pseudo_conf", 1, 0.0, 0.95), ("pseudo_weight", 1, 0.0, 4.0), ("pseudo_ignore", 1, 0.0, 0.9)]
+        ("pseudo_conf", 1, 0.0, 0.95), ("pseudo_weight", 1, 0.0, 4.0), ("pseudo_ignore", 1, 0.0, 0.9),
+        ("dist_box", 1, 0.0, 20.0), ("dist_obj", 1, 0.0, 20.0), ("dist_cls", 1, 0.0, 20.0),
+        ("dist_loc", 1, 0.0, 20.0), ("distill_floor", 1, 0.0, 1.0)]
 
 
 def test_evolve_imports_nothing_from_the_layer_above():
@@ -98,7 +103,8 @@ def test_generations_are_the_same_draws_as_before():
     # over the keys there were then (the feature and pseudo-label keys came later): the same keys must give the
     # same draws
     keys = [k for k in ev.evolved_keys(hyp, SPECS, KD_SPECS, teacher=True, autoanchor=False)
-            if k not in ("feat_kd", "feat_ratio", "pseudo_conf", "pseudo_weight", "pseudo_ignore")]
+            if k not in ("feat_kd", "feat_ratio", "pseudo_conf", "pseudo_weight", "pseudo_ignore", "dist_box",
+                         "dist_obj", "dist_cls", "dist_loc", "distill_decay", "distill_floor")]
     rows = []
     for g in range(6):
         h = ev.next_hyp(hyp, rows, keys, SPECS, seed=7, generation=g)
