@@ -10,11 +10,13 @@ from __future__ import annotations
 from optimizer.config import KDConfig
 from optimizer.terms.base import Term, TermContext
 from optimizer.terms.features import FeatureTerm
+from optimizer.terms.localisation import LocalisationTerm
 from optimizer.terms.output import OutputTerm
 from optimizer.terms.pseudo import PseudoTerm
 
 TERMS: tuple[type[Term], ...] = (
     OutputTerm,  # dbox, dobj, dcls: the student's maps against the teacher's
+    LocalisationTerm,  # dloc: the student's box error on labelled objects beyond the teacher's (--dist_loc)
     FeatureTerm,  # dfeat: the head inputs through adapters (--feat_kd)
     PseudoTerm,  # pseudo, pboxes: the teacher's detections as the unlabelled images' targets (--pseudo_conf)
 )
