@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from optimizer.balance import DETECTION_PARTS, BalanceReport, balance_ratios
 from optimizer.config import KDConfig
+from optimizer.schedule import distill_multiplier
 from optimizer.teacher import Teacher, load_teacher, preflight
 from optimizer.terms import build_terms
 from optimizer.terms.base import StepMaps, TermContext
@@ -42,14 +43,22 @@ class DetectionCriterion:
     # train/<value>
     figures: Mapping[str, str] = {}
     progress_note = ""  # shown beside the progress bar
+    columns: tuple[str, ...] = ()  # results.csv x/<name> columns it adds after x/lr0..2 (column_values())
 
     def __init__(self, compute_loss: Any, forward: StudentForward):
         """Wrap a ComputeLoss (its call gives (loss * bs, tensor([box, obj, cls]))) and how the student runs."""
         self.compute_loss = compute_loss
         self.forward = forward
 
+    def plan(self, epochs: int) -> None:
+        """Called once before the first epoch with the run's total number of epochs."""
+
     def start_epoch(self, epoch: int) -> None:
         """Called by the loop before each epoch."""
+
+    def column_values(self) -> dict[str, float]:
+        """The x/ columns' values ({name: value} for `columns`) of the epoch last started."""
+        return {}
 
     def __call__(self, model: nn.Module, imgs: torch.Tensor,
                  targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -130,6 +139,10 @@ class Distiller(DetectionCriterion):
         self.figures = {k: v for t in self.terms for k, v in t.figures.items()}
         self.needs_features = any(t.needs_features for t in self.terms)
         self.balance = BalanceReport(config)
+        # the teacher's weight schedule (--distill_decay): none is never applied, so such runs keep every number
+        self.epochs = 0
+        self.multiplier: float | None = None
+        self.columns = () if config.distill_decay == "none" else ("distill",)
         if unlabeled is not None:
             self.progress_note = "".join([f"+{unlabeled.batch_size} of {len(unlabeled)} unlabelled/step",
                                           *(f", {t.note}" for t in self.terms if t.note)])
@@ -145,8 +158,16 @@ class Distiller(DetectionCriterion):
         teacher.model.to(memory_format=torch.channels_last)  # same NHWC layout as the student's input
         return cls(config, teacher, student, unlabeled, seed)
 
+    def plan(self, epochs: int) -> None:
+        """The run's total epochs, which the teacher's weight schedule falls over."""
+        self.epochs = int(epochs)
+
     def start_epoch(self, epoch: int) -> None:
-        """The unlabelled stream's shuffle for this epoch, and each term's (the feature term's warm-up)."""
+        """The unlabelled stream's shuffle for this epoch, each term's (the feature term's warm-up), and the
+        schedule's multiplier, from the epoch alone (so a resumed run gets the same)."""
+        if self.columns:
+            self.multiplier = distill_multiplier(self.config.distill_decay, self.config.distill_floor, epoch,
+                                                 self.epochs)
         if self.unlabeled is not None:
             self.unlabeled.start_epoch(epoch)
         for term in self.terms:
@@ -181,6 +202,10 @@ class Distiller(DetectionCriterion):
             if term.needs_unlabelled and step.u_pred is None:
                 continue
             term_loss, term_parts = term(step)
+            if term.scheduled and self.multiplier is not None:
+                m = self.multiplier
+                term_loss = term_loss * m
+                term_parts = {k: v if k in term.figures else v * m for k, v in term_parts.items()}
             parts.update(term_parts)
             total = total + term_loss.to(loss.dtype)
         if step.measuring and self.balance.add(parts, step.t_maps):
@@ -195,9 +220,18 @@ class Distiller(DetectionCriterion):
             u_imgs = F.interpolate(u_imgs, size=imgs.shape[2:], mode="bilinear", align_corners=False)
         return u_imgs
 
+    def column_values(self) -> dict[str, float]:
+        """x/distill: the schedule's multiplier in effect (with --distill_decay)."""
+        return {} if self.multiplier is None else {"distill": self.multiplier}
+
     def describe(self) -> list[str]:
         """Each term's lines, then the unlabelled stream's, when there is one."""
         lines = [line for t in self.terms for line in t.describe()]
+        if self.columns:
+            c = self.config
+            scheduled = ", ".join(p for t in self.terms if t.scheduled for p in t.parts)
+            lines.append(f"Distillation schedule: {c.distill_decay} from 1 at epoch 0 to {c.distill_floor:g} at "
+                         f"epoch {self.epochs - 1}, on {scheduled} (results.csv x/distill)")
         if self.unlabeled is not None:
             u, uses = self.unlabeled, [t.unlabelled_use for t in self.terms if t.unlabelled_use]
             use = "distillation and " + " and ".join(uses) if uses else "distillation only"

@@ -58,6 +58,7 @@ class Term:
     parts: tuple[str, ...] = ()  # the names it adds to a step's parts (progress columns, results.csv)
     figures: Mapping[str, str] = {}  # those parts that are counts, not losses: {part: results.csv column}
     needs_features = False  # the head inputs of student and teacher (StepMaps.s_feats, t_feats, u_feats)
+    scheduled = False  # multiplied by the teacher's weight schedule (--distill_decay; optimizer/schedule.py)
     needs_unlabelled = False  # runs only on steps with unlabelled images (its parts then always have them)
     note = ""  # shown beside the progress bar after the unlabelled images
     unlabelled_use = ""  # what it does with the unlabelled images, for the start-of-training line

@@ -35,6 +35,7 @@ class FeatureTerm(Term):
 
     parts = (FEATURE_PART,)
     needs_features = True
+    scheduled = True
 
     def __init__(self, loss: FeatureDistillationLoss, adapters: FeatureAdapters, config: KDConfig,
                  world_size: int = 1):

@@ -96,12 +96,13 @@ class RunLogger:
     def __init__(self, save_dir: Path | str, hyp: Mapping[str, Any] | None = None,
                  opt: Mapping[str, Any] | None = None, kd: bool = False,
                  tensorboard: bool = True, plots: bool = True, parts: Sequence[str] | None = None,
-                 figures: Mapping[str, str] | None = None) -> None:
+                 figures: Mapping[str, str] | None = None, columns: Sequence[str] = ()) -> None:
         """Prepare the run folder; results.csv is created on the first log_epoch (or appended to on resume).
 
         `parts` are the training criterion's loss parts in its order; the first three are YOLOv5's columns and
         each further part adds a `train/<part>_loss` column, or `train/<figures[part]>` for a part that is a count,
-        not a loss (pseudo boxes per image). `kd=True` is short for the distillation parts."""
+        not a loss (pseudo boxes per image). `kd=True` is short for the distillation parts. `columns` add x/<name>
+        columns after x/lr0..2 (the distillation schedule's multiplier, x/distill), given to log_epoch by name."""
         self.save_dir = Path(save_dir)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         self.hyp = dict(hyp) if hyp else {}
@@ -114,8 +115,10 @@ class RunLogger:
         self.kd = len(self.parts) > 3
         self.plots = bool(plots)
         figures = dict(figures or {})
-        self.keys = RESULTS_KEYS + [f'train/{figures[k]}' if k in figures else f'train/{k}_loss'
-                                    for k in self.parts[3:]]
+        self.columns = tuple(columns)
+        lr_end = RESULTS_KEYS.index('x/lr2') + 1
+        self.keys = RESULTS_KEYS[:lr_end] + [f'x/{c}' for c in self.columns] + RESULTS_KEYS[lr_end:] + \
+            [f'train/{figures[k]}' if k in figures else f'train/{k}_loss' for k in self.parts[3:]]
         self.csv = self.save_dir / 'results.csv'
         self._use_tb = bool(tensorboard)
         self._tb: Any = None
@@ -142,8 +145,9 @@ class RunLogger:
         return len(read_results_csv(self.csv).get('epoch', []))
 
     def log_epoch(self, epoch: int, train_losses: Mapping[str, float] | Sequence[float], results: Sequence[float],
-                  lrs: Sequence[float]) -> None:
-        """Append one results.csv row (and TensorBoard scalars) for this epoch; losses by part name or in order."""
+                  lrs: Sequence[float], columns: Mapping[str, float] | None = None) -> None:
+        """Append one results.csv row (and TensorBoard scalars) for this epoch; losses by part name or in order;
+        `columns` the x/ columns' values by name."""
         if isinstance(train_losses, Mapping):
             train_losses = [train_losses.get(k, 0.0) for k in self.parts]
         tl = [_scalar(v) for v in train_losses]
@@ -156,7 +160,10 @@ class RunLogger:
             raise ValueError(f'results needs 7 values (P, R, mAP50, mAP50-95, val box, obj, cls), got {len(res)}')
         if len(lr) != 3:
             raise ValueError(f'lrs needs 3 values, got {len(lr)}')
-        values = [float(epoch)] + tl[:3] + res + lr
+        missing = [c for c in self.columns if c not in (columns or {})]
+        if missing:
+            raise ValueError(f'log_epoch needs the value of {", ".join(missing)}')
+        values = [float(epoch)] + tl[:3] + res + lr + [_scalar(columns[c]) for c in self.columns]
         if self.kd:
             # a KD run whose epoch carried no distillation term still needs a full-width row
             extra = tl[3:len(self.parts)]
