@@ -15,6 +15,7 @@ import logging
 import sys
 from copy import deepcopy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,9 @@ from utils.core.errors import UserError, report
 from utils.core.log import increment_path, setup_logging
 from utils.training.prune import (IMPORTANCE, check_options, load_detection_model, make_recipe, measure_latency,
                                   prune_model, save_pruned, summarise)
+
+if TYPE_CHECKING:
+    from utils.data.datasets import DatasetSpec
 
 ROOT = Path(__file__).resolve().parent
 
@@ -58,32 +62,34 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _loaders(opt: argparse.Namespace, model: nn.Module, imgsz: int):
-    """(dataset dict, val dataloader, train batches for taylor or None) for --data; refuses a class mismatch."""
-    from utils.data.datasets import check_dataset, create_dataloader
+    """(dataset spec, val dataloader, train batches for taylor or None) for --data; refuses a class mismatch."""
+    from utils.data.datasets import DataSettings, LoadImagesAndLabels, check_dataset, create_dataloader
 
     data = check_dataset(opt.data)
-    nc = int(data["nc"])
+    nc = data.nc
     if nc != int(model.model[-1].nc):
         raise UserError(f"{opt.weights}: model has nc={model.model[-1].nc} classes but {opt.data} has nc={nc}; "
                         f"pass the matching --data")
-    if not data.get("val"):
+    if not data.val:
         raise UserError(f"{opt.data}: dataset has no 'val' split")
     stride = int(model.stride.max())
-    val_loader = create_dataloader(data["val"], imgsz, opt.batch_size, stride, pad=0.5, rect=True,
-                                   workers=opt.workers, prefix="val: ", nc=nc, substitute_failed=False)[0]
+    val = DataSettings(imgsz=imgsz, batch_size=opt.batch_size, rect=True, stride=stride, pad=0.5, prefix="val: ",
+                       nc=nc, substitute_failed=False)
+    val_loader = create_dataloader(LoadImagesAndLabels(data.val, val), workers=opt.workers)
     batches = None
     if opt.importance == "taylor":
         if opt.taylor_batches < 1:
             raise UserError(f"--taylor-batches {opt.taylor_batches}: must be at least 1")
-        if not data.get("train"):
+        if not data.train:
             raise UserError(f"{opt.data}: dataset has no 'train' split for the taylor gradients")
-        loader = create_dataloader(data["train"], imgsz, opt.batch_size, stride, shuffle=True, workers=opt.workers,
-                                   prefix="taylor: ", nc=nc, substitute_failed=False)[0]
+        train = DataSettings(imgsz=imgsz, batch_size=opt.batch_size, stride=stride, prefix="taylor: ", nc=nc,
+                             substitute_failed=False)
+        loader = create_dataloader(LoadImagesAndLabels(data.train, train), workers=opt.workers, shuffle=True)
         batches = itertools.islice(loader, opt.taylor_batches)
     return data, val_loader, batches
 
 
-def evaluate_map(model: nn.Module, data: dict, loader) -> tuple[float, float]:
+def evaluate_map(model: nn.Module, data: DatasetSpec, loader) -> tuple[float, float]:
     """(mAP50-95, mAP50) by val.run, on what val.py will load from the saved file: fp16-rounded, fused."""
     import val
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import val as validate
 from models.yolo import Model, check_img_size, set_inplace_activations, to_training_layout
 from optimizer.config import KD_HYP_KEYS, KD_SPECS, KDConfig, add_kd_args, without_settings
-from optimizer.criterion import DetectionCriterion, Distiller
+from optimizer.criterion import DetectionCriterion, Distiller, Student
 from optimizer.teacher import check_teacher_unchanged, file_sha256
 from utils.core.config import read_yaml, yaml_save
 from utils.core.distributed import (DistInfo, broadcast_flag, cleanup_distributed, de_parallel, dist_info_from_env,
@@ -262,6 +262,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     # the module (and checkpoints) stay plain under --compile: only the training forward is compiled
     forward = StudentForward(device, amp_dtype, CompiledForward(model) if opt.compile else None, info.world_size)
     criterion = build_criterion(kd, compute_loss, base, imgsz, forward, opt.trust_checkpoint, unlabeled, opt.seed)
+    criterion.plan(resume.epochs)  # the teacher's weight schedule falls over the whole run
     # the optimizer comes after the criterion: it also trains what the criterion trains beside the student
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"],
                                 extra=criterion.trainable())
@@ -276,7 +277,8 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     stopper = EarlyStopping(patience=opt.patience)
     stopper.best_fitness = resume.best_fitness if resuming else -1.0
     logger = RunLogger(save_dir, hyp={**hyp, **kd.hyp_values()}, opt=opt_record, parts=criterion.parts,
-                       figures=criterion.figures, tensorboard=True, plots=not opt.noplots) if main else None
+                       figures=criterion.figures, columns=criterion.columns, tensorboard=True,
+                       plots=not opt.noplots) if main else None
     return Setup(save_dir=save_dir, data=data, names=names, model=model, ema=ema, optimizer=optimizer,
                  scheduler=scheduler, lf=lf, hyp=hyp, opt_record=opt_record, train_loader=train_loader, val_loader=val_loader,
                  compute_loss=compute_loss, criterion=criterion, keeper=keeper, logger=logger,
@@ -343,7 +345,7 @@ def run_epochs(r: Setup, opt: argparse.Namespace, device: torch.device, info: Di
             fi = fi if np.isfinite(fi) else 0.0  # no labels (or no predictions) must not block best.pt
             stop = r.stopper(epoch=epoch, fitness=fi)
             best_fitness = max(best_fitness, fi)
-            r.logger.log_epoch(epoch, res.mloss, results, res.lrs)
+            r.logger.log_epoch(epoch, res.mloss, results, res.lrs, r.criterion.column_values())
             extra = r.criterion.epoch_scalars(res.mloss)
             if extra:
                 r.logger.log_scalars(extra, epoch)
@@ -389,7 +391,8 @@ def build_criterion(kd: KDConfig, compute_loss: ComputeLoss, student: nn.Module,
     (which also takes the unlabelled stream; `seed` initialises its feature adapters)."""
     if not kd.enabled:
         return DetectionCriterion(compute_loss, forward)
-    return Distiller.build(kd, compute_loss, student, imgsz, forward, trust=trust, unlabeled=unlabeled, seed=seed)
+    return Distiller.build(kd, Student(student, compute_loss, forward, imgsz), trust=trust, unlabeled=unlabeled,
+                           seed=seed)
 
 
 def reference_scores(criterion: DetectionCriterion, model: nn.Module, opt, data: DatasetSpec,

@@ -3,8 +3,10 @@
     python val.py --data shapes.yaml --weights runs/train/exp/weights/best.pt --imgsz 320
     python val.py --data shapes.yaml --weights best.pt --task speed   # time the model on the val images
 
-`evaluate` is the pass itself (an in-memory model over a given dataloader); `run` keeps YOLOv5's signature and
-wraps it with the checkpoint loading, dataloader, run folder and output files of the command line.
+`evaluate` is the pass itself (an in-memory model over a given dataloader), in four steps: `predict` (a batch through
+the model and NMS), `match` (detections against labels), `summarise` (P, R, mAP) and `plot_batch`. `run` keeps
+YOLOv5's signature (data: a yaml path, its dict or a DatasetSpec) and wraps the pass with the checkpoint loading,
+dataloader, run folder and output files of the command line.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from utils.core.download import ensure_weights
 from utils.core.errors import UserError, report
 from utils.core.log import increment_path, setup_logging
 from utils.core.runtime import keep_freed_memory
+from utils.data.datasets import DatasetSpec
 from utils.evaluation.metrics import ConfusionMatrix, ap_per_class, process_batch
 from utils.evaluation.nms import non_max_suppression
 from utils.training.checkpoint import attempt_load
@@ -40,6 +43,7 @@ LOGGER = logging.getLogger("yolov5kd")
 COCO91 = ([*range(1, 12)] + [*range(13, 26)] + [27, 28] + [*range(31, 45)] + [*range(46, 66)] + [67, 70]
           + [*range(72, 83)] + [*range(84, 91)])  # COCO's 80 training classes in its 91-id numbering
 TASKS = ("train", "val", "test", "speed")
+HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 
 # Called once per image that has detections: (detections [x1,y1,x2,y2,conf,cls] in original-image pixels,
 # image path, original (h, w)).
@@ -117,13 +121,133 @@ def _coco_eval(anno_json: Path, pred_json: Path, im_files: list[str]) -> tuple[f
     return ev.stats[1], ev.stats[0]
 
 
-def _is_coco(data: dict) -> bool:
-    val_path = data.get("val")
+def _is_coco(data: DatasetSpec) -> bool:
+    val_path = data.val
     return isinstance(val_path, str) and val_path.replace("\\", "/").endswith("coco/val2017.txt")
 
 
+@dataclass(frozen=True)
+class NMSSettings:
+    """How raw predictions become detections."""
+
+    conf_thres: float = 0.001
+    iou_thres: float = 0.6
+    max_det: int = 300
+    agnostic: bool = False  # one class for all (single_cls)
+    hybrid: bool = False  # the labels join the detections (--save-hybrid)
+
+
+@dataclass
+class Summary:
+    """The metrics of a pass: means over the classes with labels, and per class (None without any prediction)."""
+
+    mp: float
+    mr: float
+    map50: float
+    map: float
+    nt: np.ndarray  # labels per class
+    p: np.ndarray | None = None
+    r: np.ndarray | None = None
+    ap50: np.ndarray | None = None
+    ap: np.ndarray | None = None  # mAP50-95 per class of ap_class
+    ap_class: np.ndarray | None = None
+
+
+def predict(model: nn.Module, im: torch.Tensor, targets: torch.Tensor, half: bool, dt: tuple, nms: NMSSettings,
+            compute_loss: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, list, torch.Tensor | None]:
+    """One batch through the model and NMS; returns (the input as the model saw it, the targets in its pixels,
+    detections [x1,y1,x2,y2,conf,cls] per image, the val loss parts (box, obj, cls) or None)."""
+    device = next(model.parameters()).device
+    with dt[0]:
+        im = im.to(device, non_blocking=True, memory_format=torch.channels_last)
+        targets = targets.to(device)
+        im = im.half() if half else im.float()
+        im /= 255
+        nb, _, height, width = im.shape
+    with dt[1]:
+        preds, train_out = model(im)
+    parts = None if compute_loss is None else compute_loss([x.float() for x in train_out], targets)[1][:3]
+
+    targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
+    lb = [targets[targets[:, 0] == i, 1:] for i in range(nb)] if nms.hybrid else []
+    with dt[2]:
+        preds = non_max_suppression(preds, nms.conf_thres, nms.iou_thres, labels=lb, multi_label=True,
+                                    agnostic=nms.agnostic, max_det=nms.max_det)
+    return im, targets, preds, parts
+
+
+def match(preds: list, im: torch.Tensor, targets: torch.Tensor, paths, shapes, iouv: torch.Tensor,
+          confusion: ConfusionMatrix | None, sink: PredictionSink | None) -> list[tuple]:
+    """Match each image's detections to its labels in original-image pixels; returns one (correct (n, len(iouv)),
+    conf, cls, label classes) per image that has detections or labels. Feeds `confusion` and `sink` when given."""
+    stats = []
+    for si, pred in enumerate(preds):
+        labels = targets[targets[:, 0] == si, 1:]
+        nl, npr = labels.shape[0], pred.shape[0]
+        path, shape = Path(paths[si]), shapes[si][0]
+        correct = torch.zeros(npr, len(iouv), dtype=torch.bool, device=iouv.device)
+        if npr == 0:
+            if nl:
+                stats.append((correct, *torch.zeros((2, 0), device=iouv.device), labels[:, 0]))
+                if confusion is not None:
+                    confusion.process_batch(detections=None, labels=labels[:, 0])
+            continue
+        predn = pred.clone()
+        scale_boxes(im[si].shape[1:], predn[:, :4], shape, shapes[si][1])
+        if nl:
+            tbox = xywh2xyxy(labels[:, 1:5])
+            scale_boxes(im[si].shape[1:], tbox, shape, shapes[si][1])
+            labelsn = torch.cat((labels[:, 0:1], tbox), 1)
+            correct = process_batch(predn, labelsn, iouv)
+            if confusion is not None:
+                confusion.process_batch(predn, labelsn)
+        stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
+        if sink is not None:
+            sink(predn, path, shape)
+    return stats
+
+
+def summarise(stats: list[tuple], nc: int, names: dict, plots: bool, save_dir: Path) -> Summary:
+    """P, R, mAP50 and mAP50-95 over the matched images (and the P/R/F1 curves when plotting)."""
+    stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
+    nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
+    if not (len(stats) and len(stats[0])):  # with no true positive every figure is 0, but the curves still get drawn
+        return Summary(0.0, 0.0, 0.0, 0.0, nt)
+    _, _, p, r, _, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
+    ap50, ap = ap[:, 0], ap.mean(1)
+    return Summary(p.mean(), r.mean(), ap50.mean(), ap.mean(), nt, p, r, ap50, ap, ap_class)
+
+
+def log_summary(s: Summary, seen: int, names: dict, per_class: bool) -> None:
+    """The metrics table: the 'all' row, then one row per class with per_class."""
+    pf = "%22s" + "%11i" * 2 + "%11.3g" * 4
+    LOGGER.info(HEADER)
+    LOGGER.info(pf % ("all", seen, s.nt.sum(), s.mp, s.mr, s.map50, s.map))
+    if s.nt.sum() == 0:
+        LOGGER.warning("no labels found in the evaluated images, can not compute metrics without labels")
+    if per_class and s.ap_class is not None:
+        for i, c in enumerate(s.ap_class):
+            LOGGER.info(pf % (names.get(int(c), str(c)), seen, s.nt[c], s.p[i], s.r[i], s.ap50[i], s.ap[i]))
+
+
+def plot_batch(im: torch.Tensor, targets: torch.Tensor, preds: list, paths, names: dict, fname: Path) -> None:
+    """Two JPEG grids of a batch: its labels ({fname}_labels.jpg) and its detections ({fname}_pred.jpg)."""
+    from utils.reporting.plots import output_to_target, plot_images
+
+    plot_images(im, targets, paths, fname.with_name(f"{fname.name}_labels.jpg"), names)
+    plot_images(im, output_to_target(preds), paths, fname.with_name(f"{fname.name}_pred.jpg"), names)
+
+
+def _expected_images(dataloader: Iterable, seen: int) -> int:
+    """How many images the dataloader holds (`seen` for an iterable that is no DataLoader)."""
+    try:
+        return len(dataloader.sampler)
+    except (AttributeError, TypeError):  # not a DataLoader: nothing to compare against
+        return seen
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataloader: Iterable, data: dict, *, compute_loss: Callable | None = None,
+def evaluate(model: nn.Module, dataloader: Iterable, data: DatasetSpec, *, compute_loss: Callable | None = None,
              half: bool = True, single_cls: bool = False, conf_thres: float = 0.001, iou_thres: float = 0.6,
              max_det: int = 300, save_hybrid: bool = False, plots: bool = True, save_dir: Path = Path(""),
              verbose: bool = False, progress: bool = False,
@@ -131,112 +255,51 @@ def evaluate(model: nn.Module, dataloader: Iterable, data: dict, *, compute_loss
     """One pass of an in-memory model over a dataloader: P, R, mAP, the val loss (with compute_loss), timings."""
     from tqdm import tqdm
 
-    from utils.reporting.plots import output_to_target, plot_images
-
     device = next(model.parameters()).device
     half &= device.type != "cpu"
     model.half() if half else model.float()
     # NHWC is faster; in-training and standalone validation use the same layout so their numbers agree
     model.eval().to(memory_format=torch.channels_last)
-    nc = 1 if single_cls else int(data["nc"])
+    nc = 1 if single_cls else data.nc
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
-    niou = iouv.numel()
-
-    seen = 0
+    nms = NMSSettings(conf_thres, iou_thres, max_det, agnostic=single_cls, hybrid=save_hybrid)
     confusion = ConfusionMatrix(nc=nc)
-    names = getattr(model, "names", None) or data["names"]
+    names = getattr(model, "names", None) or data.names
     names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else names
-    header = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
     dt = Profile(device), Profile(device), Profile(device)
     loss = torch.zeros(3, device=device)
-    stats, evaluated = [], []
-    pbar = tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}", disable=not progress)
+    stats, evaluated, seen = [], [], 0
+    pbar = tqdm(dataloader, desc=HEADER, bar_format="{l_bar}{bar:10}{r_bar}", disable=not progress)
     for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
         if not len(paths):  # every image of the batch failed to load (collate_fn dropped them)
             continue
         evaluated.extend(paths)
-        with dt[0]:
-            im = im.to(device, non_blocking=True, memory_format=torch.channels_last)
-            targets = targets.to(device)
-            im = im.half() if half else im.float()
-            im /= 255
-            nb, _, height, width = im.shape
-        with dt[1]:
-            preds, train_out = model(im)
-        if compute_loss is not None:
-            loss += compute_loss([x.float() for x in train_out], targets)[1][:3]
-
-        targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
-        lb = [targets[targets[:, 0] == i, 1:] for i in range(nb)] if save_hybrid else []
-        with dt[2]:
-            preds = non_max_suppression(preds, conf_thres, iou_thres, labels=lb, multi_label=True,
-                                        agnostic=single_cls, max_det=max_det)
-
-        for si, pred in enumerate(preds):
-            labels = targets[targets[:, 0] == si, 1:]
-            nl, npr = labels.shape[0], pred.shape[0]
-            path, shape = Path(paths[si]), shapes[si][0]
-            correct = torch.zeros(npr, niou, dtype=torch.bool, device=device)
-            seen += 1
-            if npr == 0:
-                if nl:
-                    stats.append((correct, *torch.zeros((2, 0), device=device), labels[:, 0]))
-                    if plots:
-                        confusion.process_batch(detections=None, labels=labels[:, 0])
-                continue
-            if single_cls:
+        im, targets, preds, parts = predict(model, im, targets, half, dt, nms, compute_loss)
+        if parts is not None:
+            loss += parts
+        if single_cls:
+            for pred in preds:
                 pred[:, 5] = 0
-            predn = pred.clone()
-            scale_boxes(im[si].shape[1:], predn[:, :4], shape, shapes[si][1])
-            if nl:
-                tbox = xywh2xyxy(labels[:, 1:5])
-                scale_boxes(im[si].shape[1:], tbox, shape, shapes[si][1])
-                labelsn = torch.cat((labels[:, 0:1], tbox), 1)
-                correct = process_batch(predn, labelsn, iouv)
-                if plots:
-                    confusion.process_batch(predn, labelsn)
-            stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
-            if on_predictions is not None:
-                on_predictions(predn, path, shape)
-
+        stats += match(preds, im, targets, paths, shapes, iouv, confusion if plots else None, on_predictions)
+        seen += len(preds)
         if plots and batch_i < 3:
-            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
-            plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
+            plot_batch(im, targets, preds, paths, names, save_dir / f"val_batch{batch_i}")
 
-    stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
-    p = r = ap50 = ap = ap_class = None
-    mp = mr = map50 = map_ = 0.0
-    if len(stats) and len(stats[0]):  # with no true positive every figure is 0, but the curves still get drawn
-        _, _, p, r, _, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
-        ap50, ap = ap[:, 0], ap.mean(1)
-        mp, mr, map50, map_ = p.mean(), r.mean(), ap50.mean(), ap.mean()
-    nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
-
+    s = summarise(stats, nc, names, plots, save_dir)
     # images that failed to load are dropped by collate_fn, so metrics cover only the images evaluated
-    try:
-        expected = len(dataloader.sampler)
-    except (AttributeError, TypeError):  # not a DataLoader: nothing to compare against
-        expected = seen
+    expected = _expected_images(dataloader, seen)
     if seen < expected:
         LOGGER.warning(f"WARNING {expected - seen} of {expected} images could not be read and were skipped; "
                        f"metrics cover the {seen} images evaluated")
-
-    pf = "%22s" + "%11i" * 2 + "%11.3g" * 4
-    LOGGER.info(header)
-    LOGGER.info(pf % ("all", seen, nt.sum(), mp, mr, map50, map_))
-    if nt.sum() == 0:
-        LOGGER.warning("no labels found in the evaluated images, can not compute metrics without labels")
-    if verbose and nc > 1 and ap_class is not None:
-        for i, c in enumerate(ap_class):
-            LOGGER.info(pf % (names.get(int(c), str(c)), seen, nt[c], p[i], r[i], ap50[i], ap[i]))
+    log_summary(s, seen, names, verbose and nc > 1)
     if plots:
         confusion.plot(save_dir=save_dir, names=list(names.values()))
     model.float()
 
-    class_map = {} if ap_class is None else {c: ap[i] for i, c in enumerate(ap_class)}
+    class_map = {} if s.ap_class is None else {c: s.ap[i] for i, c in enumerate(s.ap_class)}
     losses = (loss.cpu() / max(len(dataloader), 1)).tolist()
     times = tuple(x.t / max(seen, 1) * 1e3 for x in dt)
-    return Evaluation((mp, mr, map50, map_, *losses), class_map, times, evaluated)
+    return Evaluation((s.mp, s.mr, s.map50, s.map, *losses), class_map, times, evaluated)
 
 
 def _file_sink(save_dir: Path, save_txt: bool, save_conf: bool, records: list[dict] | None,
@@ -254,16 +317,16 @@ def _file_sink(save_dir: Path, save_txt: bool, save_conf: bool, records: list[di
     return sink
 
 
-def _save_json(records: list[dict], images: list[str], data: dict, save_dir: Path, stem: str,
+def _save_json(records: list[dict], images: list[str], data: DatasetSpec, save_dir: Path, stem: str,
                map50: float, map_: float) -> tuple[float, float]:
     """Write the COCO predictions file; with the dataset's annotation file, pycocotools' mAP50 and mAP50-95
     replace the figures given."""
     pred_json = save_dir / f"{stem}_predictions.json"
     pred_json.write_text(json.dumps(records))
     LOGGER.info(f"Saved {len(records)} detections to {pred_json}")
-    anno_json = data.get("annotations") or ("annotations/instances_val2017.json" if _is_coco(data) else None)
+    anno_json = data.annotations or ("annotations/instances_val2017.json" if _is_coco(data) else None)
     if anno_json and not Path(anno_json).is_absolute():
-        anno_json = Path(data.get("path", ".")) / anno_json
+        anno_json = data.path / anno_json
     if anno_json and Path(anno_json).exists():
         try:
             map50, map_ = _coco_eval(Path(anno_json), pred_json, images)
@@ -277,11 +340,11 @@ def _save_json(records: list[dict], images: list[str], data: dict, save_dir: Pat
 
 def _standalone_setup(data, w, batch_size: int, imgsz: int, task: str, device: str, workers: int,
                       single_cls: bool, save_txt: bool, project, name: str, exist_ok: bool,
-                      trust_checkpoint: bool) -> tuple[nn.Module, Iterable, dict, Path, int]:
+                      trust_checkpoint: bool) -> tuple[nn.Module, Iterable, DatasetSpec, Path, int]:
     """The command line's side of run(): device, run folder, checkpoint, dataset and its dataloader;
     returns (model, dataloader, data, save_dir, imgsz)."""
     from utils.core.distributed import select_device
-    from utils.data.datasets import check_dataset, create_dataloader
+    from utils.data.datasets import DataSettings, LoadImagesAndLabels, check_dataset, create_dataloader
 
     device = select_device(device, batch_size)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
@@ -290,7 +353,7 @@ def _standalone_setup(data, w, batch_size: int, imgsz: int, task: str, device: s
     stride = int(model.stride.max())
     imgsz = check_img_size(imgsz, s=stride)
     data = check_dataset(data)
-    data_nc = int(data["nc"])
+    data_nc = data.nc
     # the Detect head decides how many classes are predicted; a model object need not carry .nc itself
     layers = getattr(de_parallel(model), "model", None)
     model_nc = getattr(layers[-1], "nc", None) if isinstance(layers, torch.nn.Sequential) else None
@@ -298,13 +361,14 @@ def _standalone_setup(data, w, batch_size: int, imgsz: int, task: str, device: s
         raise UserError(f"{w}: model has nc={model_nc} classes but the dataset has nc={data_nc}; "
                         f"pass the matching --data")
     split = "val" if task == "speed" else task
-    if not data.get(split):
+    if not data.split(split):
         raise UserError(f"dataset has no '{split}' split")
     # speed: square letterboxed batches without padding, as YOLOv5 times its models
     pad, rect = (0.0, False) if task == "speed" else (0.5, True)
     # nc drops label rows whose class the dataset does not have; no stand-in samples in evaluation
-    dataloader = create_dataloader(data[split], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
-                                   workers=workers, prefix=f"{split}: ", nc=data_nc, substitute_failed=False)[0]
+    settings = DataSettings(imgsz=imgsz, batch_size=batch_size, rect=rect, single_cls=single_cls, stride=stride,
+                            pad=pad, prefix=f"{split}: ", nc=data_nc, substitute_failed=False)
+    dataloader = create_dataloader(LoadImagesAndLabels(data.split(split), settings), workers=workers)
     return model, dataloader, data, save_dir, imgsz
 
 
@@ -340,10 +404,10 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         model, dataloader, data, save_dir, imgsz = _standalone_setup(
             data, w, batch_size, imgsz, task, device, workers, single_cls, save_txt, project, name, exist_ok,
             trust_checkpoint)
-    elif isinstance(data, (str, Path)):
+    elif not isinstance(data, DatasetSpec):  # YOLOv5's callers pass a yaml path or its dict
         from utils.data.datasets import check_dataset
         data = check_dataset(data)
-    nc = 1 if single_cls else int(data["nc"])
+    nc = 1 if single_cls else data.nc
 
     records = [] if save_json else None
     sink = _file_sink(save_dir, save_txt, save_conf, records, COCO91 if _is_coco(data) else list(range(1000)))

@@ -2,10 +2,12 @@
 """KD step cost: plain training step vs distillation step vs the fused teacher's forward, in one process.
 
     python benchmarks/bench_kd_step.py [--batch 16] [--imgsz 320] [--iters 10] [--device cpu|0] [--feat mse pkd cross]
+                                       [--no-loc]
 
-Prints ms per step, KD/plain and the bound (plain + teacher forward)/plain, each feature form's KD step against
-the output-only KD step, and peak memory of each mode (CUDA: max allocated; CPU: peak RSS of a separate process
-per mode). Steps are the steady state: the first epoch's balance report is not timed.
+Prints ms per step, KD/plain and the bound (plain + teacher forward)/plain, each feature form's KD step and the
+step with the localisation term (--dist_loc 1) against the output-only KD step, and peak memory of each mode
+(CUDA: max allocated; CPU: peak RSS of a separate process per mode; not for the localisation step). Steps are
+the steady state: the first epoch's balance report is not timed.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ import time
 import torch
 
 from common import Stepper, demo_data, load_hyp, peak_memory_mb, student, sync, teacher
+from optimizer.config import KDConfig
+from optimizer.criterion import Distiller, Student
 from optimizer.config import FEAT_FORMS
 from utils.core.distributed import select_device
 from utils.core.runtime import init_seeds
-from utils.data.datasets import create_dataloader
+from utils.data.datasets import DataSettings, LoadImagesAndLabels, create_dataloader
 from utils.training.forward import to_input
 
 
@@ -29,8 +33,8 @@ def first_batch(imgsz: int, batch: int):
     """A real mosaic batch from the demo training set (fixed seed)."""
     data = demo_data()
     init_seeds(0)  # mosaic draws from random/numpy as well as torch
-    loader, _ = create_dataloader(data["train"], imgsz, batch, 32, hyp=load_hyp(), augment=True, workers=0,
-                                  shuffle=True)
+    dataset = LoadImagesAndLabels(data.train, DataSettings(imgsz=imgsz, batch_size=batch, augment=True, hyp=load_hyp()))
+    loader = create_dataloader(dataset, workers=0, shuffle=True)
     imgs, targets, _, _ = next(iter(loader))
     return data, imgs, targets
 
@@ -46,6 +50,17 @@ def timed(fn, iters: int, device) -> float:
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def with_localisation(step: Stepper, t, imgsz: int) -> Stepper:
+    """The KD stepper with the localisation term on (dist_loc 1): its criterion rebuilt on the same student (the
+    term trains nothing beside it, so the optimizer stays as it is)."""
+    crit = step.criterion
+    step.criterion = Distiller(KDConfig(t_weights=t.path, dist_loc=1.0), t,
+                               Student(step.model, crit.compute_loss, crit.forward, imgsz))
+    step.criterion.start_epoch(1)
+    step.criterion.balance.reported = True  # the steady state, as Stepper's
+    return step
 
 
 def measure_peak(mode: str, a) -> float:
@@ -65,12 +80,13 @@ def main() -> int:
     ap.add_argument("--feat", nargs="*", default=["mse", "pkd", "cross"], choices=FEAT_FORMS[1:],
                     help="feature forms timed beside the output-only KD step (at feat_ratio 1; the weight costs "
                          "nothing)")
+    ap.add_argument("--no-loc", dest="loc", action="store_false", help="leave out the localisation term's step")
     ap.add_argument("--only", choices=["plain", "kd", *FEAT_FORMS[1:]], help=argparse.SUPPRESS)
     a = ap.parse_args()
     device = select_device(a.device)
     amp = device.type == "cuda"
     data, imgs, targets = first_batch(a.imgsz, a.batch)
-    nc, hyp = int(data["nc"]), load_hyp()
+    nc, hyp = data.nc, load_hyp()
 
     if a.only:
         if device.type == "cuda":
@@ -89,6 +105,9 @@ def main() -> int:
     kd = Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp, imgsz=a.imgsz)
     feats = {form: Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp, imgsz=a.imgsz,
                            feat_kd=form) for form in a.feat}
+    if a.loc:
+        feats["loc"] = with_localisation(Stepper(student(nc, a.imgsz, hyp, device), hyp, device, teacher=t, amp=amp,
+                                                 imgsz=a.imgsz), t, a.imgsz)
     timg = to_input(imgs, device)  # the teacher sees what train.py feeds it
     for _ in range(2):  # warm-up: allocator, kernels, first-call paths
         plain(imgs, targets), kd(imgs, targets), t(timg)
@@ -118,7 +137,7 @@ def main() -> int:
     mp, mk = measure_peak("plain", a), measure_peak("kd", a)
     kind = "max allocated" if device.type == "cuda" else "peak RSS"
     print(f"peak memory ({kind}): plain {mp:.0f} MB, KD {mk:.0f} MB"
-          + "".join(f", KD+{form} {measure_peak(form, a):.0f} MB" for form in feats))
+          + "".join(f", KD+{form} {measure_peak(form, a):.0f} MB" for form in a.feat))
     return 0
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from utils.data.datasets import check_dataset, create_dataloader
+from utils.data.datasets import DataSettings, DatasetSpec, LoadImagesAndLabels, check_dataset, create_dataloader
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _ensure_dataset() -> dict:
+def _ensure_dataset() -> DatasetSpec:
     spec = importlib.util.spec_from_file_location("generate_shapes", ROOT / "data" / "scripts" / "generate_shapes.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
@@ -45,8 +45,8 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 def bench(train: str, imgsz: int, batch: int, workers: int, hyp: dict, warmup: int = 5) -> tuple[float, float]:
     """(images/s, CPU ms per image) over one full epoch of the augmenting training loader."""
-    loader, dataset = create_dataloader(train, imgsz, batch, 32, hyp=hyp, augment=True, workers=workers,
-                                        shuffle=True)
+    settings = DataSettings(imgsz=imgsz, batch_size=batch, augment=True, hyp=hyp)
+    loader = create_dataloader(LoadImagesAndLabels(train, settings), workers=workers, shuffle=True)
     for i, _ in enumerate(loader):
         if i + 1 >= warmup:
             break
@@ -72,7 +72,7 @@ def main() -> int:
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before start "
           "(other processes on the machine lower the wall-clock figure, not the CPU cost)")
     for s in a.imgsz:
-        ips, ms = bench(data["train"], s, a.batch, a.workers, hyp)
+        ips, ms = bench(data.train, s, a.batch, a.workers, hyp)
         print(f"imgsz {s}: {ips:.0f} images/s wall, {ms:.2f} CPU ms/image (all processes) "
               f"(batch {a.batch}, {a.workers} workers, mosaic on)")
     return 0

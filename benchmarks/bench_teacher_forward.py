@@ -32,7 +32,7 @@ import torch.nn as nn
 from common import DEMO_TEACHER, ROOT, Stepper, load_hyp, student
 from optimizer.teacher import Teacher, load_teacher
 from utils.core.runtime import init_seeds
-from utils.data.datasets import check_dataset, create_dataloader
+from utils.data.datasets import DataSettings, DatasetSpec, LoadImagesAndLabels, check_dataset, create_dataloader
 from utils.training.forward import to_input
 
 VARIANTS = ("fp32", "bf16", "bf16-weights", "int8")
@@ -123,11 +123,12 @@ def median_ms(fns: dict[str, Callable[[], object]], iters: int) -> dict[str, flo
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def val_map(variant: TeacherVariant, data: dict, imgsz: int) -> float:
+def val_map(variant: TeacherVariant, data: DatasetSpec, imgsz: int) -> float:
     """mAP50-95 of a variant on the val set, as val.py computes it."""
     import val as validate
 
-    loader, _ = create_dataloader(data["val"], imgsz, 32, 32, pad=0.5, rect=True, workers=1)
+    val = DataSettings(imgsz=imgsz, batch_size=32, rect=True, pad=0.5)
+    loader = create_dataloader(LoadImagesAndLabels(data.val, val), workers=1)
     return float(validate.evaluate(variant, loader, data, plots=False, half=False).results[3])
 
 
@@ -144,14 +145,14 @@ def main() -> int:
     a = ap.parse_args()
     device = torch.device("cpu")
     data, hyp = check_dataset(a.data), load_hyp()
-    nc = int(data["nc"])
+    nc = data.nc
     t = load_teacher(a.weights, device, precision="fp32")
     fused = t.model.to(memory_format=torch.channels_last)  # as train.py sets the teacher up
 
     def train_batches(seed: int) -> Iterable[tuple]:
         init_seeds(seed)  # mosaic draws from random/numpy as well as torch
-        return create_dataloader(data["train"], a.imgsz, a.batch, 32, hyp=hyp, augment=True, workers=0,
-                                 shuffle=True, seed=seed)[0]
+        train = DataSettings(imgsz=a.imgsz, batch_size=a.batch, augment=True, hyp=hyp)
+        return create_dataloader(LoadImagesAndLabels(data.train, train), workers=0, shuffle=True, seed=seed)
 
     imgs, targets, *_ = next(iter(train_batches(0)))  # the timed batch
     calib = [to_input(b[0], device) for b, _ in zip(train_batches(1), range(a.calib))]

@@ -17,7 +17,7 @@ import torch
 
 from common import criterion_for, demo_data, load_hyp, peak_memory_mb, student, sync
 from utils.core.distributed import select_device
-from utils.data.datasets import create_dataloader
+from utils.data.datasets import DataSettings, LoadImagesAndLabels, create_dataloader
 from utils.data.unlabeled import build_unlabeled_stream
 from utils.training.engine import LoopConfig, LoopState, train_one_epoch
 from utils.training.forward import AMP_CHOICES, CompiledForward, StudentForward, resolve_amp
@@ -41,16 +41,16 @@ def main() -> int:
     a = ap.parse_args()
     device = select_device(a.device)
     data, hyp = demo_data(), load_hyp()
-    nc = int(data["nc"])
+    nc = data.nc
     model = student(nc, a.imgsz, hyp, device)
-    loader, _ = create_dataloader(data["train"], a.imgsz, a.batch, 32, hyp=hyp, augment=True, workers=a.workers,
-                                  shuffle=True)
+    train = DataSettings(imgsz=a.imgsz, batch_size=a.batch, augment=True, hyp=hyp)
+    loader = create_dataloader(LoadImagesAndLabels(data.train, train), workers=a.workers, shuffle=True)
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     amp_dtype = resolve_amp(a.amp, device)
     unlabeled = None
     if a.kd and a.unlabeled_ratio > 0:
-        unlabeled = build_unlabeled_stream(data["train"], a.unlabeled_ratio, a.batch, a.imgsz, 32, hyp,
-                                           workers=a.workers, rank=-1, world_size=1, seed=0)
+        unlabeled = build_unlabeled_stream(data.train, a.unlabeled_ratio, train, workers=a.workers, rank=-1,
+                                           world_size=1, seed=0)
     forward = StudentForward(device, amp_dtype, CompiledForward(model) if a.compile else None)
     criterion = criterion_for(model, imgsz=a.imgsz, forward=forward, kd=a.kd, teacher_precision=a.teacher_precision,
                               unlabeled=unlabeled)

@@ -29,7 +29,7 @@ def main() -> int:
     t0 = time.perf_counter()
     (p, r, m50, m, *_), _, speed = val.run(data, **kw)
     dt = time.perf_counter() - t0
-    n = len(list_images(data["val"]))
+    n = len(list_images(data.val))
     print(f"val {a.weights} imgsz {a.imgsz} batch {a.batch}: {n / dt:.1f} images/s end to end "
           f"(pre {speed[0]:.1f} / inference {speed[1]:.1f} / NMS {speed[2]:.1f} ms per image), "
           f"mAP50 {m50:.4f} mAP50-95 {m:.4f}")

@@ -9,10 +9,11 @@ import yaml
 
 from models.yolo import Model, to_training_layout
 from optimizer.config import KDConfig
-from optimizer.criterion import FEAT_WARMUP_EPOCHS, DetectionCriterion, Distiller
+from optimizer.criterion import DetectionCriterion, Distiller, Student
 from optimizer.teacher import Teacher, load_teacher, resolve_teacher_precision
+from optimizer.terms.features import FEAT_WARMUP_EPOCHS
 from utils.core.runtime import keep_freed_memory
-from utils.data.datasets import check_dataset
+from utils.data.datasets import DatasetSpec, check_dataset
 from utils.data.unlabeled import UnlabeledStream
 from utils.training.forward import StudentForward, resolve_amp, to_input
 from utils.training.loss import ComputeLoss, scale_hyp
@@ -25,8 +26,8 @@ torch.set_flush_denormal(True)  # as train.py does
 keep_freed_memory()  # likewise
 
 
-def demo_data() -> dict:
-    """The demo dataset dict (generated offline on first use)."""
+def demo_data() -> DatasetSpec:
+    """The demo dataset (generated offline on first use)."""
     return check_dataset(ROOT / "data" / "shapes.yaml")
 
 
@@ -60,7 +61,7 @@ def criterion_for(model: torch.nn.Module, imgsz: int, forward: StudentForward, k
     if not kd:
         return DetectionCriterion(ComputeLoss(model), forward)
     t = teacher(int(model.nc), forward.device, teacher_precision)
-    return Distiller(KDConfig(t_weights=t.path), ComputeLoss(model), t, model, imgsz, forward, unlabeled)
+    return Distiller(KDConfig(t_weights=t.path), t, Student(model, ComputeLoss(model), forward, imgsz), unlabeled)
 
 
 class Stepper:
@@ -72,12 +73,13 @@ class Stepper:
         self.model, self.device, self.amp = model, device, amp
         forward = StudentForward(device, resolve_amp("on", device) if amp else None)
         self.criterion = (DetectionCriterion(ComputeLoss(model), forward) if teacher is None else
-                          Distiller(KDConfig(t_weights=teacher.path, feat_kd=feat_kd, feat_ratio=feat_ratio),
-                                    ComputeLoss(model), teacher, model, imgsz, forward))
+                          Distiller(KDConfig(t_weights=teacher.path, feat_kd=feat_kd, feat_ratio=feat_ratio), teacher,
+                                    Student(model, ComputeLoss(model), forward, imgsz)))
         # the steady state: past the feature adapters' warm-up epoch, and without the first-epoch balance report
         # (its extra gradients, for feature terms)
         self.criterion.start_epoch(FEAT_WARMUP_EPOCHS)
-        self.criterion.reported = True
+        if teacher is not None:
+            self.criterion.balance.reported = True
         extra = self.criterion.trainable()
         self.extra = tuple(extra.parameters()) if extra is not None else ()
         self.opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"], extra=extra)

@@ -39,7 +39,7 @@ def main() -> int:
     a = ap.parse_args()
     device = torch.device("cpu")
     data, imgs, targets = first_batch(a.imgsz, a.batch)
-    nc, hyp = int(data["nc"]), load_hyp()
+    nc, hyp = data.nc, load_hyp()
     if a.weights:
         model = attempt_load(a.weights, device=device, fuse=False).float().to(memory_format=torch.channels_last)
         model.nc, model.hyp = nc, scale_hyp(hyp, 3, nc, a.imgsz)

@@ -382,7 +382,7 @@ def make_split(a) -> tuple[Path, Path, int, int]:
     from utils.data.datasets import check_dataset, list_images
 
     d = check_dataset(a.data)
-    images = list_images(d["train"])
+    images = list_images(d.train)
     rng = random.Random(a.split_seed)
     order = images[:]
     rng.shuffle(order)
@@ -393,7 +393,7 @@ def make_split(a) -> tuple[Path, Path, int, int]:
     out.mkdir(parents=True, exist_ok=True)
     for name, files in (("labelled.txt", labelled), ("unlabeled.txt", unlabelled)):
         (out / name).write_text("".join(f"{f}\n" for f in files))
-    base = {"path": str(d["path"]), "train": str(out / "labelled.txt"), "val": d["val"], "names": d["names"]}
+    base = {"path": str(d.path), "train": str(out / "labelled.txt"), "val": d.val, "names": d.names}
     yl, yu = out / "labelled.yaml", out / "labelled+unlabeled.yaml"
     yl.write_text(yaml.safe_dump(base))
     yu.write_text(yaml.safe_dump({**base, "unlabeled": str(out / "unlabeled.txt")}))

@@ -141,7 +141,7 @@ def test_refused_folder_created_for_nothing_is_removed(tmp_path):
 def _npy_dataset(tmp_path: Path, w: int, h: int) -> D.LoadImagesAndLabels:
     write_jpg(tmp_path / "images" / "a.jpg", solid(h, w, 120))
     write_label(tmp_path / "labels" / "a.txt", "0 0.5 0.5 0.2 0.2\n")
-    return D.LoadImagesAndLabels(tmp_path / "images", img_size=64, cache_images="disk", nc=4)
+    return D.LoadImagesAndLabels(tmp_path / "images", D.DataSettings(imgsz=64, cache="disk", nc=4))
 
 
 @pytest.mark.parametrize("bad", [np.zeros((5, 5), np.uint8), np.zeros((48, 40), np.float64)])
@@ -246,7 +246,7 @@ def test_label_file_with_a_bom_keeps_its_first_row(tmp_path, caplog, text):
     write_jpg(tmp_path / "images" / "a.jpg", solid(32, 32))
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "a.txt").write_bytes(BOM + text)
-    ds = D.LoadImagesAndLabels(tmp_path / "images", img_size=32, nc=4)
+    ds = D.LoadImagesAndLabels(tmp_path / "images", D.DataSettings(imgsz=32, nc=4))
     assert len(ds.labels[0]) == 2 and not _warnings(caplog)
 
 
@@ -267,7 +267,7 @@ def test_label_path_that_is_a_folder_means_background_as_documented(tmp_path, ca
     write_jpg(tmp_path / "images" / "b.jpg", solid(32, 32))
     (tmp_path / "labels" / "a.txt").mkdir(parents=True)
     write_label(tmp_path / "labels" / "b.txt", "1 0.5 0.5 0.2 0.2\n")
-    ds = D.LoadImagesAndLabels(tmp_path / "images", img_size=32, nc=4)
+    ds = D.LoadImagesAndLabels(tmp_path / "images", D.DataSettings(imgsz=32, nc=4))
     assert [Path(f).name for f in ds.im_files] == ["a.jpg", "b.jpg"]
     assert ds.labels[0].shape == (0, 5) and len(ds.labels[1]) == 1
     warn = [m for m in _warnings(caplog) if "a.txt" in m]

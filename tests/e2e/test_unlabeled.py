@@ -17,17 +17,17 @@ COMMON = ["--cfg", "yolov5n.yaml", "--imgsz", "64", "--batch-size", "4", "--work
 
 @pytest.mark.parametrize("form", ["folder", "folders", "txt"])
 def test_yaml_forms(unl_data, form, caplog):
-    from utils.data.datasets import check_dataset
+    from utils.data.datasets import DataSettings, check_dataset
     from utils.data.unlabeled import build_unlabeled_stream
 
     extra = unl_data / "extra"
     u1, u2 = str(extra / "images" / "u1"), str(extra / "images" / "u2")
     value, n = {"folder": (u1, 4), "folders": ([u1, u2], 6), "txt": (str(extra / "unl.txt"), 6)}[form]
     d = check_dataset(_yaml(unl_data, f"{form}.yaml", value))
-    assert isinstance(d["unlabeled"], list) == (form == "folders")
+    assert isinstance(d.unlabeled, list) == (form == "folders")
     with caplog.at_level("INFO", logger="yolov5kd"):
-        s = build_unlabeled_stream(d["unlabeled"], 0.5, 4, 64, 32, {"mosaic": 1.0}, workers=0, rank=-1,
-                                   world_size=1, seed=0)
+        s = build_unlabeled_stream(d.unlabeled, 0.5, DataSettings(imgsz=64, batch_size=4, hyp={"mosaic": 1.0}),
+                                   workers=0, rank=-1, world_size=1, seed=0)
     assert len(s) == n and s.batch_size == 2
     assert all(len(lb) == 0 for lb in s.dataset.labels)  # the label files beside the images were not read
     assert f"{n} label file(s) sit beside these images and are ignored" in caplog.text
@@ -38,10 +38,12 @@ def test_yaml_forms(unl_data, form, caplog):
 
 
 def test_stream_reseeds_per_epoch_and_cycles(unl_data):
+    from utils.data.datasets import DataSettings
     from utils.data.unlabeled import build_unlabeled_stream
 
-    s = build_unlabeled_stream(str(unl_data / "extra" / "images" / "u1"), 1.0, 3, 64, 32, {"mosaic": 0.0}, workers=0,
-                               rank=-1, world_size=1, seed=0)
+    s = build_unlabeled_stream(str(unl_data / "extra" / "images" / "u1"), 1.0,
+                               DataSettings(imgsz=64, batch_size=3, hyp={"mosaic": 0.0}), workers=0, rank=-1,
+                               world_size=1, seed=0)
     torch.manual_seed(0)
     s.start_epoch(2)
     a = [s.next_batch() for _ in range(3)]  # 4 images, batches of 3: the pass restarts within the epoch
@@ -52,12 +54,14 @@ def test_stream_reseeds_per_epoch_and_cycles(unl_data):
 
 
 def test_zero_ratio_disables_the_stream(unl_data):
+    from utils.data.datasets import DataSettings
     from utils.data.unlabeled import build_unlabeled_stream, unlabeled_batch_size
 
     assert unlabeled_batch_size(0.0, 16) == 0 and unlabeled_batch_size(0.01, 16) == 1
     assert unlabeled_batch_size(2.0, 8) == 16
-    assert build_unlabeled_stream(str(unl_data / "extra" / "images" / "u1"), 0.0, 4, 64, 32, {}, workers=0, rank=-1,
-                                  world_size=1, seed=0) is None
+    assert build_unlabeled_stream(str(unl_data / "extra" / "images" / "u1"), 0.0,
+                                  DataSettings(imgsz=64, batch_size=4, hyp={}), workers=0, rank=-1, world_size=1,
+                                  seed=0) is None
 
 
 def test_refused_without_a_teacher(unl_data, tmp_path):
@@ -75,7 +79,7 @@ def test_refused_without_a_teacher(unl_data, tmp_path):
 def _one_step_setup(teacher8):
     from models.yolo import Model
     from optimizer.config import KDConfig
-    from optimizer.criterion import Distiller
+    from optimizer.criterion import Distiller, Student
     from utils.training.engine import LoopState
     from utils.training.forward import StudentForward
     from utils.training.hyp import load_hyp
@@ -87,8 +91,8 @@ def _one_step_setup(teacher8):
     hyp = load_hyp("hyp.scratch-low.yaml")
     model.hyp = scale_hyp(hyp, 3, 8, 64, 0.0)
     model.nc = 8
-    crit = Distiller.build(KDConfig(t_weights=str(teacher8), teacher_precision="fp32"), ComputeLoss(model), model,
-                           64, StudentForward(torch.device("cpu")))
+    crit = Distiller.build(KDConfig(t_weights=str(teacher8), teacher_precision="fp32"),
+                           Student(model, ComputeLoss(model), StudentForward(torch.device("cpu")), 64))
     opt = build_optimizer(model, "SGD", 0.0, 0.9, 0.0)  # lr 0 everywhere: the step changes no weight
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=g)
@@ -121,6 +125,8 @@ def test_detection_loss_untouched_by_unlabelled_images(teacher8):
 
 
 def test_distillation_reaches_the_unlabelled_images(teacher8):
+    from optimizer.terms.base import StepMaps
+
     model, crit, _, loader, _, u, _ = _one_step_setup(teacher8)
     imgs, targets = loader[0][0].float() / 255, loader[0][1]
     model.train()
@@ -129,7 +135,7 @@ def test_distillation_reaches_the_unlabelled_images(teacher8):
         model.zero_grad()
         t_maps = crit.teacher(imgs if u_imgs is None else torch.cat((imgs, u_imgs.detach()), 0))
         pred = model(imgs)
-        loss, _ = crit.losses(pred, targets, t_maps, None if u_imgs is None else model(u_imgs))
+        loss, _ = crit.losses(StepMaps(pred, targets, t_maps, None if u_imgs is None else model(u_imgs)))
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
@@ -140,6 +146,7 @@ def test_distillation_reaches_the_unlabelled_images(teacher8):
 
 
 def test_broken_unlabelled_images_are_skipped(unl_data, tmp_path, caplog):
+    from utils.data.datasets import DataSettings
     from utils.data.unlabeled import build_unlabeled_stream
 
     d = tmp_path / "u"
@@ -149,8 +156,8 @@ def test_broken_unlabelled_images_are_skipped(unl_data, tmp_path, caplog):
     (d / "broken.jpg").write_bytes(b"not an image at all")
     (d / "empty.png").write_bytes(b"")
     with caplog.at_level("INFO", logger="yolov5kd"):
-        s = build_unlabeled_stream(str(d), 1.0, 2, 64, 32, {"mosaic": 1.0}, workers=0, rank=-1, world_size=1,
-                                   seed=0)
+        s = build_unlabeled_stream(str(d), 1.0, DataSettings(imgsz=64, batch_size=2, hyp={"mosaic": 1.0}),
+                                   workers=0, rank=-1, world_size=1, seed=0)
     assert len(s) == 4
     assert "broken.jpg" in caplog.text and "empty.png" in caplog.text
     assert "6 unlabelled images found, 2 corrupt (skipped)" in caplog.text

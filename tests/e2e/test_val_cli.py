@@ -101,14 +101,14 @@ def test_val_speed_task_times_square_unpadded_val_batches(random_student, tiny_d
     seen = {}
     real = D.create_dataloader
 
-    def spy(path, *a, **k):
-        seen.update(path=path, pad=k["pad"], rect=k["rect"])
-        return real(path, *a, **k)
+    def spy(dataset, *a, **k):
+        seen.update(path=dataset.path, pad=dataset.settings.pad, rect=dataset.rect)
+        return real(dataset, *a, **k)
 
     monkeypatch.setattr(D, "create_dataloader", spy)
     (_, _, map50, _, *_), maps, t = val.run(str(tiny_data), weights=str(random_student), imgsz=64, workers=0,
                                             device="cpu", task="speed", project=tmp_path, name="s", plots=False)
-    assert seen == {"path": check_dataset(str(tiny_data))["val"], "pad": 0.0, "rect": False}
+    assert seen == {"path": check_dataset(str(tiny_data)).val, "pad": 0.0, "rect": False}
     assert len(t) == 3 and all(x >= 0 for x in t) and len(maps) == len(NAMES)
 
 
@@ -123,12 +123,12 @@ def test_val_cli_speed_task(tiny_data, random_student, tmp_path):
 def test_evaluate_is_what_run_with_a_model_returns(tiny_data, random_student, tmp_path):
     """The in-training call run(model=...) is evaluate() on the caller's model and dataloader."""
     import val
-    from utils.data.datasets import check_dataset, create_dataloader
+    from utils.data.datasets import DataSettings, LoadImagesAndLabels, check_dataset, create_dataloader
     from utils.training.checkpoint import attempt_load
 
     data = check_dataset(str(tiny_data))
-    loader = create_dataloader(data["val"], 64, 4, 32, False, pad=0.5, rect=True, workers=0, nc=8,
-                               substitute_failed=False)[0]
+    settings = DataSettings(imgsz=64, batch_size=4, rect=True, pad=0.5, nc=8, substitute_failed=False)
+    loader = create_dataloader(LoadImagesAndLabels(data.val, settings), workers=0)
     model = attempt_load(random_student)
     ev = val.evaluate(model, loader, data, half=False, plots=False)
     results, maps, t = val.run(data, model=model, dataloader=loader, half=False, plots=False, callbacks=object())

@@ -12,7 +12,7 @@ import torch
 import utils.data.augment as A
 from tests.data_helpers import solid, write_label, write_png
 from utils.core.boxes import scale_boxes, xywh2xyxy, xywhn2xyxy
-from utils.data.datasets import LoadImagesAndLabels
+from utils.data.datasets import DataSettings, LoadImagesAndLabels
 
 NO_AUG = {"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0, "degrees": 0.0, "translate": 0.0, "scale": 0.0, "shear": 0.0,
           "perspective": 0.0, "flipud": 0.0, "fliplr": 0.0, "mosaic": 0.0, "mixup": 0.0}
@@ -176,7 +176,7 @@ def _assert_boxes_cover_their_colour(img_bgr: np.ndarray, labels_xyxy: np.ndarra
 def test_mosaic_keeps_classes_boxes_and_colours(tmp_path):
     im_dir = _coloured_dataset(tmp_path)
     hyp = dict(NO_AUG, mosaic=1.0, scale=0.5, translate=0.1)
-    ds = LoadImagesAndLabels(im_dir, img_size=96, augment=True, hyp=hyp)
+    ds = LoadImagesAndLabels(im_dir, DataSettings(imgsz=96, augment=True, hyp=hyp))
     random.seed(0)
     checked = 0
     for trial in range(40):
@@ -198,7 +198,7 @@ def test_mosaic_keeps_classes_boxes_and_colours(tmp_path):
 def test_getitem_mosaic_labels_normalised(tmp_path):
     im_dir = _coloured_dataset(tmp_path)
     hyp = dict(NO_AUG, mosaic=1.0, scale=0.5, translate=0.1)
-    ds = LoadImagesAndLabels(im_dir, img_size=96, augment=True, hyp=hyp)
+    ds = LoadImagesAndLabels(im_dir, DataSettings(imgsz=96, augment=True, hyp=hyp))
     random.seed(3)
     for i in range(12):
         img, labels, _, shapes = ds[i % 4]
@@ -214,8 +214,8 @@ def test_getitem_mosaic_labels_normalised(tmp_path):
 @pytest.mark.parametrize("flip", ["fliplr", "flipud"])
 def test_labels_follow_flips(tmp_path, flip):
     im_dir = _coloured_dataset(tmp_path)
-    plain = LoadImagesAndLabels(im_dir, img_size=96, augment=True, hyp=NO_AUG)
-    flipped = LoadImagesAndLabels(im_dir, img_size=96, augment=True, hyp=dict(NO_AUG, **{flip: 1.0}))
+    plain = LoadImagesAndLabels(im_dir, DataSettings(imgsz=96, augment=True, hyp=NO_AUG))
+    flipped = LoadImagesAndLabels(im_dir, DataSettings(imgsz=96, augment=True, hyp=dict(NO_AUG, **{flip: 1.0})))
     for i in range(4):
         a_img, a_lab, *_ = plain[i]
         b_img, b_lab, *_ = flipped[i]
@@ -235,7 +235,7 @@ def test_labels_follow_flips(tmp_path, flip):
 def test_mixup_in_getitem_concatenates_labels(tmp_path):
     im_dir = _coloured_dataset(tmp_path)
     hyp = dict(NO_AUG, mosaic=1.0, mixup=1.0)
-    ds = LoadImagesAndLabels(im_dir, img_size=96, augment=True, hyp=hyp)
+    ds = LoadImagesAndLabels(im_dir, DataSettings(imgsz=96, augment=True, hyp=hyp))
     random.seed(0)
     np.random.seed(0)
     img, labels, _, _ = ds[0]
@@ -254,7 +254,7 @@ def test_fast_mosaic_matches_reference_chain(tmp_path, img_size):
     """The one-resample mosaic lands every pixel where resize+paste+warp puts it; labels are identical."""
     im_dir = _coloured_dataset(tmp_path, size=96)
     hyp = dict(NO_AUG, mosaic=1.0, scale=0.5, translate=0.1)
-    ds = LoadImagesAndLabels(im_dir, img_size=img_size, augment=True, hyp=hyp)
+    ds = LoadImagesAndLabels(im_dir, DataSettings(imgsz=img_size, augment=True, hyp=hyp))
     err = np.zeros(5)  # aligned, then shifted by one pixel right/left/down/up
     for k in range(12):
         random.seed(k)

@@ -33,7 +33,7 @@ def _one_image(root: Path, text: str, name: str = "a") -> Path:
 def test_class_id_outside_dataset_is_dropped_with_a_warning(tmp_path, caplog, augment):
     caplog.set_level(logging.WARNING, logger="yolov5kd")
     im = _one_image(tmp_path, GOOD + "9 0.5 0.5 0.2 0.2\n3 0.25 0.25 0.1 0.1\n")
-    ds = D.LoadImagesAndLabels(im, img_size=32, augment=augment, nc=4)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, augment=augment, nc=4))
     np.testing.assert_array_equal(ds.labels[0], np.array([[0, .5, .5, .2, .2], [3, .25, .25, .1, .1]], np.float32))
     warn = [m for m in _warnings(caplog) if "a.txt" in m]
     assert len(warn) == 1 and "1 bad label row" in warn[0] and "row 2: class 9 >= nc 4" in warn[0]
@@ -42,14 +42,14 @@ def test_class_id_outside_dataset_is_dropped_with_a_warning(tmp_path, caplog, au
 def test_negative_and_fractional_class_ids_are_dropped(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="yolov5kd")
     im = _one_image(tmp_path, "2.5 0.5 0.5 0.2 0.2\n-1 0.5 0.5 0.2 0.2\n1 0.3 0.3 0.2 0.2\n")
-    ds = D.LoadImagesAndLabels(im, img_size=32, nc=4)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, nc=4))
     np.testing.assert_array_equal(ds.labels[0], np.array([[1, .3, .3, .2, .2]], np.float32))
     warn = next(m for m in _warnings(caplog) if "a.txt" in m)
     assert "2 bad label row" in warn and "row 1: class 2.5 is not an integer" in warn
     assert "row 2: class -1 is negative" in warn
     # without nc the same rows are still refused: a fractional id would otherwise create a phantom class
     caplog.clear()
-    ds = D.LoadImagesAndLabels(im, img_size=32)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     assert ds.labels[0][:, 0].tolist() == [1]
 
 
@@ -60,7 +60,8 @@ def test_polygon_is_decided_per_row(tmp_path, caplog):
     _one_image(root, "0 0.5 0.5 0.2 0.2\n1 0.1 0.2 0.5 0.2 0.3 0.6\n2 0.1 0.1 0.2 0.2 0.3\n"
                      "3 0.1 0.1 0.2 0.2 0.3 0.3 0.4\n2 0.8 0.8 0.1 0.1\n", "mixed")
     _one_image(root, "1 0.1 0.2 0.5 0.2 0.3 0.6\n0 0.6 0.6 0.9 0.6 0.9 0.9 0.6 0.9\n", "polys")
-    ds = D.LoadImagesAndLabels(root / "images", img_size=64, augment=True, hyp={"mosaic": 1.0, "scale": 0.5}, nc=4)
+    ds = D.LoadImagesAndLabels(root / "images",
+                               D.DataSettings(imgsz=64, augment=True, hyp={"mosaic": 1.0, "scale": 0.5}, nc=4))
     lab = {Path(f).stem: (lb, sg) for f, lb, sg in zip(ds.im_files, ds.labels, ds.segments)}
     # box rows stay boxes, the polygon becomes its bounding box
     np.testing.assert_allclose(lab["mixed"][0], [[0, .5, .5, .2, .2], [1, .3, .4, .4, .4], [2, .8, .8, .1, .1]],
@@ -78,7 +79,7 @@ def test_polygon_is_decided_per_row(tmp_path, caplog):
 def test_zero_size_box_is_dropped(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="yolov5kd")
     im = _one_image(tmp_path, "0 0.5 0.5 0 0.2\n1 0.5 0.5 0.2 0.0\n2 0.1 0.1 0.5 0.1 0.9 0.1\n" + GOOD)
-    ds = D.LoadImagesAndLabels(im, img_size=32, nc=4)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, nc=4))
     np.testing.assert_array_equal(ds.labels[0], np.array([[0, .5, .5, .2, .2]], np.float32))
     warn = next(m for m in _warnings(caplog) if "a.txt" in m)
     assert "3 bad label row" in warn and warn.count("zero-size box") == 3
@@ -94,7 +95,7 @@ def _corpus(root: Path, n: int = 4) -> Path:
 def test_failed_image_is_excluded_not_substituted_in_evaluation(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="yolov5kd")
     im = _corpus(tmp_path)
-    ds = D.LoadImagesAndLabels(im, img_size=32, batch_size=2, nc=4)  # augment=False: evaluation
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, batch_size=2, nc=4))  # augment=False: evaluation
     assert not ds.substitute_failed
     victim = Path(ds.im_files[1])
     victim.unlink()
@@ -106,7 +107,8 @@ def test_failed_image_is_excluded_not_substituted_in_evaluation(tmp_path, caplog
     assert ims.shape[0] == 1 and paths == (ds.im_files[0],) and targets[:, 0].tolist() == [0]
     ims, targets, paths, shapes = D.LoadImagesAndLabels.collate_fn([None, None])
     assert ims.shape[0] == 0 and targets.shape == (0, 6) and paths == () and shapes == ()
-    loader, _ = D.create_dataloader(im, 32, 2, 32, workers=0, nc=4, substitute_failed=False)
+    loader = D.create_dataloader(D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, batch_size=2, nc=4,
+                                                                          substitute_failed=False)), workers=0)
     assert sum(len(p) for _, _, p, _ in loader) == 3
 
 
@@ -118,7 +120,7 @@ def test_written_files_get_normal_permissions(tmp_path):
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     data = write_jpg(im / "0.jpg", noise)
     (im / "0.jpg").write_bytes(data[: len(data) * 2 // 3])  # truncated: restored in place
-    D.LoadImagesAndLabels(im, img_size=32)
+    D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     for f in (im / "0.jpg", tmp_path / "labels.cache"):
         assert f.read_bytes() and stat.S_IMODE(f.stat().st_mode) == want, f
 
@@ -140,7 +142,7 @@ def test_dataset_yaml_cross_checks(tmp_path, body, expect):
         D.check_dataset(y)
     msg = str(e.value)
     assert str(y) in msg and "\n" not in msg and all(x in msg for x in expect)
-    assert D.check_dataset(_yaml(tmp_path, "nc: 2\nnames: {1: b, 0: a}\n"))["names"] == {0: "a", 1: "b"}
+    assert D.check_dataset(_yaml(tmp_path, "nc: 2\nnames: {1: b, 0: a}\n")).names == {0: "a", 1: "b"}
 
 
 # ------------------------------------------------------------------------------------------------ val.py
@@ -173,7 +175,8 @@ def _all_row(text: str) -> list[str]:
 @pytest.mark.e2e
 def test_val_cli_on_bad_labels_and_an_image_broken_after_caching(bad_corpus, ckpt8, tmp_path):
     root = bad_corpus.parent
-    D.LoadImagesAndLabels(root / "images", img_size=64, nc=len(DEMO_NAMES))  # build the cache val.py will reuse
+    # build the cache val.py will reuse
+    D.LoadImagesAndLabels(root / "images", D.DataSettings(imgsz=64, nc=len(DEMO_NAMES)))
     victim = root / "images" / "4.jpg"
     victim.write_bytes(b"\0" * victim.stat().st_size)  # same size: the cache stays valid, the read fails
     r = run_cli([str(ROOT / "val.py"), "--data", str(bad_corpus), "--weights", str(ckpt8), "--imgsz", "64",

@@ -55,7 +55,7 @@ def broken(tmp_path: Path) -> Path:
 
 def test_broken_inputs_are_reported_and_good_images_keep_labels(broken, caplog):
     caplog.set_level(logging.INFO, logger="yolov5kd")
-    ds = D.LoadImagesAndLabels(broken, img_size=64, batch_size=4, nc=3)
+    ds = D.LoadImagesAndLabels(broken, D.DataSettings(imgsz=64, batch_size=4, nc=3))
     names = {Path(f).name for f in ds.im_files}
     assert names == {"good1.jpg", "good2.png", "trunc.jpg", "png_as.jpg", "emptylab.jpg", "badrows.jpg",
                      "dups.jpg", "nolabel.jpg"}
@@ -98,9 +98,9 @@ def test_no_usable_image_is_a_user_error(tmp_path):
     (im / "a.jpg").write_bytes(b"")
     (im / "b.png").write_bytes(b"garbage")
     with pytest.raises(UserError, match=str(im)):
-        D.LoadImagesAndLabels(im, img_size=32)
+        D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     with pytest.raises(UserError, match="does not exist"):
-        D.LoadImagesAndLabels(tmp_path / "nope", img_size=32)
+        D.LoadImagesAndLabels(tmp_path / "nope", D.DataSettings(imgsz=32))
 
 
 def _small_ds(root: Path, n: int = 3) -> Path:
@@ -114,20 +114,20 @@ def _small_ds(root: Path, n: int = 3) -> Path:
 def test_cache_is_reused_and_rebuilt_when_stale_or_damaged(tmp_path, monkeypatch, caplog):
     im = _small_ds(tmp_path)
     cache = tmp_path / "labels" / "train.cache"
-    first = D.LoadImagesAndLabels(im, img_size=32)
+    first = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     assert cache.is_file()
     assert not list(cache.parent.glob(".*tmp"))  # atomic write leaves no temp file behind
 
     calls = []
-    real_build = D.build_cache
+    real_build = L.build_cache
 
     def counting_build(*a, **k):
         calls.append(1)
         return real_build(*a, **k)
 
-    monkeypatch.setattr(D, "build_cache", counting_build)
+    monkeypatch.setattr(L, "build_cache", counting_build)
     caplog.set_level(logging.INFO, logger="yolov5kd")
-    second = D.LoadImagesAndLabels(im, img_size=32)
+    second = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     assert calls == [] and any("(cached)" in m for m in _lines(caplog))
     for a, b in zip(first.labels, second.labels):
         np.testing.assert_array_equal(a, b)
@@ -136,7 +136,7 @@ def test_cache_is_reused_and_rebuilt_when_stale_or_damaged(tmp_path, monkeypatch
     good = cache.read_bytes()
     for damaged in (b"not a cache at all", good[: len(good) // 2], b""):
         cache.write_bytes(damaged)
-        D.LoadImagesAndLabels(im, img_size=32)
+        D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
         assert len(calls) == 1
         calls.clear()
         assert L.load_cache(cache, L.files_hash(second.label_files + second.im_files, "nc=None")) is not None
@@ -144,21 +144,21 @@ def test_cache_is_reused_and_rebuilt_when_stale_or_damaged(tmp_path, monkeypatch
     # a cache written by another version is not trusted
     ours = L.CACHE_VERSION
     monkeypatch.setattr(L, "CACHE_VERSION", "someone-else-0.6")
-    D.LoadImagesAndLabels(im, img_size=32)
+    D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     monkeypatch.setattr(L, "CACHE_VERSION", ours)
-    D.LoadImagesAndLabels(im, img_size=32)
+    D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     assert len(calls) == 2
     calls.clear()
 
     # changed file list / changed label content size
     write_jpg(im / "9.jpg", solid(20, 20))
-    ds = D.LoadImagesAndLabels(im, img_size=32)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     assert len(calls) == 1 and len(ds) == 4
     write_label(tmp_path / "labels" / "train" / "0.txt", "1 0.5 0.5 0.25 0.5\n0 0.1 0.1 0.1 0.1\n")
-    ds = D.LoadImagesAndLabels(im, img_size=32)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     assert len(calls) == 2 and len(ds.labels[0]) == 2
     # nc changes which rows are valid, so it is part of the key
-    D.LoadImagesAndLabels(im, img_size=32, nc=1)
+    D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, nc=1))
     assert len(calls) == 3
 
 
@@ -166,7 +166,7 @@ def test_txt_image_list_and_its_cache(tmp_path):
     im = _small_ds(tmp_path / "d")
     lst = tmp_path / "d" / "train.txt"
     lst.write_text("./images/train/0.jpg\n./images/train/2.jpg\n")
-    ds = D.LoadImagesAndLabels(lst, img_size=32)
+    ds = D.LoadImagesAndLabels(lst, D.DataSettings(imgsz=32))
     assert [Path(f).name for f in ds.im_files] == ["0.jpg", "2.jpg"]
     assert lst.with_suffix(".cache").is_file()
     assert D.img2label_paths([str(im / "0.jpg")]) == [str(tmp_path / "d" / "labels" / "train" / "0.txt")]
@@ -175,7 +175,7 @@ def test_txt_image_list_and_its_cache(tmp_path):
 
 def test_getitem_output_format_and_collate(tmp_path):
     im = _small_ds(tmp_path)
-    ds = D.LoadImagesAndLabels(im, img_size=32, batch_size=3)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, batch_size=3))
     img, labels, path, shapes = ds[0]
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and img.is_contiguous()
     # BGR (40, 80, 160) on disk -> RGB in the tensor
@@ -198,7 +198,7 @@ def test_rect_batch_shape_example_from_spec(tmp_path):
     write_jpg(im / "a.jpg", solid(480, 640))  # h/w = 0.75
     write_label(lb / "a.txt", "0 0.5 0.5 0.5 0.5\n")
     write_jpg(im / "b.jpg", solid(400, 640))  # h/w = 0.625: sorts first
-    ds = D.LoadImagesAndLabels(im, img_size=640, batch_size=2, rect=True, pad=0.5)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=640, batch_size=2, rect=True, pad=0.5))
     assert [Path(f).name for f in ds.im_files] == ["b.jpg", "a.jpg"]
     assert ds.batch_shapes.tolist() == [[512, 672]]
     img, labels, _, shapes = ds[1]
@@ -207,38 +207,39 @@ def test_rect_batch_shape_example_from_spec(tmp_path):
     # box of 320x240 px centred at (320, 240) + 16 px padding on each side
     torch.testing.assert_close(labels[0, 2:], torch.tensor([336 / 672, 256 / 512, 320 / 672, 240 / 512]))
     # training rect: pad 0 gives the tight shape
-    ds = D.LoadImagesAndLabels(im, img_size=640, batch_size=2, rect=True, pad=0.0)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=640, batch_size=2, rect=True, pad=0.0))
     assert ds.batch_shapes.tolist() == [[480, 640]]
 
 
 def test_ram_and_disk_cache_give_same_pixels(tmp_path):
     im = _small_ds(tmp_path)
-    plain = D.LoadImagesAndLabels(im, img_size=32)
-    ram = D.LoadImagesAndLabels(im, img_size=32, cache_images="ram")
-    disk = D.LoadImagesAndLabels(im, img_size=32, cache_images="disk")
+    plain = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
+    ram = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, cache="ram"))
+    disk = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, cache="disk"))
     assert all(os.path.exists(f) for f in disk.npy_files)
     for i in range(len(plain)):
         a = plain[i][0]
         assert torch.equal(a, ram[i][0]) and torch.equal(a, disk[i][0])
     with pytest.raises(UserError):
-        D.LoadImagesAndLabels(im, img_size=32, cache_images="gpu")
+        D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, cache="gpu"))
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_create_dataloader_workers_and_seeding(tmp_path, monkeypatch):
     im = _small_ds(tmp_path, n=4)
-    loader, ds = D.create_dataloader(im, 32, 2, 32, workers=0)
+    ds = {b: D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, batch_size=b)) for b in (1, 2, 4)}
+    loader = D.create_dataloader(ds[2], workers=0)
     assert loader.num_workers == 0 and loader.batch_size == 2 and not loader.persistent_workers
     assert loader.generator.initial_seed() == 6148914691236517205
-    loader, _ = D.create_dataloader(im, 32, 2, 32, workers=0, seed=3)
+    loader = D.create_dataloader(ds[2], workers=0, seed=3)
     assert loader.generator.initial_seed() == 6148914691236517205 + 3
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    loader, _ = D.create_dataloader(im, 32, 1, 32, workers=8)
+    loader = D.create_dataloader(ds[1], workers=8)
     assert loader.num_workers == 0  # batch 1: no worker processes
-    loader, _ = D.create_dataloader(im, 32, 4, 32, workers=8)
+    loader = D.create_dataloader(ds[4], workers=8)
     assert loader.num_workers == 4 and loader.persistent_workers
     # DDP: each rank sees its own half, generator offset by rank
-    loader, _ = D.create_dataloader(im, 32, 2, 32, workers=0, rank=1, world_size=2, shuffle=True, seed=5)
+    loader = D.create_dataloader(ds[2], workers=0, rank=1, world_size=2, shuffle=True, seed=5)
     assert isinstance(loader.sampler, torch.utils.data.DistributedSampler) and len(loader.sampler) == 2
     assert loader.sampler.seed == 5 and loader.generator.initial_seed() == 6148914691236517205 + 5 + 1
 
@@ -246,7 +247,8 @@ def test_create_dataloader_workers_and_seeding(tmp_path, monkeypatch):
 def test_loader_with_worker_processes_mosaic(tmp_path):
     im = _small_ds(tmp_path, n=4)
     hyp = {"mosaic": 1.0, "scale": 0.5, "translate": 0.1, "fliplr": 0.5, "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4}
-    loader, ds = D.create_dataloader(im, 64, 2, 32, hyp=hyp, augment=True, workers=2, shuffle=True)
+    loader = D.create_dataloader(D.LoadImagesAndLabels(im, D.DataSettings(imgsz=64, batch_size=2, augment=True,
+                                                                          hyp=hyp)), workers=2, shuffle=True)
     assert loader.num_workers == min(2, os.cpu_count())
     seen = 0
     for _ in range(2):  # two epochs on persistent workers
@@ -261,7 +263,7 @@ def test_loader_with_worker_processes_mosaic(tmp_path):
 
 def test_single_cls(tmp_path):
     im = _small_ds(tmp_path)
-    ds = D.LoadImagesAndLabels(im, img_size=32, single_cls=True)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32, single_cls=True))
     assert all((lb[:, 0] == 0).all() for lb in ds.labels)
 
 
@@ -280,13 +282,13 @@ def test_check_dataset_short_name_and_paths(fake_root):
         "path: datasets/toy\ntrain: images/train\nval: [images/val, ../toy/images/train]\nnames: [a, b]\nnc: 2\n")
     for name in ("toy.yaml", "toy", "data/toy.yaml"):
         d = D.check_dataset(name, autodownload=False)
-        assert d["nc"] == 2 and d["names"] == {0: "a", 1: "b"}
-        assert d["path"] == fake_root / "datasets" / "toy"
-        assert d["train"] == str(fake_root / "datasets" / "toy" / "images" / "train")
-        assert d["val"][0] == str(fake_root / "datasets" / "toy" / "images" / "val")
+        assert d.nc == 2 and d.names == {0: "a", 1: "b"}
+        assert d.path == fake_root / "datasets" / "toy"
+        assert d.train == str(fake_root / "datasets" / "toy" / "images" / "train")
+        assert d.val[0] == str(fake_root / "datasets" / "toy" / "images" / "val")
     (fake_root / "data" / "dict.yaml").write_text(
         "path: datasets/toy\ntrain: images/train\nval: images/val\nnames: {1: y, 0: x}\n")
-    assert D.check_dataset("dict.yaml")["names"] == {0: "x", 1: "y"}
+    assert D.check_dataset("dict.yaml").names == {0: "x", 1: "y"}
 
 
 def test_check_dataset_errors_name_the_file(fake_root):
@@ -327,7 +329,7 @@ def test_check_dataset_download_rules(fake_root, monkeypatch):
         "from pathlib import Path\nPath('datasets/dl/images/val').mkdir(parents=True)\n")
     y.write_text(base + "download: data/scripts/mk.py\n")
     d = D.check_dataset(y)
-    assert Path(d["val"]).is_dir()
+    assert Path(d.val).is_dir()
     (fake_root / "data" / "scripts" / "fail.py").write_text("import sys\nsys.exit(3)\n")
     y.write_text(base.replace("dl", "dl2") + "download: python data/scripts/fail.py\n")
     with pytest.raises(UserError, match="exit code 3"):
@@ -343,12 +345,12 @@ def test_polygon_labels_become_boxes_and_survive_mosaic(tmp_path, caplog):
     for k in range(2):
         write_jpg(im / f"{k}.jpg", solid(64, 64))
         write_label(lb / f"{k}.txt", "1 0.1 0.2 0.5 0.2 0.3 0.6\n0 0.6 0.6 0.9 0.6 0.9 0.9 0.6 0.9\n")
-    ds = D.LoadImagesAndLabels(im, img_size=64, augment=True,
-                               hyp={"mosaic": 1.0, "scale": 0.5, "degrees": 10, "copy_paste": 0.1})
+    hyp = {"mosaic": 1.0, "scale": 0.5, "degrees": 10, "copy_paste": 0.1}
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=64, augment=True, hyp=hyp))
     assert any("copy_paste" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(ds.labels[0], [[1, 0.3, 0.4, 0.4, 0.4], [0, 0.75, 0.75, 0.3, 0.3]], atol=1e-6)
     assert [len(s) for s in ds.segments[0]] == [3, 4]
-    again = D.LoadImagesAndLabels(im, img_size=64)  # from the cache: polygons round-trip
+    again = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=64))  # from the cache: polygons round-trip
     for a, b in zip(ds.segments[1], again.segments[1]):
         np.testing.assert_array_equal(a, b)
     import random
@@ -378,7 +380,7 @@ def test_permission_denied_files_are_skipped_with_a_warning(tmp_path, monkeypatc
     monkeypatch.setattr(L.Image, "open", image_open)
     monkeypatch.setattr(L, "open", file_open, raising=False)
     caplog.set_level(logging.WARNING, logger="yolov5kd")
-    ds = D.LoadImagesAndLabels(im, img_size=32)
+    ds = D.LoadImagesAndLabels(im, D.DataSettings(imgsz=32))
     assert [Path(f).name for f in ds.im_files] == ["2.jpg"]
     warn = [r.getMessage() for r in caplog.records]
     assert any("0.jpg" in m and "Permission denied" in m for m in warn)
@@ -388,10 +390,11 @@ def test_permission_denied_files_are_skipped_with_a_warning(tmp_path, monkeypatc
 def test_image_vanishing_after_scan_is_skipped(tmp_path, caplog):
     """A file deleted mid-run is skipped with one warning; a training loader keeps serving samples."""
     from data.scripts.generate_shapes import generate
-    from utils.data.datasets import LoadImagesAndLabels
+    from utils.data.datasets import DataSettings, LoadImagesAndLabels
 
     root = generate(tmp_path / "s", n_train=4, n_val=1, seed=2, imgsz=64)
-    ds = LoadImagesAndLabels(root / "images" / "train", img_size=64, augment=False, nc=8, substitute_failed=True)
+    ds = LoadImagesAndLabels(root / "images" / "train", DataSettings(imgsz=64, augment=False, nc=8,
+                                                                     substitute_failed=True))
     victim = Path(ds.im_files[1])
     victim.unlink()
     with caplog.at_level("WARNING", logger="yolov5kd"):

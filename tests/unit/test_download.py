@@ -136,7 +136,7 @@ def test_a_zip_dataset_is_fetched_and_unpacked_to_its_path(server, tmp_path):
     server.routes["/data/tinyset.zip"] = Route(_dataset_zip(tmp_path))
     d = check_dataset(_yaml(tmp_path, f"{server.url}/data/tinyset.zip"))
     root = tmp_path / "datasets" / "tinyset"
-    assert Path(d["val"]) == root / "images" / "val" and len(list((root / "images" / "val").glob("*"))) == 2
+    assert Path(d.val) == root / "images" / "val" and len(list((root / "images" / "val").glob("*"))) == 2
     assert _left(tmp_path / "datasets") == ["tinyset"]  # the zip and the unpacking folder are gone
     check_dataset(_yaml(tmp_path, f"{server.url}/data/tinyset.zip"))
     assert server.hits["/data/tinyset.zip"] == 1  # found the second time

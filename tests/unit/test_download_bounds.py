@@ -58,7 +58,7 @@ def _yaml(tmp_path: Path, url: str) -> Path:
     return f
 
 
-def _check(tmp_path: Path, url: str) -> dict:
+def _check(tmp_path: Path, url: str) -> object:
     from utils.data.datasets import check_dataset
 
     return check_dataset(_yaml(tmp_path, url))

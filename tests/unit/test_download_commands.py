@@ -79,7 +79,7 @@ def test_the_refusal_names_the_value_and_the_reason(repo, tmp_path):
 def test_a_shipped_script_runs_by_path_or_name(repo, form):
     y = repo / "data" / "dl.yaml"
     y.write_text(BASE + "download: " + form.format(r=repo) + "\n")
-    assert Path(D.check_dataset(y)["val"]).is_dir()
+    assert Path(D.check_dataset(y).val).is_dir()
 
 
 def test_a_shipped_script_gets_its_arguments_as_words_with_no_shell(repo, tmp_path):
@@ -121,7 +121,7 @@ def test_a_shipped_demo_yaml_form_generates_offline(tmp_path, monkeypatch):
                  f"download: python data/scripts/generate_shapes.py --n-train 1 --n-val 1 --imgsz 32 "
                  f"--out {tmp_path / 'tiny'}\n")
     d = D.check_dataset(y)
-    assert len(list(Path(d["val"]).glob("*"))) == 1
+    assert len(list(Path(d.val).glob("*"))) == 1
 
 
 def test_the_data_scripts_import_the_installed_packages(tmp_path):

@@ -135,5 +135,5 @@ def test_the_unlabelled_split_names_absolute_lists_from_a_relative_project(tiny_
     for y in (yl, yu):
         d = yaml.safe_load(Path(y).read_text())
         assert Path(d["train"]).is_absolute() and Path(d["train"]).is_file()
-        assert len(check_dataset(y)["train"]) > 0  # resolves wherever the yaml is read from
+        assert len(check_dataset(y).train) > 0  # resolves wherever the yaml is read from
     assert Path(yaml.safe_load(Path(yu).read_text())["unlabeled"]).is_absolute()

@@ -82,10 +82,11 @@ def expected_params(model: nn.Module, ratio: float) -> int:
 
 
 def _taylor_batches(tiny_data, n: int = 2):
-    from utils.data.datasets import check_dataset, create_dataloader
+    from utils.data.datasets import DataSettings, LoadImagesAndLabels, check_dataset, create_dataloader
 
     data = check_dataset(tiny_data)
-    loader = create_dataloader(data["train"], 64, 4, 32, workers=0, nc=NC, shuffle=True)[0]
+    loader = create_dataloader(LoadImagesAndLabels(data.train, DataSettings(imgsz=64, batch_size=4, nc=NC)), workers=0,
+                               shuffle=True)
     return itertools.islice(loader, n)
 
 

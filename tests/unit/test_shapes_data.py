@@ -80,7 +80,7 @@ def test_generated_labels_are_valid_and_varied(tmp_path, caplog):
     side = lab[:, 3:5].max(1) * 320
     assert side.min() < 16 and side.max() > 80  # small and large objects
     caplog.set_level(logging.WARNING, logger="yolov5kd")
-    ds = D.LoadImagesAndLabels(out / "images" / "train", img_size=320, nc=len(gen.NAMES))
+    ds = D.LoadImagesAndLabels(out / "images" / "train", D.DataSettings(imgsz=320, nc=len(gen.NAMES)))
     assert len(ds) == 40 and not caplog.records  # loads without a single warning
     assert sum(len(x) for x in ds.labels) == len(lab)
 
@@ -100,9 +100,9 @@ def test_shapes_yaml_resolves_through_check_dataset(tmp_path, monkeypatch):
     assert spec["download"] == "data/scripts/generate_shapes.py" and spec["path"] == "datasets/shapes"
     gen.generate(tmp_path / "datasets" / "shapes", 3, 2)
     d = D.check_dataset("shapes.yaml", autodownload=False)
-    assert d["nc"] == 8 and d["names"][7] == "cross" and d["names"] == dict(enumerate(gen.NAMES))
-    assert d["val"] == str(tmp_path / "datasets" / "shapes" / "images" / "val")
-    assert len(D.LoadImagesAndLabels(d["val"], img_size=64)) == 2
+    assert d.nc == 8 and d.names[7] == "cross" and d.names == dict(enumerate(gen.NAMES))
+    assert d.val == str(tmp_path / "datasets" / "shapes" / "images" / "val")
+    assert len(D.LoadImagesAndLabels(d.val, D.DataSettings(imgsz=64))) == 2
 
 
 def test_hyp_files():
@@ -110,11 +110,13 @@ def test_hyp_files():
     for name in ("low", "med", "high"):
         h = yaml.safe_load((ROOT / "data" / "hyps" / f"hyp.scratch-{name}.yaml").read_text())
         keys = keys or set(h)
-        assert set(h) == keys and len(h) == 37
+        assert set(h) == keys and len(h) == 43
         assert h["distill_ratio"] == 0.05 and h["temperature"] == 5.0 and h["dist_norm"] == "iou"
         assert h["unlabeled_ratio"] == 1.0
         assert h["feat_kd"] == KD_SPECS["feat_kd"].default and h["feat_ratio"] == KD_SPECS["feat_ratio"].default
         assert all(h[k] == KD_SPECS[k].default for k in ("pseudo_conf", "pseudo_weight", "pseudo_ignore"))
+        new = ("dist_box", "dist_obj", "dist_cls", "dist_loc", "distill_decay", "distill_floor")  # issue 51
+        assert all(h[k] == KD_SPECS[k].default for k in new)
         assert h["lr0"] == 0.01 and h["momentum"] == 0.937 and h["anchor_t"] == 4.0 and h["fliplr"] == 0.5
         if name == "low":
             assert (h["lrf"], h["cls"], h["obj"], h["scale"], h["mixup"], h["copy_paste"]) == (0.01, 0.5, 1.0, 0.5, 0.0, 0.0)
@@ -123,9 +125,9 @@ def test_hyp_files():
             assert h["copy_paste"] == (0.1 if name == "high" else 0.0)
 
 
-def _run_download_entry(yaml_name: str, tmp_path: Path, monkeypatch) -> tuple[dict, dict, Path]:
+def _run_download_entry(yaml_name: str, tmp_path: Path, monkeypatch) -> tuple[dict, D.DatasetSpec, Path]:
     """Run a data yaml's own download entry into tmp_path (2 train, 1 val image) and resolve the yaml there:
-    (its spec, check_dataset's dict, the folder the data went to)."""
+    (the yaml as written, check_dataset's DatasetSpec, the folder the data went to)."""
     spec = yaml.safe_load((ROOT / "data" / yaml_name).read_text())
     argv = spec["download"].split()
     assert argv[:2] == ["python", "data/scripts/generate_shapes.py"]
@@ -138,7 +140,7 @@ def _run_download_entry(yaml_name: str, tmp_path: Path, monkeypatch) -> tuple[di
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / yaml_name).write_bytes((ROOT / "data" / yaml_name).read_bytes())
     d = D.check_dataset(yaml_name, autodownload=False)
-    assert d["val"] == str(out / "images" / "val")
+    assert d.val == str(out / "images" / "val")
     return spec, d, out
 
 
@@ -146,7 +148,7 @@ def test_shapes160_yaml_download_entry_builds_160px_data(tmp_path, monkeypatch):
     spec, d, out = _run_download_entry("shapes160.yaml", tmp_path, monkeypatch)
     assert spec["names"] == yaml.safe_load((ROOT / "data" / "shapes.yaml").read_text())["names"]
     assert cv2.imread(str(next((out / "images" / "val").glob("*.jpg")))).shape == (160, 160, 3)
-    assert d["nc"] == 8
+    assert d.nc == 8
 
 
 def test_many_variant_draws_16_valid_classes_and_leaves_v2_alone(tmp_path, caplog):
@@ -159,7 +161,8 @@ def test_many_variant_draws_16_valid_classes_and_leaves_v2_alone(tmp_path, caplo
     # nominal sizes from 16 px; a triangle's box spans 0.87 of its nominal size at worst (v2's reach below 12)
     assert lab[:, 3:5].max(1).min() * 160 >= 13.5
     caplog.set_level(logging.WARNING, logger="yolov5kd")
-    assert len(D.LoadImagesAndLabels(out / "images" / "train", img_size=160, nc=16)) == 60 and not caplog.records
+    assert len(D.LoadImagesAndLabels(out / "images" / "train", D.DataSettings(imgsz=160, nc=16))) == 60
+    assert not caplog.records
     # the default variant draws exactly what it drew before the option existed
     rng_a, rng_b = np.random.default_rng([0, 0, 3]), np.random.default_rng([0, 0, 3])
     assert np.array_equal(gen.make_image(rng_a, 64)[0], gen.make_image(rng_b, 64, "v2")[0])
@@ -175,7 +178,7 @@ def test_many_variant_ring_and_frame_have_holes():
 
 def test_shapes16_yaml_download_entry_builds_the_many_variant(tmp_path, monkeypatch):
     spec, d, out = _run_download_entry("shapes16.yaml", tmp_path, monkeypatch)
-    assert spec["names"] == dict(enumerate(gen.MANY_NAMES)) and d["nc"] == 16
+    assert spec["names"] == dict(enumerate(gen.MANY_NAMES)) and d.nc == 16
     assert cv2.imread(str(next((out / "images" / "val").glob("*.jpg")))).shape == (160, 160, 3)
     labels = [int(ln.split()[0]) for f in (out / "labels").rglob("*.txt") for ln in f.read_text().splitlines()]
     assert labels and max(labels) < 16

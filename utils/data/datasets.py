@@ -1,4 +1,6 @@
-"""Dataset yaml loading, the YOLO-format Dataset (mosaic, rect batches) and the DataLoader factory."""
+"""The data layer's three steps: a dataset yaml becomes a DatasetSpec (check_dataset), a split and its DataSettings
+become a dataset (LoadImagesAndLabels: labels through settings.reader, mosaic, rect batches), and a dataset becomes
+a DataLoader (create_dataloader)."""
 from __future__ import annotations
 
 import logging
@@ -8,9 +10,10 @@ import random
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence, Union
 
 import cv2
 import numpy as np
@@ -21,17 +24,20 @@ from utils.core.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 from utils.core.config import find_file, read_yaml
 from utils.core.download import dataset_download_plan, download_zip_dataset
 from utils.core.errors import EXIT_CODE, ReportedError, UserError
-from utils.data.augment import (GRAY, augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective,
-                                warp_image, warp_targets)
-from utils.data.labels import IMG_FORMATS, NUM_THREADS, build_cache, files_hash, img2label_paths, load_cache, save_cache
+from utils.data.augment import (augment_hsv, letterbox, mixup, random_affine_matrix, random_perspective, warp_image,
+                                warp_targets)
+from utils.data.labels import IMG_FORMATS, NUM_THREADS, LabelReader, img2label_paths, read_images, read_labels
+from utils.data.mosaic import compose_scaled, paste_canvas, tile_place
 
-__all__ = ["IMG_FORMATS", "img2label_paths", "check_dataset", "available_memory", "batch_memory_need",
-           "LoadImagesAndLabels", "create_dataloader", "reseed_loader", "seed_worker"]
+__all__ = ["IMG_FORMATS", "img2label_paths", "DatasetSpec", "check_dataset", "available_memory", "batch_memory_need",
+           "list_images", "DataSettings", "LoadImagesAndLabels", "read_labels", "read_images", "create_dataloader",
+           "reseed_loader", "seed_worker"]
 
 LOGGER = logging.getLogger("yolov5kd")
 ROOT = Path(__file__).resolve().parents[2]  # repository root; relative dataset paths hang off it
 GENERATOR_SEED = 6148914691236517205
 MAX_NAME_CHARS = 200  # class names are labels on plots and in results, not documents
+SPLITS = ("train", "val", "test", "unlabeled")
 
 
 # ----------------------------------------------------------------------------------------------- dataset yaml
@@ -52,16 +58,38 @@ def _run_download(value: str, yaml_file: Path, path: Path) -> None:
         raise UserError(f"{yaml_file}: download script failed with exit code {r.returncode}: {value}")
 
 
-def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
-    """Load a dataset yaml (path or short name like 'shapes.yaml'), resolve its paths; fetch val if allowed."""
-    if isinstance(data, dict):
-        d, yaml_file = dict(data), Path("<dict>")
-    else:
-        yaml_file = find_file(data, [ROOT, ROOT / "data"], "dataset yaml")
-        d = read_yaml(yaml_file, "dataset yaml")
-    for k in ("train", "val", "names"):
-        if k not in d:
-            raise UserError(f"{yaml_file}: dataset yaml is missing the '{k}' key")
+Split = Union[str, list, None]  # one path or several (absolute once resolved); falsy when the yaml gives none
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset yaml, checked and resolved by check_dataset: absolute paths, class names exactly 0..nc-1."""
+
+    yaml_file: Path  # the yaml read (Path('<dict>') when given a dict)
+    path: Path  # the dataset root every relative entry hangs off
+    train: Split
+    val: Split
+    names: dict[int, str]
+    test: Split = None
+    unlabeled: Split = None  # images without labels, for distillation
+    download: str | None = None  # how to fetch a missing val split (see _run_download)
+    annotations: str | None = None  # a COCO annotation json for --save-json (relative to path)
+    keys: frozenset[str] = frozenset()  # the yaml's own keys: an 'unlabeled:' given empty is not an absent one
+
+    @property
+    def nc(self) -> int:
+        """Number of classes (the names' count; a yaml's nc: must agree)."""
+        return len(self.names)
+
+    def split(self, name: str) -> Split:
+        """The paths of split `name` ('train', 'val', 'test' or 'unlabeled')."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}")
+        return getattr(self, name)
+
+
+def _check_names(d: dict, yaml_file: Path) -> dict[int, str]:
+    """The yaml's names as {0: str, ..., nc-1: str}; nc: must agree with them."""
     names = d["names"]
     if isinstance(names, (list, tuple)):
         names = dict(enumerate(names))
@@ -74,13 +102,13 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             raise UserError(f"{yaml_file}: class name {k!r} must be a short string (at most {MAX_NAME_CHARS} "
                             f"characters), got {what}")
     try:
-        d["names"] = {int(k): str(v) for k, v in names.items()}
+        names = {int(k): str(v) for k, v in names.items()}
     except (TypeError, ValueError):
         raise UserError(f"{yaml_file}: 'names' keys must be integers") from None
-    n = len(d["names"])
+    n = len(names)
     # class ids index the names, so a gap would make metrics and plots refer to classes that do not exist
-    if sorted(d["names"]) != list(range(n)):
-        raise UserError(f"{yaml_file}: 'names' keys must be exactly 0..{n - 1}, got {sorted(d['names'])}")
+    if sorted(names) != list(range(n)):
+        raise UserError(f"{yaml_file}: 'names' keys must be exactly 0..{n - 1}, got {sorted(names)}")
     if d.get("nc") is not None:
         try:
             nc_ok = float(d["nc"]) == n
@@ -88,10 +116,14 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             nc_ok = False
         if not nc_ok:
             raise UserError(f"{yaml_file}: nc: {d['nc']} contradicts the {n} entries of 'names'")
-    d["nc"] = n
+    return names
 
+
+def _resolve_paths(d: dict, yaml_file: Path) -> tuple[Path, dict[str, Split]]:
+    """(dataset root, each split's entries joined to it and resolved); a '../x' entry that is not there is tried
+    as 'x' inside the root."""
     # checked before the paths are joined and resolved, for the same reason as the names
-    for k in ("path", "train", "val", "test", "unlabeled", "download"):
+    for k in ("path", *SPLITS, "download"):
         v = d.get(k)
         listed = k not in ("path", "download") and isinstance(v, (list, tuple))
         if not (v is None or isinstance(v, (str, Path)) or (listed and all(isinstance(x, (str, Path)) for x in v))):
@@ -100,10 +132,11 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     path = Path(d.get("path") or "")
     if not path.is_absolute():
         path = (ROOT / path).resolve()
-    d["path"] = path
-    for k in ("train", "val", "test", "unlabeled"):
+    splits: dict[str, Split] = {}
+    for k in SPLITS:
         v = d.get(k)
         if not v:
+            splits[k] = v
             continue
         items = [v] if isinstance(v, (str, Path)) else list(v)
         out = []
@@ -112,9 +145,24 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             if not x.exists() and str(item).startswith("../"):
                 x = (path / str(item)[3:]).resolve()
             out.append(str(x))
-        d[k] = out[0] if isinstance(v, (str, Path)) else out
+        splits[k] = out[0] if isinstance(v, (str, Path)) else out
+    return path, splits
 
-    vals = d["val"] if isinstance(d["val"], list) else [d["val"]]
+
+def check_dataset(data: str | Path | dict, autodownload: bool = True) -> DatasetSpec:
+    """Load a dataset yaml (path or short name like 'shapes.yaml', or its dict), check its names, resolve its
+    paths; fetch a missing val split if allowed."""
+    if isinstance(data, dict):
+        d, yaml_file = dict(data), Path("<dict>")
+    else:
+        yaml_file = find_file(data, [ROOT, ROOT / "data"], "dataset yaml")
+        d = read_yaml(yaml_file, "dataset yaml")
+    for k in ("train", "val", "names"):
+        if k not in d:
+            raise UserError(f"{yaml_file}: dataset yaml is missing the '{k}' key")
+    names = _check_names(d, yaml_file)
+    path, splits = _resolve_paths(d, yaml_file)
+    vals = splits["val"] if isinstance(splits["val"], list) else [splits["val"]]
     missing = [v for v in vals if not Path(v).exists()]
     if missing:
         dl = d.get("download")
@@ -123,7 +171,8 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             missing = [v for v in vals if not Path(v).exists()]
         if missing:
             raise UserError(f"{yaml_file}: dataset not found, missing {', '.join(missing)}")
-    return d
+    return DatasetSpec(yaml_file=yaml_file, path=path, names=names, **splits, download=d.get("download"),
+                       annotations=d.get("annotations"), keys=frozenset(str(k) for k in d))
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -171,138 +220,72 @@ def list_images(path: str | Path | Sequence[str | Path], prefix: str = "") -> li
     return sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in IMG_FORMATS)
 
 
-def _cache_path(path: Any, label_files: Sequence[str]) -> Path:
-    p = Path(path[-1] if isinstance(path, (list, tuple)) else path)
-    if p.is_file():
-        return p.with_suffix(".cache")
-    return Path(label_files[0]).parent.with_suffix(".cache")
-
-
-def _orphan_labels(im_files: Sequence[str], label_files: Sequence[str]) -> int:
-    """Label files in the scanned label folders that no image points at (cheap: one listdir per folder)."""
-    expected = set(label_files)
-    n = 0
-    for d in {os.path.dirname(f) for f in label_files}:
-        try:
-            n += sum(1 for e in os.scandir(d) if e.name.endswith(".txt") and os.path.join(d, e.name) not in expected)
-        except OSError:
-            pass
-    return n
-
-
 # --------------------------------------------------------------------------------------------------- dataset
 class UnreadableImage(Exception):
     """An image that passed the scan but can no longer be read."""
 
 
-class LoadImagesAndLabels(Dataset):
-    """YOLO-format images and labels with YOLOv5 augmentation (mosaic, perspective, HSV, flips, mixup)."""
+@dataclass(frozen=True)
+class DataSettings:
+    """Every knob of a dataset in one value: how its images are sized, batched, augmented, cached and labelled."""
 
-    def __init__(self, path: str | Path | Sequence[str | Path], img_size: int = 640, batch_size: int = 16,
-                 augment: bool = False, hyp: dict | None = None, rect: bool = False,
-                 cache_images: str | bool | None = None, single_cls: bool = False, stride: int = 32,
-                 pad: float = 0.0, prefix: str = "", seed: int = 0, nc: int | None = None,
-                 substitute_failed: bool | None = None, labelled: bool = True):
-        self.img_size = img_size
-        self.augment = augment
-        self.hyp = hyp or {}
-        self.rect = rect
-        self.mosaic = augment and not rect  # rect batches share one shape, a mosaic would break it
-        self.mosaic_border = [-img_size // 2, -img_size // 2]
-        self.stride = stride
+    imgsz: int = 640  # long side of a letterboxed image; a mosaic is imgsz square
+    batch_size: int = 16  # images per batch (rect batches share one shape)
+    augment: bool = False  # training augmentation (mosaic, perspective, HSV, flips, mixup)
+    hyp: dict | None = None  # the augmentation hyperparameters (mosaic, mixup, degrees, ..., fliplr)
+    rect: bool = False  # rectangular batches sorted by aspect ratio (no mosaic)
+    cache: str | bool | None = None  # images held in 'ram' (True too) or as .npy files on 'disk'
+    single_cls: bool = False  # every label becomes class 0
+    stride: int = 32  # rect batch shapes are multiples of it
+    pad: float = 0.0  # rect batch padding, in strides
+    prefix: str = ""  # starts every log line ('train: ', 'val: ', ...)
+    nc: int | None = None  # label rows with a class id >= nc are dropped
+    # serve another sample for an image that fails to load (training) instead of dropping it (evaluation);
+    # None: when augmenting
+    substitute_failed: bool | None = None
+    reader: LabelReader = read_labels  # the label format: read_labels (YOLO .txt) or read_images (none)
+
+
+class LoadImagesAndLabels(Dataset):
+    """Images and labels (read by settings.reader) with YOLOv5 augmentation (mosaic, perspective, HSV, flips,
+    mixup)."""
+
+    def __init__(self, path: str | Path | Sequence[str | Path], settings: DataSettings | None = None):
+        s = settings or DataSettings()
+        self.settings = s
         self.path = path
-        self.prefix = prefix
-        self.seed = seed
+        self.img_size, self.batch_size, self.stride = s.imgsz, s.batch_size, int(s.stride)
+        self.augment, self.rect, self.prefix = s.augment, s.rect, s.prefix
+        self.hyp = s.hyp or {}
+        self.mosaic = s.augment and not s.rect  # rect batches share one shape, a mosaic would break it
+        self.mosaic_border = [-s.imgsz // 2, -s.imgsz // 2]
         self._canvas: np.ndarray | None = None
-        # one-resample mosaic for rotation-free hyps (see _compose_scaled); False = reference pixel chain
+        # one-resample mosaic for rotation-free hyps (see compose_scaled); False = reference pixel chain
         self.fast_mosaic = True
         self.read_failures: set[str] = set()
         self.bad_npy: set[str] = set()  # .npy disk-cache files already reported as unusable
         # Training keeps going on a stand-in sample; evaluation must not count any image twice, so there
-        # a failed sample is dropped (None, removed by collate_fn). Default: substitute only when augmenting.
-        self.substitute_failed = augment if substitute_failed is None else substitute_failed
+        # a failed sample is dropped (None, removed by collate_fn).
+        self.substitute_failed = s.augment if s.substitute_failed is None else s.substitute_failed
 
-        self.im_files = list_images(path, prefix)
-        if not self.im_files:
-            raise UserError(f"{prefix}no images found in {path}")
-        self.label_files = img2label_paths(self.im_files)
-        if labelled:
-            cache = self._scan_labelled(path, nc, prefix)
-        else:
-            cache = self._scan_unlabelled(prefix)
-        n_total, ncor = cache["results"][4], cache["results"][3]
-
-        kept = [f for f in self.im_files if f in cache["labels"]]
-        if not kept:
-            raise UserError(f"{prefix}no usable images in {path} ({n_total} found, {ncor} corrupt)")
-        self.label_files = img2label_paths(kept) if labelled else [""] * len(kept)
-        self.im_files = kept
-        self.labels = [cache["labels"][f] for f in kept]
-        self.shapes = np.array([cache["shapes"][f] for f in kept], dtype=np.int64).reshape(-1, 2)
-        self.segments = [cache["segments"][f] for f in kept]
-        if augment and self.hyp.get("copy_paste", 0) and any(self.segments):
-            LOGGER.warning(f"{prefix}WARNING copy_paste={self.hyp['copy_paste']} is not implemented here; "
+        im_files = list_images(path, s.prefix)
+        if not im_files:
+            raise UserError(f"{s.prefix}no images found in {path}")
+        found = s.reader(im_files, path, s.nc, s.prefix)
+        self.im_files, self.label_files = list(found.im_files), list(found.label_files)
+        self.labels, self.shapes, self.segments = list(found.labels), found.shapes, list(found.segments)
+        if s.augment and self.hyp.get("copy_paste", 0) and any(self.segments):
+            LOGGER.warning(f"{s.prefix}WARNING copy_paste={self.hyp['copy_paste']} is not implemented here; "
                            "polygon labels are used for box refitting only")
-        if single_cls:
+        if s.single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
-        n = len(kept)
-        self.n = n
-        self.batch = np.floor(np.arange(n) / batch_size).astype(int)
+        self.n = n = len(self.im_files)
+        self.batch = np.floor(np.arange(n) / s.batch_size).astype(int)
         self.indices = np.arange(n)
-
         if self.rect:
-            self._set_rect(batch_size, pad)
-
-        # image cache
-        self.ims: list[np.ndarray | None] = [None] * n
-        self.im_hw0: list[tuple[int, int] | None] = [None] * n
-        self.im_hw: list[tuple[int, int] | None] = [None] * n
-        self.npy_files = [str(Path(f).with_suffix(".npy")) for f in self.im_files]
-        if cache_images is True:
-            cache_images = "ram"
-        if cache_images not in (None, False, "ram", "disk"):
-            raise UserError(f"unknown image cache mode {cache_images!r} (use 'ram' or 'disk')")
-        if cache_images == "ram" and not self._ram_ok():
-            cache_images = None
-        if cache_images:
-            fn = self._cache_to_disk if cache_images == "disk" else self.load_image
-            with ThreadPool(NUM_THREADS) as pool:
-                for i, x in enumerate(pool.imap(fn, range(n))):
-                    if cache_images == "ram":
-                        self.ims[i], self.im_hw0[i], self.im_hw[i] = x
-
-    def _scan_labelled(self, path: Any, nc: int | None, prefix: str) -> dict:
-        cache_file = _cache_path(path, self.label_files)
-        fhash = files_hash(self.label_files + self.im_files, extra=f"nc={nc}")
-        cache = load_cache(cache_file, fhash)
-        from_cache = cache is not None
-        if not from_cache:
-            cache = build_cache(self.im_files, self.label_files, nc, prefix, str(cache_file), fhash)
-            save_cache(cache_file, cache)
-        for m in cache["msgs"]:
-            LOGGER.warning(m)
-        nf, nm, ne, ncor, n_total = cache["results"]
-        orphans = _orphan_labels(self.im_files, self.label_files)
-        LOGGER.info(f"{prefix}Scanning {cache_file.with_suffix('')}... {n_total} images found, {nm} missing labels, "
-                    f"{ne} empty, {ncor} corrupt" + (f", {orphans} labels without image" if orphans else "")
-                    + (" (cached)" if from_cache else ""))
-        return cache
-
-    def _scan_unlabelled(self, prefix: str) -> dict:
-        """Images only: label files beside them are never read (one notice says how many were ignored).
-        Not cached: verifying images is cheap, and a cache file here could shadow a labelled scan's."""
-        beside = sum(os.path.isfile(f) for f in self.label_files)
-        cache = build_cache(self.im_files, [""] * len(self.im_files), None, prefix, "", "")
-        for m in cache["msgs"]:
-            LOGGER.warning(m)
-        ncor, n_total = cache["results"][3], cache["results"][4]
-        LOGGER.info(f"{prefix}{n_total} unlabelled images found, {ncor} corrupt (skipped)")
-        if beside:
-            LOGGER.info(f"{prefix}NOTE: {beside} label file(s) sit beside these images and are ignored: images "
-                        f"listed under 'unlabeled:' are labelled by the teacher only")
-        self.label_files = [""] * len(self.im_files)
-        return cache
+            self._set_rect(s.batch_size, s.pad)
+        self._cache_images(s.cache)
 
     def _set_rect(self, batch_size: int, pad: float) -> None:
         ar = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
@@ -323,6 +306,26 @@ class LoadImagesAndLabels(Dataset):
             elif lo > 1:
                 shapes[b] = [1, 1 / lo]
         self.batch_shapes = (np.ceil(shapes * self.img_size / self.stride + pad).astype(int) * self.stride)
+
+    def _cache_images(self, mode: str | bool | None) -> None:
+        """Hold every image in RAM (resized) or write each as an .npy file beside it ('disk'); None: neither."""
+        n = self.n
+        self.ims: list[np.ndarray | None] = [None] * n
+        self.im_hw0: list[tuple[int, int] | None] = [None] * n
+        self.im_hw: list[tuple[int, int] | None] = [None] * n
+        self.npy_files = [str(Path(f).with_suffix(".npy")) for f in self.im_files]
+        if mode is True:
+            mode = "ram"
+        if mode not in (None, False, "ram", "disk"):
+            raise UserError(f"unknown image cache mode {mode!r} (use 'ram' or 'disk')")
+        if mode == "ram" and not self._ram_ok():
+            mode = None
+        if mode:
+            fn = self._cache_to_disk if mode == "disk" else self.load_image
+            with ThreadPool(NUM_THREADS) as pool:
+                for i, x in enumerate(pool.imap(fn, range(n))):
+                    if mode == "ram":
+                        self.ims[i], self.im_hw0[i], self.im_hw[i] = x
 
     def _ram_ok(self) -> bool:
         sample = min(self.n, 30)
@@ -416,29 +419,43 @@ class LoadImagesAndLabels(Dataset):
 
     def _load_item(self, index: int):
         index = int(self.indices[index])
-        hyp = self.hyp
-        if self.mosaic and random.random() < hyp.get("mosaic", 1.0):
-            img, labels = self.load_mosaic(index)
-            shapes = None
-            if random.random() < hyp.get("mixup", 0.0):
-                img, labels = mixup(img, labels, *self.load_mosaic(random.choice(self.indices)))
+        if self.mosaic and random.random() < self.hyp.get("mosaic", 1.0):
+            img, labels, shapes = self._mosaic_item(index)
         else:
-            img, (h0, w0), (h, w) = self.load_image(index)
-            shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
-            img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
-            shapes = (h0, w0), ((h / h0, w / w0), pad)
-            labels = self.labels[index].copy()
-            if labels.size:
-                labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, padw=pad[0], padh=pad[1])
-            if self.augment:
-                img, labels, _ = random_perspective(img, labels, degrees=hyp.get("degrees", 0.0),
-                                                    translate=hyp.get("translate", 0.0),
-                                                    scale=hyp.get("scale", 0.0), shear=hyp.get("shear", 0.0),
-                                                    perspective=hyp.get("perspective", 0.0))
+            img, labels, shapes = self._letterbox_item(index)
+        return self._finish_item(img, labels, shapes, index)
+
+    def _mosaic_item(self, index: int) -> tuple[np.ndarray, np.ndarray, None]:
+        """A mosaic around image `index`, mixed with a second mosaic at probability hyp['mixup']; pixel xyxy labels."""
+        img, labels = self.load_mosaic(index)
+        if random.random() < self.hyp.get("mixup", 0.0):
+            img, labels = mixup(img, labels, *self.load_mosaic(random.choice(self.indices)))
+        return img, labels, None
+
+    def _letterbox_item(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """Image `index` letterboxed to its rect batch shape (or img_size), warped when augmenting; pixel xyxy
+        labels and the shapes val.py scales predictions back with ((h0, w0), ((h / h0, w / w0), pad))."""
+        hyp = self.hyp
+        img, (h0, w0), (h, w) = self.load_image(index)
+        shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
+        img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
+        shapes = (h0, w0), ((h / h0, w / w0), pad)
+        labels = self.labels[index].copy()
+        if labels.size:
+            labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, padw=pad[0], padh=pad[1])
+        if self.augment:
+            img, labels, _ = random_perspective(img, labels, degrees=hyp.get("degrees", 0.0),
+                                                translate=hyp.get("translate", 0.0),
+                                                scale=hyp.get("scale", 0.0), shear=hyp.get("shear", 0.0),
+                                                perspective=hyp.get("perspective", 0.0))
+        return img, labels, shapes
+
+    def _finish_item(self, img: np.ndarray, labels: np.ndarray, shapes, index: int):
+        """Normalise the labels, apply HSV and flips when augmenting; (CHW RGB uint8, labels (n, 6), path, shapes)."""
+        hyp = self.hyp
         nl = len(labels)
         if nl:
             labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
-
         if self.augment:
             augment_hsv(img, hgain=hyp.get("hsv_h", 0.0), sgain=hyp.get("hsv_s", 0.0), vgain=hyp.get("hsv_v", 0.0))
             # the draws happen even at probability 0 so the RNG sequence matches the reference
@@ -458,10 +475,10 @@ class LoadImagesAndLabels(Dataset):
         img = np.ascontiguousarray(img.transpose(2, 0, 1)[::-1])
         return torch.from_numpy(img), labels_out, self.im_files[index], shapes
 
-    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """4-image mosaic around a random centre, then a random warp back to img_size."""
+    def _mosaic_tiles(self, index: int, xc: int, yc: int):
+        """The four tiles of a mosaic around (xc, yc) (image `index` and three random others, shuffled), with
+        their labels in canvas pixels (xyxy) and polygons (one empty per box row of an image without them)."""
         s = self.img_size
-        yc, xc = (int(random.uniform(-x, 2 * s + x)) for x in self.mosaic_border)
         indices = [index] + random.choices(self.indices, k=3)
         random.shuffle(indices)
         tiles, labels4, segments4 = [], [], []
@@ -472,20 +489,8 @@ class LoadImagesAndLabels(Dataset):
             else:  # keep the original pixels: the fast path resamples them only once
                 src = self._read(idx)
                 h, w = self._resized_hw(*src.shape[:2])
-            if i == 0:  # top-left tile: its bottom-right corner sits on the centre
-                x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
-                x1b, y1b = w - (x2a - x1a), h - (y2a - y1a)
-            elif i == 1:  # top-right
-                x1a, y1a, x2a, y2a = xc, max(yc - h, 0), min(xc + w, 2 * s), yc
-                x1b, y1b = 0, h - (y2a - y1a)
-            elif i == 2:  # bottom-left
-                x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(2 * s, yc + h)
-                x1b, y1b = w - (x2a - x1a), 0
-            else:  # bottom-right
-                x1a, y1a, x2a, y2a = xc, yc, min(xc + w, 2 * s), min(2 * s, yc + h)
-                x1b, y1b = 0, 0
-            padw, padh = x1a - x1b, y1a - y1b
-            tiles.append((src, (h, w), (x1a, y1a, x2a, y2a), (padw, padh)))
+            box, (padw, padh) = tile_place(i, xc, yc, h, w, s)
+            tiles.append((src, (h, w), box, (padw, padh)))
             labels = self.labels[idx].copy()
             if labels.size:
                 labels[:, 1:] = xywhn2xyxy(labels[:, 1:], w, h, padw, padh)
@@ -495,7 +500,13 @@ class LoadImagesAndLabels(Dataset):
                 segments4.extend(xyn2xy(sg, w, h, padw, padh) for sg in segs)
             else:
                 segments4.extend([np.zeros((0, 2), np.float32)] * len(labels))
+        return tiles, labels4, segments4
 
+    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """4-image mosaic around a random centre, then a random warp back to img_size."""
+        s = self.img_size
+        yc, xc = (int(random.uniform(-x, 2 * s + x)) for x in self.mosaic_border)
+        tiles, labels4, segments4 = self._mosaic_tiles(index, xc, yc)
         labels4 = np.concatenate(labels4, 0)
         np.clip(labels4[:, 1:], 0, 2 * s, out=labels4[:, 1:])
         for sg in segments4:
@@ -510,51 +521,14 @@ class LoadImagesAndLabels(Dataset):
                                                     perspective=hyp.get("perspective", 0.0),
                                                     border=self.mosaic_border)
         if self.fast_mosaic and not persp and M[0, 1] == 0 and M[1, 0] == 0:
-            img4 = self._compose_scaled(tiles, M, width, height)
+            img4 = compose_scaled(tiles, M, width, height)
         else:
-            img4 = warp_image(self._canvas_mosaic(tiles), M, width, height, persp, self.mosaic_border)
+            # reuse one canvas per worker: allocating 4*s*s*3 bytes per sample costs page faults every time
+            if self._canvas is None or self._canvas.shape[0] != 2 * s:
+                self._canvas = np.empty((2 * s, 2 * s, 3), np.uint8)
+            img4 = warp_image(paste_canvas(tiles, self._canvas), M, width, height, persp, self.mosaic_border)
         labels4, _ = warp_targets(labels4, segs_in, M, sc, width, height, persp)
         return img4, labels4
-
-    def _canvas_mosaic(self, tiles) -> np.ndarray:
-        """Reference layout: resize each tile, paste into a 2s x 2s grey canvas."""
-        s = self.img_size
-        # reuse one canvas per worker: allocating 4*s*s*3 bytes per sample costs page faults every time
-        if self._canvas is None or self._canvas.shape[0] != 2 * s:
-            self._canvas = np.empty((2 * s, 2 * s, 3), np.uint8)
-        img4 = self._canvas
-        img4.fill(GRAY)
-        for src, (h, w), (x1a, y1a, x2a, y2a), (padw, padh) in tiles:
-            if src.shape[:2] != (h, w):
-                src = cv2.resize(src, (w, h), interpolation=cv2.INTER_LINEAR)
-            img4[y1a:y2a, x1a:x2a] = src[y1a - padh:y2a - padh, x1a - padw:x2a - padw]
-        return img4
-
-    @staticmethod
-    def _compose_scaled(tiles, M: np.ndarray, width: int, height: int) -> np.ndarray:
-        """Mosaic + scale/translate warp in one resampling per tile, written straight into the output.
-
-        With no rotation/shear/perspective each tile lands on an axis-aligned rectangle of the output,
-        so the 2s x 2s canvas, the per-tile resize and the full-canvas warp are not needed. Each output
-        pixel samples the same source point as the reference chain (resize, paste, warp); only the
-        interpolation differs (one bilinear step instead of two), and seams between tiles do not blend.
-        """
-        out = np.full((height, width, 3), GRAY, np.uint8)
-        mx, my, tx, ty = M[0, 0], M[1, 1], M[0, 2], M[1, 2]
-        for src, (h, w), (x1a, y1a, x2a, y2a), (padw, padh) in tiles:
-            # output pixels whose canvas position falls inside this tile's pasted rectangle
-            X0, X1 = max(math.ceil(mx * x1a + tx), 0), min(math.ceil(mx * x2a + tx), width)
-            Y0, Y1 = max(math.ceil(my * y1a + ty), 0), min(math.ceil(my * y2a + ty), height)
-            if X1 <= X0 or Y1 <= Y0:
-                continue
-            kx, ky = src.shape[1] / w, src.shape[0] / h  # original -> resized tile (1 when not resized)
-            # output x -> canvas (x - tx)/mx -> tile (.. - padw) -> original pixel centre convention of cv2.resize
-            ax, bx = kx / mx, ((-tx / mx) - padw + 0.5) * kx - 0.5
-            ay, by = ky / my, ((-ty / my) - padh + 0.5) * ky - 0.5
-            inv = np.array([[ax, 0.0, ax * X0 + bx], [0.0, ay, ay * Y0 + by]])
-            cv2.warpAffine(src, inv, (X1 - X0, Y1 - Y0), dst=out[Y0:Y1, X0:X1],
-                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-        return out
 
     @staticmethod
     def collate_fn(batch):
@@ -591,26 +565,14 @@ def reseed_loader(loader: DataLoader, seed: int, rank: int, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
 
 
-def create_dataloader(path: str | Path | Sequence[str | Path], imgsz: int, batch_size: int, stride: int,
-                      single_cls: bool = False, hyp: dict | None = None, augment: bool = False,
-                      cache: str | None = None, pad: float = 0.0, rect: bool = False, rank: int = -1,
-                      world_size: int = 1, workers: int = 8, prefix: str = "", shuffle: bool = False,
-                      seed: int = 0, nc: int | None = None, substitute_failed: bool | None = None,
-                      labelled: bool = True) -> tuple[DataLoader, LoadImagesAndLabels]:
-    """Build the dataset and its DataLoader (persistent workers, seeded generator, optional DDP sampler).
-
-    nc: rows with a class id >= nc are dropped. substitute_failed: serve another sample for an image that
-    fails to load (training) instead of dropping it (evaluation); None means "when augmenting". labelled=False:
-    images only, every sample has no boxes (the 'unlabeled:' images of distillation).
-    """
-    if rect and shuffle:
-        LOGGER.warning(f"{prefix}WARNING --rect is incompatible with DataLoader shuffle, setting shuffle=False")
+def create_dataloader(dataset: LoadImagesAndLabels, workers: int = 8, shuffle: bool = False, rank: int = -1,
+                      world_size: int = 1, seed: int = 0) -> DataLoader:
+    """The DataLoader of a built dataset, in batches of its settings' batch_size (persistent workers, seeded
+    generator, a DDP sampler when rank >= 0). A rect dataset is never shuffled: its batches share a shape."""
+    if dataset.rect and shuffle:
+        LOGGER.warning(f"{dataset.prefix}WARNING --rect is incompatible with DataLoader shuffle, setting shuffle=False")
         shuffle = False
-    dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
-                                  cache_images=cache, single_cls=single_cls, stride=int(stride), pad=pad,
-                                  prefix=prefix, seed=seed, nc=nc, substitute_failed=substitute_failed,
-                                  labelled=labelled)
-    batch_size = min(batch_size, len(dataset))
+    batch_size = min(dataset.batch_size, len(dataset))
     nd = torch.cuda.device_count()
     nw = min(os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers)
     # explicit replicas/rank: works before (or without) an initialised process group, e.g. in tests
@@ -618,8 +580,7 @@ def create_dataloader(path: str | Path | Sequence[str | Path], imgsz: int, batch
                                                                      shuffle=shuffle, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(GENERATOR_SEED + seed + max(rank, 0))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
-                        sampler=sampler, pin_memory=torch.cuda.is_available(),
-                        collate_fn=LoadImagesAndLabels.collate_fn, worker_init_fn=seed_worker,
-                        generator=generator, persistent_workers=nw > 0)
-    return loader, dataset
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw,
+                      sampler=sampler, pin_memory=torch.cuda.is_available(),
+                      collate_fn=LoadImagesAndLabels.collate_fn, worker_init_fn=seed_worker,
+                      generator=generator, persistent_workers=nw > 0)

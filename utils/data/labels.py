@@ -9,6 +9,10 @@ Differences from YOLOv5 (deliberate, see data/README.md):
 - A label file that is not UTF-8 marks the image corrupt (skipped): its objects cannot be read,
   and training on it as a background image would teach the model that those objects are background.
 - The cache is an .npz archive (no pickle) holding JSON metadata plus flat arrays.
+
+The dataset reads labels through one function, `read_labels` (YOLO .txt files, cached); `read_images` is the
+same contract for images without labels. A new label format is one more function of that shape (a `LabelReader`,
+set as `DataSettings.reader`).
 """
 from __future__ import annotations
 
@@ -17,14 +21,16 @@ import io
 import json
 import logging
 import os
+from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from utils.core.config import atomic_write
+from utils.core.errors import UserError
 
 LOGGER = logging.getLogger("yolov5kd")
 # bumped whenever the row rules change, so caches built under older rules are rebuilt
@@ -260,3 +266,88 @@ def build_cache(im_files: Sequence[str], label_files: Sequence[str], nc: int | N
                 labels[im_file], shapes[im_file], segments[im_file] = lb, shape, segs
     return {"version": CACHE_VERSION, "hash": file_hash, "results": (nf, nm, ne, ncorrupt, len(im_files)),
             "msgs": msgs, "labels": labels, "shapes": shapes, "segments": segments, "desc": desc}
+
+
+# ------------------------------------------------------------------------------------------------ the seam
+@dataclass(frozen=True)
+class LabelSet:
+    """What a label reader found for a list of images: the usable images in the order given, with their labels,
+    original sizes and polygons."""
+
+    im_files: list[str]
+    label_files: list[str]  # the label file of each image ('' where the format has none)
+    labels: list[np.ndarray]  # (n, 5) float32 rows [cls, x, y, w, h], normalised to the image
+    shapes: np.ndarray  # (n, 2) int64 original (w, h), EXIF orientation applied
+    segments: list[list[np.ndarray]]  # each image's polygons (normalised (k, 2) float32), or [] when boxes only
+
+
+# (image files, the path they were listed from, nc (rows with a class >= nc are dropped) or None, log prefix)
+LabelReader = Callable[[Sequence[str], Any, "int | None", str], LabelSet]
+
+
+def _cache_path(source: Any, label_files: Sequence[str]) -> Path:
+    p = Path(source[-1] if isinstance(source, (list, tuple)) else source)
+    if p.is_file():
+        return p.with_suffix(".cache")
+    return Path(label_files[0]).parent.with_suffix(".cache")
+
+
+def _orphan_labels(im_files: Sequence[str], label_files: Sequence[str]) -> int:
+    """Label files in the scanned label folders that no image points at (cheap: one listdir per folder)."""
+    expected = set(label_files)
+    n = 0
+    for d in {os.path.dirname(f) for f in label_files}:
+        try:
+            n += sum(1 for e in os.scandir(d) if e.name.endswith(".txt") and os.path.join(d, e.name) not in expected)
+        except OSError:
+            pass
+    return n
+
+
+def _label_set(im_files: Sequence[str], cache: dict, source: Any, prefix: str, labelled: bool) -> LabelSet:
+    """The images the scan kept, in the order given; none kept is a one-line error."""
+    kept = [f for f in im_files if f in cache["labels"]]
+    if not kept:
+        n_total, ncor = cache["results"][4], cache["results"][3]
+        raise UserError(f"{prefix}no usable images in {source} ({n_total} found, {ncor} corrupt)")
+    return LabelSet(kept, img2label_paths(kept) if labelled else [""] * len(kept), [cache["labels"][f] for f in kept],
+                    np.array([cache["shapes"][f] for f in kept], dtype=np.int64).reshape(-1, 2),
+                    [cache["segments"][f] for f in kept])
+
+
+def read_labels(im_files: Sequence[str], source: Any, nc: int | None, prefix: str) -> LabelSet:
+    """YOLO .txt labels of the images (images/ -> labels/), verified and cached beside them; one scan line."""
+    im_files = list(im_files)
+    label_files = img2label_paths(im_files)
+    cache_file = _cache_path(source, label_files)
+    fhash = files_hash(label_files + im_files, extra=f"nc={nc}")
+    cache = load_cache(cache_file, fhash)
+    from_cache = cache is not None
+    if not from_cache:
+        cache = build_cache(im_files, label_files, nc, prefix, str(cache_file), fhash)
+        save_cache(cache_file, cache)
+    for m in cache["msgs"]:
+        LOGGER.warning(m)
+    nf, nm, ne, ncor, n_total = cache["results"]
+    orphans = _orphan_labels(im_files, label_files)
+    LOGGER.info(f"{prefix}Scanning {cache_file.with_suffix('')}... {n_total} images found, {nm} missing labels, "
+                f"{ne} empty, {ncor} corrupt" + (f", {orphans} labels without image" if orphans else "")
+                + (" (cached)" if from_cache else ""))
+    return _label_set(im_files, cache, source, prefix, labelled=True)
+
+
+def read_images(im_files: Sequence[str], source: Any, nc: int | None, prefix: str) -> LabelSet:
+    """Images only, every one without boxes (the 'unlabeled:' images of distillation): label files beside them
+    are never read (one notice says how many were ignored). Not cached: verifying images is cheap, and a cache
+    file here could shadow a labelled scan's."""
+    im_files = list(im_files)
+    beside = sum(os.path.isfile(f) for f in img2label_paths(im_files))
+    cache = build_cache(im_files, [""] * len(im_files), None, prefix, "", "")
+    for m in cache["msgs"]:
+        LOGGER.warning(m)
+    ncor, n_total = cache["results"][3], cache["results"][4]
+    LOGGER.info(f"{prefix}{n_total} unlabelled images found, {ncor} corrupt (skipped)")
+    if beside:
+        LOGGER.info(f"{prefix}NOTE: {beside} label file(s) sit beside these images and are ignored: images "
+                    f"listed under 'unlabeled:' are labelled by the teacher only")
+    return _label_set(im_files, cache, source, prefix, labelled=False)

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.core.errors import UserError
-from utils.data.datasets import GENERATOR_SEED, create_dataloader, list_images
+from utils.data.datasets import GENERATOR_SEED, DataSettings, LoadImagesAndLabels, create_dataloader, list_images
+from utils.data.labels import read_images
 
 LOGGER = logging.getLogger("yolov5kd")
 # Keeps the unlabelled stream's shuffling independent of the labelled loader's (which uses GENERATOR_SEED + ...).
@@ -79,18 +80,19 @@ class UnlabeledStream:
         raise UserError("unlabeled: no image of the unlabelled set could be read; is the dataset still there?")
 
 
-def build_unlabeled_stream(paths: str | Path | Sequence[str | Path], ratio: float, labelled_batch: int, imgsz: int,
-                           stride: int, hyp: dict, *, workers: int, rank: int, world_size: int, seed: int,
-                           cache: str | None = None) -> UnlabeledStream | None:
-    """The stream for a dataset yaml's 'unlabeled:' entry, or None when unlabeled_ratio is 0."""
-    batch = unlabeled_batch_size(ratio, labelled_batch)
+def build_unlabeled_stream(paths: str | Path | Sequence[str | Path], ratio: float, labelled: DataSettings, *,
+                           workers: int, rank: int, world_size: int, seed: int) -> UnlabeledStream | None:
+    """The stream for a dataset yaml's 'unlabeled:' entry beside the labelled loader built with `labelled` (its
+    batch size, image size, stride, hyp and image cache), or None when unlabeled_ratio is 0."""
+    batch = unlabeled_batch_size(ratio, labelled.batch_size)
     if batch == 0:
         LOGGER.warning("WARNING: unlabeled_ratio is 0, so the 'unlabeled:' images are not used")
         return None
-    loader, _ = create_dataloader(paths, imgsz, batch, stride, hyp=hyp, augment=True, cache=cache, rank=rank,
-                                  world_size=world_size, workers=workers, prefix="unlabeled: ", shuffle=True,
-                                  seed=seed, labelled=False)
-    return UnlabeledStream(loader, seed, rank, labelled_batch)
+    settings = DataSettings(imgsz=labelled.imgsz, batch_size=batch, augment=True, hyp=labelled.hyp,
+                            cache=labelled.cache, stride=labelled.stride, prefix="unlabeled: ", reader=read_images)
+    loader = create_dataloader(LoadImagesAndLabels(paths, settings), workers=workers, shuffle=True, rank=rank,
+                               world_size=world_size, seed=seed)
+    return UnlabeledStream(loader, seed, rank, labelled.batch_size)
 
 
 def _real_paths(paths: Sequence[str]) -> set[str]:
