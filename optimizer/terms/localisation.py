@@ -42,6 +42,16 @@ def _decode(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return torch.cat((s[:, :2] * 2 - 0.5, (s[:, 2:] * 2) ** 2 * anchors), 1)
 
 
+def assignment(compute_loss: Any, pred: Sequence[torch.Tensor], targets: torch.Tensor) -> tuple:
+    """build_targets' (tcls, tbox, indices, anch) for these maps and labels: the detection loss's own from its
+    last call when that call had the same labels tensor and map shapes (the distiller runs it first on the same
+    step), else computed anew (it depends only on the labels, the map sizes and the anchors)."""
+    last = getattr(compute_loss, "last_assignment", None)
+    if last is not None and last[0] is targets and last[1] == tuple(p.shape[:4] for p in pred):
+        return last[2]
+    return compute_loss.build_targets(pred, targets)
+
+
 def localisation_loss(pred: Sequence[torch.Tensor], t_maps: Sequence[torch.Tensor], targets: torch.Tensor,
                       compute_loss: Any, teacher_anchors: torch.Tensor, margin: float = LOC_MARGIN,
                       count: bool = False) -> tuple[torch.Tensor, int, int]:
@@ -49,7 +59,7 @@ def localisation_loss(pred: Sequence[torch.Tensor], t_maps: Sequence[torch.Tenso
     fits worse than the teacher, cells; both counts only with `count`, else 0): unweighted, fp32. `pred` and
     `t_maps` are the labelled images' raw maps, `compute_loss` the detection loss whose build_targets assigns the
     cells (and holds the student's anchors)."""
-    _, tbox, indices, anch = compute_loss.build_targets(pred, targets)
+    _, tbox, indices, anch = assignment(compute_loss, pred, targets)
     total = torch.zeros((), device=pred[0].device)
     worse = cells = 0
     for i, (p, t) in enumerate(zip(pred, t_maps)):

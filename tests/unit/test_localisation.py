@@ -164,3 +164,20 @@ def test_refused_when_the_anchor_shapes_differ(student, loss_fn):
 
     with pytest.raises(UserError, match="anchor shapes differ"):
         _term(loss_fn, student, teacher_anchors=torch.ones(3, 4, 2))
+
+
+def test_the_detection_loss_assignment_is_reused_exactly(student, loss_fn):
+    from optimizer.terms.localisation import assignment
+
+    term = _term(loss_fn, student)
+    pred, t_maps = _maps(1), _maps(2)
+    fresh, _ = term(StepMaps(pred, TARGETS, t_maps))
+    before = loss_fn(pred, TARGETS)  # the detection loss runs first in a step, and keeps its assignment
+    assert assignment(loss_fn, pred, TARGETS) is loss_fn.last_assignment[2]
+    reused, _ = term(StepMaps(pred, TARGETS, t_maps))
+    assert torch.equal(fresh, reused)
+    assert all(torch.equal(a, b) for a, b in zip(before, loss_fn(pred, TARGETS)))  # its numbers unchanged
+    # other labels (or map sizes) than the last call's are assigned anew
+    other = TARGETS.clone()
+    assert assignment(loss_fn, pred, other) is not loss_fn.last_assignment[2]
+    assert assignment(loss_fn, pred[:2] + [torch.zeros(2, 3, 4, 4, 13)], TARGETS) is not loss_fn.last_assignment[2]

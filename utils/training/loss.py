@@ -95,6 +95,7 @@ class ComputeLoss:
         self.autobalance = autobalance
         self.gr = 1.0
         self.anchors = det.anchors
+        self.last_assignment: tuple | None = None  # (targets, map shapes, build_targets' result) of the last call
 
     def __call__(self, p: list[torch.Tensor], targets: torch.Tensor,
                  ignore: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +110,9 @@ class ComputeLoss:
         lobj = torch.zeros(1, device=dev)
         lcls = torch.zeros(1, device=dev)
         tcls, tbox, indices, anch = self.build_targets(p, targets)
+        # the assignment of the last call, for whatever else reads the same step's labelled cells (the
+        # localisation term: optimizer/terms/localisation.py); kept beside, never changing, the loss
+        self.last_assignment = (targets, tuple(pi.shape[:4] for pi in p), (tcls, tbox, indices, anch))
 
         for i, pi in enumerate(p):
             b, a, gj, gi = indices[i]
