@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 # One thread per xdist worker (the suite runs -n auto, a worker per core), as the CLI subprocesses run; two
-# when run without xdist (-n 0 or -p no:xdist).
+# when run without xdist workers (-n 0).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
