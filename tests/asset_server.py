@@ -12,8 +12,12 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 BLOCK = 1 << 16
+# an official-format yolov5n checkpoint (3.8 MB)
+CKPT = (Path(__file__).parent / "fixtures" / "student.pt").read_bytes()
+WEIGHTS_PATH = "/v7.0/yolov5n.pt"  # where the release host keeps it
 
 
 @dataclass

@@ -164,3 +164,17 @@ def pytest_collection_modifyitems(config, items) -> None:
         layer = Path(str(item.fspath)).parent.name
         if layer in ("unit", "golden", "e2e", "cuda"):
             item.add_marker(getattr(pytest.mark, layer))
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    """The local asset server as $YOLOV5KD_ASSETS_URL, with the working directory in tmp_path and YOLO_OFFLINE
+    unset (the download tests' release host)."""
+    from asset_server import AssetServer
+    from utils.core import download as dl
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(dl.OFFLINE_ENV, raising=False)
+    with AssetServer() as s:
+        monkeypatch.setenv(dl.ASSETS_URL_ENV, s.url)
+        yield s

@@ -9,25 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from asset_server import AssetServer, Route
-from conftest import DEMO_NAMES, FIXTURES
+from asset_server import CKPT, WEIGHTS_PATH, Route
+from conftest import DEMO_NAMES
 from data_helpers import zip_folder
 from utils.core import download as dl
 from utils.core.errors import UserError
 from utils.training.checkpoint import model_from_ckpt, torch_load
 
-CKPT = (FIXTURES / "student.pt").read_bytes()  # an official-format yolov5n checkpoint (3.8 MB)
-WEIGHTS_PATH = "/v7.0/yolov5n.pt"
 
-
-@pytest.fixture
-def server(monkeypatch, tmp_path):
-    """The asset server as $YOLOV5KD_ASSETS_URL, with the working directory in tmp_path and YOLO_OFFLINE unset."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(dl.OFFLINE_ENV, raising=False)
-    with AssetServer() as s:
-        monkeypatch.setenv(dl.ASSETS_URL_ENV, s.url)
-        yield s
 
 
 def _left(tmp_path: Path) -> list[str]:
