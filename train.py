@@ -47,8 +47,8 @@ from utils.training.forward import AMP_CHOICES, CompiledForward, StudentForward,
 from utils.training.hyp import load_hyp
 from utils.training.keeper import CheckpointKeeper, ResumePoint, restore_ema
 from utils.training.loss import ComputeLoss, scale_hyp
-from utils.training.optim import (NBS, EarlyStopping, ModelEMA, Optim, accumulate_steps, build_optimizer, build_scheduler,
-                                  lr_lambda)
+from utils.training.optim import (NBS, EarlyStopping, ModelEMA, Optim, accumulate_steps, build_optimizer,
+                                  build_scheduler, lr_lambda)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -66,7 +66,8 @@ def build_student(opt, nc: int, hyp: dict, device: torch.device) -> tuple[nn.Mod
         exclude = ["anchor"] if (cfg or hyp.get("anchors")) and not opt.resume else []
         src = loaded.state_dict()
         dst = model.state_dict()
-        csd = {k: v for k, v in src.items() if k in dst and v.shape == dst[k].shape and not any(x in k for x in exclude)}
+        csd = {k: v for k, v in src.items()
+               if k in dst and v.shape == dst[k].shape and not any(x in k for x in exclude)}
         shape_mismatch = [k for k, v in src.items() if k in dst and v.shape != dst[k].shape and "model.24" not in k
                           and not k.startswith(f"model.{len(model.model) - 1}.")]
         if shape_mismatch and not cfg:
@@ -213,10 +214,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
     keeper = CheckpointKeeper(save_dir, save_period=opt.save_period, nosave=opt.nosave)
     hyp_record, opt_record = run_record(hyp, opt, kd)
     if main:  # written once the run is known to be trainable
-        keeper.dir.mkdir(parents=True, exist_ok=True)
-        if not resuming:  # a resumed run keeps the files it was started with
-            yaml_save(save_dir / "hyp.yaml", hyp_record)
-            yaml_save(save_dir / "opt.yaml", opt_record)
+        start_run_folder(keeper, hyp_record, opt_record, resuming)
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
     batch_size = opt.batch_size
@@ -239,16 +237,7 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
             from utils.reporting.plots import plot_labels
             plot_labels(labels, names, save_dir)
     # the EMA starts from the model as trained: after AutoAnchor and the fp16 rounding
-    ema = ModelEMA(model) if main else None
-    if ema is not None:
-        set_inplace_activations(ema.ema, True)  # evaluated without autograd: in place saves a copy
-    if ema is not None and ckpt is not None:
-        restore_ema(ckpt, ema)
-    if info.distributed:
-        # DDP broadcasts rank 0's parameters and buffers (AutoAnchor's anchors included) to every rank
-        cuda = device.type == "cuda"
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if cuda else None,
-                                                    output_device=info.local_rank if cuda else None)
+    model, ema = wrap_student(model, ckpt, info, device)
 
     base = de_parallel(model)
     base.nc = nc
@@ -280,10 +269,34 @@ def setup(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistIn
                        figures=criterion.figures, columns=criterion.columns, tensorboard=True,
                        plots=not opt.noplots) if main else None
     return Setup(save_dir=save_dir, data=data, names=names, model=model, ema=ema, optimizer=optimizer,
-                 scheduler=scheduler, lf=lf, hyp=hyp, opt_record=opt_record, train_loader=train_loader, val_loader=val_loader,
-                 compute_loss=compute_loss, criterion=criterion, keeper=keeper, logger=logger,
+                 scheduler=scheduler, lf=lf, hyp=hyp, opt_record=opt_record, train_loader=train_loader,
+                 val_loader=val_loader, compute_loss=compute_loss, criterion=criterion, keeper=keeper, logger=logger,
                  stopper=stopper, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
                  imgsz=imgsz, gs=gs, batch_size=batch_size, amp_dtype=amp_dtype, resume=resume, reference=reference)
+
+
+def start_run_folder(keeper: CheckpointKeeper, hyp_record: dict, opt_record: dict, resuming: bool) -> None:
+    """The run's weights/ folder, and hyp.yaml and opt.yaml of a new run (a resumed run keeps those it began with)."""
+    keeper.dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        yaml_save(keeper.save_dir / "hyp.yaml", hyp_record)
+        yaml_save(keeper.save_dir / "opt.yaml", opt_record)
+
+
+def wrap_student(model: nn.Module, ckpt: dict | None, info: DistInfo,
+                 device: torch.device) -> tuple[nn.Module, ModelEMA | None]:
+    """The EMA of the student (main process only; restored on --resume) and, under torchrun, the DDP wrapper."""
+    ema = ModelEMA(model) if info.is_main else None
+    if ema is not None:
+        set_inplace_activations(ema.ema, True)  # evaluated without autograd: in place saves a copy
+    if ema is not None and ckpt is not None:
+        restore_ema(ckpt, ema)
+    if info.distributed:
+        # DDP broadcasts rank 0's parameters and buffers (AutoAnchor's anchors included) to every rank
+        cuda = device.type == "cuda"
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if cuda else None,
+                                                    output_device=info.local_rank if cuda else None)
+    return model, ema
 
 
 def train(hyp: dict, opt: argparse.Namespace, device: torch.device, info: DistInfo, kd: KDConfig) -> tuple:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from optimizer.balance import DETECTION_PARTS, BalanceReport, balance_ratios
 from optimizer.config import KDConfig
-from optimizer.schedule import distill_multiplier
+from optimizer.schedule import DistillSchedule
 from optimizer.teacher import Teacher, load_teacher, preflight
 from optimizer.terms import build_terms
 from optimizer.terms.base import StepMaps, TermContext
@@ -139,10 +139,8 @@ class Distiller(DetectionCriterion):
         self.figures = {k: v for t in self.terms for k, v in t.figures.items()}
         self.needs_features = any(t.needs_features for t in self.terms)
         self.balance = BalanceReport(config)
-        # the teacher's weight schedule (--distill_decay): none is never applied, so such runs keep every number
-        self.epochs = 0
-        self.multiplier: float | None = None
-        self.columns = () if config.distill_decay == "none" else ("distill",)
+        self.schedule = DistillSchedule(config.distill_decay, config.distill_floor)  # --distill_decay
+        self.columns = self.schedule.columns
         if unlabeled is not None:
             self.progress_note = "".join([f"+{unlabeled.batch_size} of {len(unlabeled)} unlabelled/step",
                                           *(f", {t.note}" for t in self.terms if t.note)])
@@ -160,14 +158,12 @@ class Distiller(DetectionCriterion):
 
     def plan(self, epochs: int) -> None:
         """The run's total epochs, which the teacher's weight schedule falls over."""
-        self.epochs = int(epochs)
+        self.schedule.plan(epochs)
 
     def start_epoch(self, epoch: int) -> None:
         """The unlabelled stream's shuffle for this epoch, each term's (the feature term's warm-up), and the
         schedule's multiplier, from the epoch alone (so a resumed run gets the same)."""
-        if self.columns:
-            self.multiplier = distill_multiplier(self.config.distill_decay, self.config.distill_floor, epoch,
-                                                 self.epochs)
+        self.schedule.start_epoch(epoch)
         if self.unlabeled is not None:
             self.unlabeled.start_epoch(epoch)
         for term in self.terms:
@@ -177,7 +173,7 @@ class Distiller(DetectionCriterion):
                  targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher on labelled + unlabelled images, then the student (the unlabelled images in a second pass);
         then the losses of the step's maps."""
-        u_imgs = self._unlabeled_batch(imgs)
+        u_imgs = None if self.unlabeled is None else _unlabeled_batch(self.unlabeled, imgs, self.forward.device)
         feat = self.needs_features
         # The teacher runs first: its activations are freed before the student's fill memory (measured on 2 CPU
         # cores, the KD step then costs ~2% over plain step + teacher forward, instead of ~6%).
@@ -202,36 +198,22 @@ class Distiller(DetectionCriterion):
             if term.needs_unlabelled and step.u_pred is None:
                 continue
             term_loss, term_parts = term(step)
-            if term.scheduled and self.multiplier is not None:
-                m = self.multiplier
-                term_loss = term_loss * m
-                term_parts = {k: v if k in term.figures else v * m for k, v in term_parts.items()}
+            if term.scheduled:
+                term_loss, term_parts = self.schedule.apply(term_loss, term_parts, term.figures)
             parts.update(term_parts)
             total = total + term_loss.to(loss.dtype)
         if step.measuring and self.balance.add(parts, step.t_maps):
             self.report_balance()
         return total, parts
 
-    def _unlabeled_batch(self, imgs: torch.Tensor) -> torch.Tensor | None:
-        if self.unlabeled is None:
-            return None
-        u_imgs = to_input(self.unlabeled.next_batch(), self.forward.device)
-        if u_imgs.shape[2:] != imgs.shape[2:]:  # multi-scale: one size for the teacher's combined batch
-            u_imgs = F.interpolate(u_imgs, size=imgs.shape[2:], mode="bilinear", align_corners=False)
-        return u_imgs
-
     def column_values(self) -> dict[str, float]:
         """x/distill: the schedule's multiplier in effect (with --distill_decay)."""
-        return {} if self.multiplier is None else {"distill": self.multiplier}
+        return self.schedule.values()
 
     def describe(self) -> list[str]:
         """Each term's lines, then the unlabelled stream's, when there is one."""
         lines = [line for t in self.terms for line in t.describe()]
-        if self.columns:
-            c = self.config
-            scheduled = ", ".join(p for t in self.terms if t.scheduled for p in t.parts)
-            lines.append(f"Distillation schedule: {c.distill_decay} from 1 at epoch 0 to {c.distill_floor:g} at "
-                         f"epoch {self.epochs - 1}, on {scheduled} (results.csv x/distill)")
+        lines += self.schedule.describe([p for t in self.terms if t.scheduled for p in t.parts])
         if self.unlabeled is not None:
             u, uses = self.unlabeled, [t.unlabelled_use for t in self.terms if t.unlabelled_use]
             use = "distillation and " + " and ".join(uses) if uses else "distillation only"
@@ -281,6 +263,13 @@ class Distiller(DetectionCriterion):
     def report_balance(self) -> None:
         """Once: each term's balance lines, and a warning per part out of range (optimizer/balance.py)."""
         self.balance.report(self.terms)
+
+
+def _unlabeled_batch(stream: UnlabeledStream, imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    u_imgs = to_input(stream.next_batch(), device)
+    if u_imgs.shape[2:] != imgs.shape[2:]:  # multi-scale: one size for the teacher's combined batch
+        u_imgs = F.interpolate(u_imgs, size=imgs.shape[2:], mode="bilinear", align_corners=False)
+    return u_imgs
 
 
 def _split(out: Any, features: bool) -> tuple[Any, Any]:

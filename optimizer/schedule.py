@@ -11,6 +11,8 @@ not scheduled: its targets are hard labels on images that have no others, weight
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from optimizer.config import DISTILL_DECAYS
 
@@ -27,3 +29,43 @@ def distill_multiplier(decay: str, floor: float, epoch: int, epochs: int) -> flo
     t = epoch / (epochs - 1)
     r = 1.0 - t if decay == "linear" else (1.0 + math.cos(math.pi * t)) / 2
     return floor + (1.0 - floor) * r
+
+
+class DistillSchedule:
+    """One run's schedule: planned over its epochs, a multiplier per epoch on the scheduled terms; with decay
+    'none' there is no multiplier at all (nothing is multiplied, no column is logged: such runs keep every
+    number)."""
+
+    def __init__(self, decay: str, floor: float):
+        """The settings in effect (--distill_decay, --distill_floor)."""
+        self.decay, self.floor = decay, floor
+        self.epochs = 0
+        self.multiplier: float | None = None
+        self.columns: tuple[str, ...] = () if decay == "none" else ("distill",)
+
+    def plan(self, epochs: int) -> None:
+        """The run's total epochs, which the multiplier falls over."""
+        self.epochs = int(epochs)
+
+    def start_epoch(self, epoch: int) -> None:
+        """This epoch's multiplier, from the epoch alone (a resumed run gets the same)."""
+        if self.columns:
+            self.multiplier = distill_multiplier(self.decay, self.floor, epoch, self.epochs)
+
+    def apply(self, loss: Any, parts: Mapping[str, Any], figures: Mapping[str, str]) -> tuple[Any, dict]:
+        """A scheduled term's loss and parts times the multiplier (its counts, `figures`, stay as they are)."""
+        if self.multiplier is None:
+            return loss, dict(parts)
+        m = self.multiplier
+        return loss * m, {k: v if k in figures else v * m for k, v in parts.items()}
+
+    def values(self) -> dict[str, float]:
+        """x/distill: the multiplier in effect (nothing without a decay)."""
+        return {} if self.multiplier is None else {"distill": self.multiplier}
+
+    def describe(self, scheduled: Sequence[str]) -> list[str]:
+        """The schedule's line for the start of training (none without a decay)."""
+        if not self.columns:
+            return []
+        return [f"Distillation schedule: {self.decay} from 1 at epoch 0 to {self.floor:g} at epoch {self.epochs - 1}, "
+                f"on {', '.join(scheduled)} (results.csv x/distill)"]

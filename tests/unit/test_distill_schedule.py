@@ -66,7 +66,7 @@ def _parts(epoch, epochs=5, **settings):
 
 def test_the_distiller_multiplies_the_scheduled_terms_only():
     loss, ref, none = _parts(4, dist_loc=1.0, feat_kd="mse")
-    assert none.columns == () and none.column_values() == {} and none.multiplier is None  # none: never applied
+    assert none.columns == () and none.column_values() == {} and none.schedule.multiplier is None  # none: never applied
     loss0, first, d = _parts(0, distill_decay="linear", distill_floor=0.2, dist_loc=1.0, feat_kd="mse")
     assert d.columns == ("distill",) and d.column_values() == {"distill": 1.0}
     assert torch.equal(loss0, loss) and all(torch.equal(first[k], v) for k, v in ref.items())  # x 1.0: bit for bit
