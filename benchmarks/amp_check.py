@@ -19,7 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from experiments import experiment_dir, remind_index
+from experiments import experiment_dir, write_report
 from kd_gain import DEMO_STUDENT, DEMO_TEACHER, ROOT, _conv_name, best_row, start_map, train_run
 from optimizer.config import KDConfig
 
@@ -111,12 +111,8 @@ def main() -> int:
         outcome = f"met in every arm so far; the decision takes {MIN_SEEDS} seeds."
     lines += ["", f"Rule ({n} seed{'s' if n > 1 else ''}): " + outcome]
     a.out.mkdir(parents=True, exist_ok=True)
-    out = a.out / f"amp_check{a.tag}.md"
-    cmd = "python benchmarks/amp_check.py " + " ".join(sys.argv[1:])
-    out.write_text(f"# bf16 autocast on CPU: accuracy\n\nReproduce: `{cmd.strip()}`\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwritten {out}")
-    remind_index(a.out)
+    write_report(a.out / f"amp_check{a.tag}.md", "bf16 autocast on CPU: accuracy", "amp_check.py", sys.argv[1:],
+                 lines)
     return 0
 
 

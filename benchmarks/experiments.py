@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "docs" / "experiments"
@@ -17,3 +19,14 @@ def remind_index(path: Path) -> None:
     folder = (path if not path.suffix else path.parent).resolve()
     if EXPERIMENTS in folder.parents:
         print(f"add a row for {folder.relative_to(EXPERIMENTS)} to docs/experiments/index.md")
+
+
+def write_report(out: Path, title: str, script: str, args: Sequence[str], lines: Sequence[str]) -> None:
+    """Write a run's markdown (title, the command that reproduces it, its lines), print the lines, and remind
+    about the index row."""
+    cmd = " ".join(["python", f"benchmarks/{script}", *(shlex.quote(x) for x in args)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {title}\n\nReproduce: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten {out}")
+    remind_index(out.parent)

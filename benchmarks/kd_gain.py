@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from experiments import experiment_dir, remind_index
+from experiments import experiment_dir, write_report
 from optimizer.config import KD_SPECS, KDConfig
 from utils.evaluation.metrics import fitness
 from utils.reporting.loggers import read_results_csv
@@ -623,13 +623,7 @@ def main() -> int:
         a.ratios = [a.distill_ratio * f for f in (0.5, 1.0, 2.0)]
     lines = {"main": main_experiment, "sweep": sweep, "finetune": finetune, "converge": converge,
              "unlabeled": unlabeled}[a.mode](a)
-    out = Path(a.out) / f"kd_{a.mode}{a.tag}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/kd_gain.py " + " ".join(sys.argv[1:])
-    out.write_text(f"# KD {a.mode}\n\nReproduce: `{cmd.strip()}`\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwritten {out}")
-    remind_index(Path(a.out))
+    write_report(Path(a.out) / f"kd_{a.mode}{a.tag}.md", f"KD {a.mode}", "kd_gain.py", sys.argv[1:], lines)
     return 0
 
 

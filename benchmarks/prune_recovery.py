@@ -27,11 +27,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from experiments import experiment_dir, write_report
 
-from experiments import experiment_dir, remind_index  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TEACHER = "checkpoint/yolov5s-shapes16.pt"
 STUDENT = "checkpoint/yolov5n-shapes16.pt"
@@ -460,12 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         a.out = str(experiment_dir(f"prune-{a.stage}"))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     lines = {"prune": stage_prune, "finetune": stage_finetune, "recover": stage_recover}[a.stage](a)
-    out = Path(a.out) / f"prune_{a.stage}.md"
-    cmd = "python benchmarks/prune_recovery.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-    out.write_text(f"# Prune and recover: {a.stage}\n\nReproduce: `{cmd.strip()}`\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwritten {out}")
-    remind_index(Path(a.out))
+    write_report(Path(a.out) / f"prune_{a.stage}.md", f"Prune and recover: {a.stage}", "prune_recovery.py",
+                 argv or sys.argv[1:], lines)
     return 0
 
 

@@ -140,6 +140,17 @@ def teacher8(tmp_path_factory) -> Path:
     return random_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pt", "yolov5s.yaml")
 
 
+def assert_same_weights(uninterrupted: Path, resumed: Path) -> None:
+    """The model in two checkpoints is equal tensor for tensor (an exact --resume after kill -9)."""
+    from utils.training.checkpoint import torch_load
+
+    a = torch_load(uninterrupted)["model"].state_dict()
+    b = torch_load(resumed)["model"].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
 def kill9_when(args: list[str], cwd: Path, ready, timeout: float = 300) -> None:
     """Start a project CLI (one thread), wait until ready() is true, then kill -9 it; fails if it ended first."""
     import os

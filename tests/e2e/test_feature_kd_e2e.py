@@ -2,7 +2,7 @@
 plain model), an exact resume after kill -9, 2-process DDP, and --evolve with a feature form."""
 import torch
 
-from conftest import ROOT, kill9_when, run_cli
+from conftest import ROOT, assert_same_weights, kill9_when, run_cli
 from models.yolo import Model
 from utils.reporting.loggers import read_results_csv
 from utils.training.checkpoint import torch_load
@@ -54,11 +54,7 @@ def test_feature_kd_resume_is_exact(tiny_data, teacher8, tmp_path):
     r = run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "holds no feature adapters" not in r.stderr
-    a = torch_load(tmp_path / "full" / "weights" / "last.pt")["model"].state_dict()
-    b = torch_load(last)["model"].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert_same_weights(tmp_path / "full" / "weights" / "last.pt", last)
     full = read_results_csv(tmp_path / "full" / "results.csv")
     cut = read_results_csv(tmp_path / "cut" / "results.csv")
     assert full["train/dfeat_loss"] == cut["train/dfeat_loss"]

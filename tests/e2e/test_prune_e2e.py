@@ -1,9 +1,8 @@
 """Prune, then recover with ordinary training: prune.py's file trains as it is (with and without the unpruned model
 as teacher, output and feature terms), keeps its pruned widths in best.pt, and resumes exactly after kill -9."""
 import pytest
-import torch
 
-from conftest import ROOT, kill9_when, random_checkpoint, run_cli
+from conftest import ROOT, assert_same_weights, kill9_when, random_checkpoint, run_cli
 from utils.reporting.loggers import read_results_csv
 from utils.training.checkpoint import torch_load
 
@@ -60,10 +59,6 @@ def test_pruned_distillation_resumes_exactly_after_kill9(pruned_pair, tiny_data,
     assert torch_load(last)["epoch"] in (0, 1)
     r = run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = torch_load(tmp_path / "full" / "weights" / "last.pt")["model"].state_dict()
-    b = torch_load(last)["model"].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert_same_weights(tmp_path / "full" / "weights" / "last.pt", last)
     assert read_results_csv(tmp_path / "cut" / "results.csv")["epoch"] == [0, 1, 2]
     assert _params(last) == _params(pruned)

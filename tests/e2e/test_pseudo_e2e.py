@@ -1,9 +1,8 @@
 """Pseudo-labels end to end: the columns, the mosaic and the record of a run, an exact resume after kill -9,
 2-process DDP, and the one-line refusals."""
-import torch
 import yaml
 
-from conftest import ROOT, kill9_when, one_error, run_cli, unl_yaml
+from conftest import ROOT, assert_same_weights, kill9_when, one_error, run_cli, unl_yaml
 from utils.reporting.loggers import read_results_csv
 from utils.training.checkpoint import torch_load
 
@@ -43,11 +42,7 @@ def test_pseudo_label_run_records_logs_and_resumes_exactly(unl_data, tmp_path):
     kill9_when(_args(data, tmp_path, "cut", *args), tmp_path, last.exists)
     r = run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = torch_load(run / "weights" / "last.pt")["model"].state_dict()
-    b = torch_load(last)["model"].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert_same_weights(run / "weights" / "last.pt", last)
     cut = read_results_csv(tmp_path / "cut" / "results.csv")
     assert all(res[c] == cut[c] for c in PSEUDO_COLUMNS)
 

@@ -1,10 +1,9 @@
 """Tiny end-to-end runs (imgsz 64, a handful of images): run folder, val reproduction, resume, divergence."""
-from pathlib import Path
 
 import torch
 import yaml
 
-from conftest import ROOT, kill9_when, run_cli
+from conftest import ROOT, assert_same_weights, kill9_when, run_cli
 from utils.reporting.loggers import read_results_csv
 from utils.training.checkpoint import torch_load
 
@@ -53,10 +52,6 @@ def test_two_epochs_run_folder_and_val_reproduces(tiny_data, tmp_path):
         assert abs(got - res[key][best_epoch]) <= 1e-5 * max(1.0, abs(got)), key
 
 
-def _final_weights(path: Path) -> dict:
-    return {k: v for k, v in torch_load(path)["model"].state_dict().items()}
-
-
 def test_kill9_then_resume_matches_uninterrupted(tiny_data, tmp_path):
     args = ["--epochs", "3", "--seed", "7", "--noplots"]
     full = _train(tiny_data, tmp_path, "full", *args)
@@ -69,10 +64,7 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_data, tmp_path):
 
     r = run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _final_weights(full / "weights/last.pt"), _final_weights(last)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert_same_weights(full / "weights/last.pt", last)
     assert read_results_csv(tmp_path / "cut" / "results.csv")["epoch"] == [0, 1, 2]
 
 

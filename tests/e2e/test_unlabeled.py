@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from data_helpers import FixedStream
-from conftest import ROOT, kill9_when, run_cli, unl_yaml as _yaml
+from conftest import ROOT, assert_same_weights, kill9_when, run_cli, unl_yaml as _yaml
 from utils.reporting.loggers import KD_KEYS, read_results_csv
 from utils.training.checkpoint import torch_load
 
@@ -185,11 +185,7 @@ def test_train_with_unlabelled_images_and_resume_is_exact(unl_data, teacher8, tm
     kill9_when(_kd_args(data, tmp_path, "cut", teacher8, *args), tmp_path, last.exists)
     r = run_cli([TRAIN, "--resume", str(last)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = torch_load(tmp_path / "full" / "weights" / "last.pt")["model"].state_dict()
-    b = torch_load(last)["model"].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert_same_weights(tmp_path / "full" / "weights" / "last.pt", last)
 
 
 def test_ddp_two_processes_with_unlabelled_images(unl_data, teacher8, tmp_path):
