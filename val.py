@@ -77,6 +77,7 @@ class Evaluation:
     class_map: dict[int, float]  # mAP50-95 of each class that has labels
     times: tuple[float, float, float]  # pre-process, inference, NMS milliseconds per image
     images: list[str]  # the images evaluated: those that failed to load are not among them
+    ap_iou: tuple[float, ...] = ()  # mAP at each IoU threshold 0.50:0.05:0.95 (empty without a true positive)
 
     def maps(self, nc: int, fill: float | None = None) -> np.ndarray:
         """Per-class mAP50-95 over all nc classes; classes without labels get `fill` (default: the mean)."""
@@ -151,6 +152,7 @@ class Summary:
     ap50: np.ndarray | None = None
     ap: np.ndarray | None = None  # mAP50-95 per class of ap_class
     ap_class: np.ndarray | None = None
+    ap_iou: np.ndarray | None = None  # mean over classes at each IoU threshold 0.50:0.05:0.95
 
 
 def predict(model: nn.Module, im: torch.Tensor, targets: torch.Tensor, half: bool, dt: tuple, nms: NMSSettings,
@@ -214,8 +216,8 @@ def summarise(stats: list[tuple], nc: int, names: dict, plots: bool, save_dir: P
     if not (len(stats) and len(stats[0])):  # with no true positive every figure is 0, but the curves still get drawn
         return Summary(0.0, 0.0, 0.0, 0.0, nt)
     _, _, p, r, _, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
-    ap50, ap = ap[:, 0], ap.mean(1)
-    return Summary(p.mean(), r.mean(), ap50.mean(), ap.mean(), nt, p, r, ap50, ap, ap_class)
+    ap50, ap_iou, ap = ap[:, 0], ap.mean(0), ap.mean(1)
+    return Summary(p.mean(), r.mean(), ap50.mean(), ap.mean(), nt, p, r, ap50, ap, ap_class, ap_iou)
 
 
 def log_summary(s: Summary, seen: int, names: dict, per_class: bool) -> None:
@@ -299,7 +301,8 @@ def evaluate(model: nn.Module, dataloader: Iterable, data: DatasetSpec, *, compu
     class_map = {} if s.ap_class is None else {c: s.ap[i] for i, c in enumerate(s.ap_class)}
     losses = (loss.cpu() / max(len(dataloader), 1)).tolist()
     times = tuple(x.t / max(seen, 1) * 1e3 for x in dt)
-    return Evaluation((s.mp, s.mr, s.map50, s.map, *losses), class_map, times, evaluated)
+    ap_iou = () if s.ap_iou is None else tuple(float(x) for x in s.ap_iou)
+    return Evaluation((s.mp, s.mr, s.map50, s.map, *losses), class_map, times, evaluated, ap_iou)
 
 
 def _file_sink(save_dir: Path, save_txt: bool, save_conf: bool, records: list[dict] | None,
@@ -426,6 +429,16 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
             LOGGER.info(f"{len(list(save_dir.glob('labels/*.txt')))} labels saved to {save_dir / 'labels'}")
         LOGGER.info(f"Results saved to {save_dir}")
     return (mp, mr, map50, map_, *losses), ev.maps(nc, map_), ev.times
+
+
+@torch.no_grad()
+def ap_by_iou(data, weights: str, imgsz: int = 640, batch_size: int = 32, device: str = "", workers: int = 8,
+              project=ROOT / "runs/val", name: str = "exp") -> tuple[float, ...]:
+    """mAP of a checkpoint on the val split at each IoU threshold 0.50, 0.55, ..., 0.95 (AP50 first, AP75 sixth):
+    where a gain in mAP50-95 lands. The same pass as run(), without plots or files."""
+    model, dataloader, data, save_dir, _ = _standalone_setup(data, weights, batch_size, imgsz, "val", device, workers,
+                                                             False, False, project, name, True, False)
+    return evaluate(model, dataloader, data, plots=False, save_dir=save_dir).ap_iou
 
 
 def check_run_folder(project: str | Path, name: str) -> None:

@@ -41,6 +41,9 @@ M50, M5095 = "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"
 # The folder-naming baseline, not defaults (the flags default to train.py's, from KD_SPECS / KDConfig): run
 # folders name only what differs from these, so they stay fixed (a changed literal would orphan every stored run)
 DEF_LOSS, DEF_T, DEF_RATIO, DEF_NORM, DEF_UNLABELED = "l2", 5.0, 0.5, "mean", 1.0
+# Settings a converge arm may set after a comma, and the short names its label and folder give them
+ARM_SETTINGS = {"dist_box": "box", "dist_obj": "obj", "dist_cls": "cls", "dist_loc": "loc", "distill_decay": "",
+                "distill_floor": "floor"}
 
 
 def _check_stored_run(run: Path, want: dict) -> None:
@@ -105,6 +108,8 @@ def train_run(name: str, a, *, seed: int, epochs: int, kd: dict | None, weights:
                     "--pseudo_weight", str(kd["pseudo_weight"])]
         if kd.get("feat_kd", "none") != "none":
             cmd += ["--feat_kd", kd["feat_kd"], "--feat_ratio", str(kd["feat_ratio"])]
+        for key, value in kd.get("extra", {}).items():
+            cmd += [f"--{key}", str(value)]
         cmd += ["--teacher-precision", a.teacher_precision]
     print(" ".join(cmd), flush=True)
     log = Path(a.project) / f"{name}.log"
@@ -294,13 +299,22 @@ def _conv_name(arm: str, kd: dict | None, seed: int, precision: str = "auto", a_
         return f"conv_{arm}{_flags_tag(a_flags)}_s{seed}"
     loss = "" if (kd["dist_loss"], kd["T"]) == (DEF_LOSS, DEF_T) else f"_{kd['dist_loss']}T{kd['T']:g}"
     feat = f"_{kd['feat_kd']}{kd['feat_ratio']:g}" if kd.get("feat_kd", "none") != "none" else ""
-    return (f"conv_{arm}_r{kd['ratio']:g}{loss}{feat}{'' if precision == 'auto' else '_t' + precision}"
+    extra = "".join(f"_{ARM_SETTINGS[k]}{v}" for k, v in kd.get("extra", {}).items())
+    return (f"conv_{arm}_r{kd['ratio']:g}{loss}{feat}{extra}{'' if precision == 'auto' else '_t' + precision}"
             f"{_flags_tag(a_flags)}_s{seed}")
 
 
 def parse_arm(spec: str, a) -> tuple[str, dict]:
-    """A converge arm 'norm[:ratio[:loss[:T]]][+feat:feat_ratio]' ('soft:0.5:bce:1', 'iou:0.05+mse:0.5'; ratio 0
-    turns the output terms off: 'iou:0+pkd:0.3'); what it leaves out comes from the flags."""
+    """A converge arm 'norm[:ratio[:loss[:T]]][+feat:feat_ratio][,setting=value...]' ('soft:0.5:bce:1',
+    'iou:0.05+mse:0.5'; ratio 0 turns the output terms off: 'iou:0+pkd:0.3'; 'iou:0.05,dist_box=14,dist_obj=50'
+    sets any of ARM_SETTINGS); what it leaves out comes from the flags."""
+    spec, *settings = spec.split(",")
+    extra = {}
+    for item in settings:
+        key, eq, value = item.partition("=")
+        if key not in ARM_SETTINGS or not eq or not value:
+            raise SystemExit(f"--norms {item!r}: expected setting=value with a setting among {', '.join(ARM_SETTINGS)}")
+        extra[key] = value
     out_spec, _, feat_spec = spec.partition("+")
     parts = out_spec.split(":")
     if len(parts) > 4 or not parts[0]:
@@ -316,6 +330,9 @@ def parse_arm(spec: str, a) -> tuple[str, dict]:
             raise SystemExit(f"--norms {spec!r}: the feature part must be form:feat_ratio, e.g. +mse:0.5")
         kd.update(feat_kd=feat, feat_ratio=float(fratio))
         label = (f"{label} + " if kd["ratio"] else "") + f"{feat} f{kd['feat_ratio']:g}"
+    if extra:
+        kd["extra"] = extra
+        label += " " + " ".join(f"{ARM_SETTINGS[k]}{v}" for k, v in extra.items())
     return label, kd
 
 
@@ -327,12 +344,12 @@ def converge(a) -> list[str]:
     # A KD run takes ~1.5x a baseline's time (the teacher's forward): starting them first keeps --jobs workers
     # busy to the end instead of leaving one KD run alone at the tail.
     jobs.sort(key=lambda j: j[1] is None)
+    folder = {(arm, seed): _conv_name(kd["norm"] if kd else arm, kd, seed, a.teacher_precision, a.train_flags)
+              for arm, kd, seed in jobs}
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         res = dict(zip([(arm, seed) for arm, _, seed in jobs],
-                       pool.map(lambda j: train_run(_conv_name(j[1]["norm"] if j[1] else j[0], j[1], j[2],
-                                                               a.teacher_precision, a.train_flags), a,
-                                                    seed=j[2], epochs=a.ft_epochs, kd=j[1], weights=a.start),
-                                jobs)))
+                       pool.map(lambda j: train_run(folder[(j[0], j[2])], a, seed=j[2], epochs=a.ft_epochs, kd=j[1],
+                                                    weights=a.start), jobs)))
     s50, s = start_map(a, a.start)
     t50, t = start_map(a, a.teacher)
     names = [arm for arm, _ in arms]
@@ -367,10 +384,33 @@ def converge(a) -> list[str]:
         best = max(names[1:], key=lambda n: means[n])
         lines[-1] += (f" Best KD arm: `{best}` ({statistics.mean(gains[best]) * 100:+.2f} on the mean, per seed "
                       + ", ".join(f"{g * 100:+.2f}" for g in gains[best]) + ").")
+        lines += iou_lines(a, {n: [Path(a.project) / folder[(n, sd)] / "weights/best.pt" for sd in a.seeds]
+                               for n in ("baseline", best)})
     curves = {n: [res[(n, sd)][M5095] for sd in a.seeds] for n in names}
     shipped = Path(a.start).resolve() == Path(DEMO_STUDENT).resolve()
     plot_arms(curves, s, t, Path(a.out) / f"kd_converge{a.tag}.png", a,
               start_label="start (shipped student)" if shipped else f"start ({a.start})")
+    return lines
+
+
+def iou_lines(a, checkpoints: dict[str, list[Path]]) -> list[str]:
+    """AP50, AP75 and mAP50-95 of each arm's best.pt per seed (val.py's pass): where a gain lands."""
+    import val
+
+    lines = ["", "Per IoU threshold (best.pt of each seed, val.py's pass; AP75 rewards the tighter boxes):", "",
+             "| arm | seed | AP50 | AP75 | mAP50-95 |", "|---|---|---|---|---|"]
+    means = {}
+    for arm, files in checkpoints.items():
+        rows = [val.ap_by_iou(a.data, str(f), imgsz=a.imgsz, device=a.device, workers=a.workers,
+                              project=ROOT / "runs/kd_gain_val", name="ap_iou") for f in files]
+        rows = [(r[0], r[5], statistics.mean(r)) for r in rows]
+        for seed, (ap50, ap75, m) in zip(a.seeds, rows):
+            lines.append(f"| {arm} | {seed} | {ap50 * 100:.2f} | {ap75 * 100:.2f} | {m * 100:.2f} |")
+        means[arm] = [statistics.mean(col) for col in zip(*rows)]
+        lines.append(f"| {arm} | mean | " + " | ".join(f"{x * 100:.2f}" for x in means[arm]) + " |")
+    if len(means) == 2:
+        (_, base), (arm, best) = means.items()
+        lines.append(f"| gain of `{arm}` | | " + " | ".join(f"{(x - y) * 100:+.2f}" for x, y in zip(best, base)) + " |")
     return lines
 
 

@@ -134,3 +134,35 @@ def test_evaluate_is_what_run_with_a_model_returns(tiny_data, random_student, tm
     results, maps, t = val.run(data, model=model, dataloader=loader, half=False, plots=False, callbacks=object())
     assert results == ev.results and len(t) == 3
     assert (maps == ev.maps(len(NAMES), results[3])).all()
+
+
+def test_ap_by_iou_is_the_pass_run_reports(random_student, tiny_data, tmp_path):
+    """AP per IoU threshold: the first is run()'s mAP50 and their mean its mAP50-95 (same pass, same model)."""
+    import val
+
+    (_, _, map50, map_, *_), _, _ = val.run(str(tiny_data), weights=str(random_student), imgsz=64, workers=0,
+                                            device="cpu", project=tmp_path, name="r", plots=False)
+    aps = val.ap_by_iou(str(tiny_data), str(random_student), imgsz=64, workers=0, device="cpu", project=tmp_path)
+    assert len(aps) == 10
+    assert aps[0] == pytest.approx(map50, abs=1e-12) and sum(aps) / 10 == pytest.approx(map_, abs=1e-12)
+    assert list(aps) == sorted(aps, reverse=True), "AP cannot rise as the IoU a match needs rises"
+
+
+def test_summarise_gives_ap_per_iou_threshold(tmp_path):
+    """A detection that matches only at IoU 0.50-0.70 counts for the first five thresholds and not the rest."""
+    import numpy as np
+    import torch
+    import val
+    from utils.evaluation.metrics import compute_ap
+
+    correct = torch.tensor([[True] * 10, [True] * 5 + [False] * 5])  # two detections, two labels, one class
+    stats = [(correct, torch.tensor([0.9, 0.8]), torch.zeros(2), torch.zeros(2))]
+    s = val.summarise(stats, nc=1, names={0: "a"}, plots=False, save_dir=tmp_path)
+    assert len(s.ap_iou) == 10
+    assert len(set(s.ap_iou[:5].tolist())) == 1 and len(set(s.ap_iou[5:].tolist())) == 1
+    # cumulative recall and precision in confidence order: both labels found, then the second detection misses
+    both = compute_ap(np.array([0.5, 1.0]), np.array([1.0, 1.0]))[0]
+    one = compute_ap(np.array([0.5, 0.5]), np.array([1.0, 0.5]))[0]
+    assert s.ap_iou[0] == pytest.approx(both, abs=1e-12) and s.ap_iou[5] == pytest.approx(one, abs=1e-12)
+    assert one < both
+    assert s.ap_iou[0] == pytest.approx(s.map50, abs=1e-12) and s.ap_iou.mean() == pytest.approx(s.map, abs=1e-12)

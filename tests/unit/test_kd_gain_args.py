@@ -115,12 +115,18 @@ def test_converge_starts_the_slower_kd_runs_first(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(kd_gain, "train_run", fake_run)
     monkeypatch.setattr(kd_gain, "start_map", lambda a, w: (0.5, 0.3))
     monkeypatch.setattr(kd_gain, "plot_arms", lambda *args, **kw: None)
+    evaluated = {}
+    monkeypatch.setattr(kd_gain, "iou_lines", lambda a, ckpts: evaluated.update(ckpts) or ["per IoU"])
     a = argparse.Namespace(**vars(FLAGS), norms=["iou:0.05"], seeds=[0, 1], jobs=1, teacher_precision="auto",
                            train_flags="", ft_epochs=1, start="s.pt", teacher="t.pt", imgsz=64, batch=2,
-                           out=str(tmp_path), tag="")
+                           out=str(tmp_path), tag="", project=str(tmp_path))
     lines = kd_gain.converge(a)
     assert any(line.startswith("| 0 | 30.00 | 32.00 (+2.00) |") for line in lines)  # results keyed by arm, not order
     assert started == ["conv_iou_r0.05_s0", "conv_iou_r0.05_s1", "conv_baseline_s0", "conv_baseline_s1"]
+    # AP per IoU threshold: the baseline's and the best arm's best.pt of each seed
+    assert evaluated == {"baseline": [tmp_path / f"conv_baseline_s{s}/weights/best.pt" for s in (0, 1)],
+                         "iou r0.05": [tmp_path / f"conv_iou_r0.05_s{s}/weights/best.pt" for s in (0, 1)]}
+    assert lines[-1] == "per IoU"
 
 
 def test_the_unlabelled_split_names_absolute_lists_from_a_relative_project(tiny_data, tmp_path, monkeypatch) -> None:
@@ -137,3 +143,18 @@ def test_the_unlabelled_split_names_absolute_lists_from_a_relative_project(tiny_
         assert Path(d["train"]).is_absolute() and Path(d["train"]).is_file()
         assert len(check_dataset(y).train) > 0  # resolves wherever the yaml is read from
     assert Path(yaml.safe_load(Path(yu).read_text())["unlabeled"]).is_absolute()
+
+
+def test_arm_settings_after_a_comma_reach_the_label_and_the_folder() -> None:
+    label, kd = kd_gain.parse_arm("iou:0.05,dist_box=14,dist_obj=50,dist_loc=1,distill_decay=cos", FLAGS)
+    assert kd["extra"] == {"dist_box": "14", "dist_obj": "50", "dist_loc": "1", "distill_decay": "cos"}
+    assert label == "iou r0.05 box14 obj50 loc1 cos"
+    assert kd_gain._conv_name("iou", kd, 2, a_flags="--no-amp") == "conv_iou_r0.05_box14_obj50_loc1_cos_no-amp_s2"
+    # an arm without settings keeps the folder name earlier results were written to
+    assert kd_gain._conv_name("iou", kd_gain.parse_arm("iou:0.05", FLAGS)[1], 0) == "conv_iou_r0.05_s0"
+
+
+@pytest.mark.parametrize("bad", ["iou:0.05,dist_box", "iou:0.05,lr0=0.1", "iou:0.05,dist_obj="])
+def test_unknown_or_empty_arm_setting_is_refused(bad: str) -> None:
+    with pytest.raises(SystemExit, match="setting=value"):
+        kd_gain.parse_arm(bad, FLAGS)
