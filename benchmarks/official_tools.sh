@@ -13,6 +13,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CKPT=$(realpath "$1")
 DATA=${2:-shapes16.yaml}
+[ -e "$DATA" ] && DATA=$(realpath "$DATA")  # a path of the caller's, before the cd below
 IMGSZ=${3:-160}
 REF=${REF:-$ROOT/runs/reference}
 PY=${PYTHON:-$(command -v python)}
@@ -29,18 +30,18 @@ from PIL import ImageFont
 if not hasattr(ImageFont.FreeTypeFont, "getsize"):  # Pillow >= 10; YOLOv5 7.0's plots still call it
     ImageFont.FreeTypeFont.getsize = lambda self, text: tuple(self.getbbox(text)[2:])
 PY
-# the reference resolves a dataset yaml's relative path against its own folder: give it an absolute one
-"$PY" - "$ROOT" "$DATA" "$OUT/data.yaml" <<'PY'
+# the dataset as this project resolves it (check_dataset: a short name or a path, absolute splits), written out
+# for the reference, which would resolve relative entries its own way; the first val entry is detect.py's source
+IMAGES=$(cd "$ROOT" && "$PY" - "$DATA" "$OUT/data.yaml" <<'PY'
 import sys
 from pathlib import Path
 import yaml
-root, name, out = sys.argv[1:]
-src = Path(name) if Path(name).exists() else Path(root) / "data" / name
-d = yaml.safe_load(src.read_text())
-p = Path(d.get("path", ""))
-d["path"] = str(p if p.is_absolute() else Path(root) / p)
-Path(out).write_text(yaml.safe_dump(d))
+from utils.data.datasets import check_dataset
+d = check_dataset(sys.argv[1], autodownload=False)
+Path(sys.argv[2]).write_text(yaml.safe_dump({"path": str(d.path), "train": d.train, "val": d.val, "names": d.names}))
+print(d.val if isinstance(d.val, str) else d.val[0])
 PY
+)
 cp "$CKPT" "$OUT/model.pt"
 echo "== this project's val.py"
 (cd "$ROOT" && "$PY" val.py --data "$OUT/data.yaml" --weights "$OUT/model.pt" --imgsz "$IMGSZ" --workers 0 \
@@ -53,7 +54,6 @@ echo "== official val.py"
 "$PY" "$Y/val.py" --data "$OUT/data.yaml" --weights "$OUT/model.pt" --imgsz "$IMGSZ" --workers 0 --project "$OUT" --name val 2>&1 \
   | grep -E "^ +all|summary|rror"
 echo "== official detect.py"
-IMAGES=$("$PY" -c "import yaml,sys,os; d=yaml.safe_load(open('data.yaml')); print(os.path.join(d['path'], d['val']))")
 "$PY" "$Y/detect.py" --weights "$OUT/model.pt" --source "$IMAGES" --imgsz "$IMGSZ" --project "$OUT" --name det --nosave \
   --save-txt 2>&1 | grep -E "labels saved|rror"
 echo "== official export.py"
