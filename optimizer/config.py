@@ -36,9 +36,13 @@ DISTILL_DECAYS = ("none", "linear", "cos")  # the schedule of the teacher's weig
 # - dist_box, dist_obj, dist_cls are 1: the seed's formula (one distill_ratio x the detection gains) until a
 #   measurement moves them; the balance report suggests a multiplier for a term under 10% of its counterpart.
 # - dist_loc 0 is off (the term is not built) until measured. Like pseudo_conf, evolution keeps it off or on.
-# - distill_decay none: today's constant weight. Not evolved (gain 0): a schedule changes what the last epochs
-#   train on, which a short evolution run cannot judge. distill_floor 0.01 is YOLOv6's end value: the labels
-#   alone finish the boxes, while the distillation parts stay logged (non-zero).
+# - distill_decay cos: the teacher's weight falls from 1 to distill_floor over the run. It led the constant
+#   weight in the Quickstart's setting (+1.05 against +0.38 mAP50-95 over no teacher, three seeds), in the
+#   pruned YOLOv5s's recovery (+1.12 against +0.51), and matched it at the 8-class plateau (-0.25 against
+#   -0.28; no setting beat the student alone there; docs/results/convergence.md).
+#   Not evolved (gain 0): a schedule changes what the last epochs train on, which a short evolution run cannot
+#   judge. distill_floor 0.01 is YOLOv6's end value: the labels alone finish the boxes, while the distillation
+#   parts stay logged (non-zero).
 
 
 _NO_VALUE = object()
@@ -98,7 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dist_loc", HypSpec(0.0, 0.0, 1e6, evolve=(1, 0.0, 20.0)),
             "weight of the localisation term (dloc): on the cells assigned to labelled objects, the student's "
             "1 - CIoU to the label beyond the teacher's, x the box gain; 0 = off", off=0.0),
-    Setting("distill_decay", HypSpec("none", kind=str, choices=DISTILL_DECAYS, evolve=(0, 0.0, 0.0)),
+    Setting("distill_decay", HypSpec("cos", kind=str, choices=DISTILL_DECAYS, evolve=(0, 0.0, 0.0)),
             "schedule of the output, feature and localisation terms over the epochs: none (constant), linear "
             "or cos, from 1 at the first epoch to distill_floor at the last", off="none"),
     Setting("distill_floor", HypSpec(0.01, 0.0, 1.0, evolve=(1, 0.0, 1.0)),
@@ -202,6 +206,8 @@ class _KDConfigMethods:
         # a record without dist_norm predates the key, so it trained with the seed's formula, whatever the
         # default is now
         values.setdefault("dist_norm", "mean")
+        # likewise a record without distill_decay trained at a constant weight (the default until 2026-12-07)
+        values.setdefault("distill_decay", "none")
         return cls(**values)
 
     def summary(self, given: Iterable[str] = (), hyp: Mapping[str, Any] | None = None, hyp_name: str = "") -> str:

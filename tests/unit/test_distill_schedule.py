@@ -65,7 +65,7 @@ def _parts(epoch, epochs=5, **settings):
 
 
 def test_the_distiller_multiplies_the_scheduled_terms_only():
-    loss, ref, none = _parts(4, dist_loc=1.0, feat_kd="mse")
+    loss, ref, none = _parts(4, distill_decay="none", dist_loc=1.0, feat_kd="mse")
     assert none.columns == () and none.column_values() == {} and none.schedule.multiplier is None  # none: never applied
     loss0, first, d = _parts(0, distill_decay="linear", distill_floor=0.2, dist_loc=1.0, feat_kd="mse")
     assert d.columns == ("distill",) and d.column_values() == {"distill": 1.0}
